@@ -1,0 +1,1 @@
+"""Default compression configs, one YAML per method (installed as vllm_kvcomp.configs)."""

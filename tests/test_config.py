@@ -1,0 +1,123 @@
+"""The compression config: defaults, precedence and one-line errors."""
+
+import textwrap
+
+import pytest
+
+from vllm_kvcomp.config import (
+    CompressionConfig,
+    CompressionConfigError,
+    build_config,
+    from_additional_config,
+    packaged_defaults,
+)
+
+
+@pytest.mark.parametrize("method", ["uniform", "pyramid", "zigzag", "simlayer"])
+def test_packaged_yaml_is_the_documented_default(method):
+    config = build_config(method=method)
+    assert config.method == method
+    assert config.budget == 0.2
+    assert (config.window, config.pool_kernel, config.num_sinks, config.num_recent) == (32, 7, 4, 64)
+    # every key of the YAML is a real option (extra keys would have raised)
+    assert set(packaged_defaults(method)) <= set(CompressionConfig.model_fields)
+
+
+def test_method_specific_defaults_cite_the_papers():
+    assert build_config(method="zigzag").zigzag.tau == 0.9
+    assert build_config(method="pyramid").pyramid.beta == 20
+    assert build_config(method="simlayer").simlayer.threshold == 0.9
+
+
+def test_precedence_defaults_yaml_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent("""
+        method: pyramid
+        budget: 0.5
+        window: 16
+        zigzag: {tau: 0.8}
+    """))
+    from_yaml = build_config(config_path=path)
+    assert (from_yaml.method, from_yaml.budget, from_yaml.window) == ("pyramid", 0.5, 16)
+    flags = build_config(method="zigzag", budget="2048", config_path=path)
+    assert (flags.method, flags.budget, flags.window, flags.zigzag.tau) == ("zigzag", 2048, 16, 0.8)
+    assert flags.is_absolute_budget
+
+
+def _error(**kwargs) -> str:
+    with pytest.raises(CompressionConfigError) as info:
+        build_config(**kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_method_is_one_line():
+    msg = _error(method="h2o")
+    assert "unknown method 'h2o'" in msg and "zigzag" in msg
+
+
+@pytest.mark.parametrize("budget", ["0", "-0.1", "1.5", "nan", "abc"])
+def test_bad_budget_names_the_field_and_range(budget):
+    msg = _error(method="zigzag", budget=budget)
+    assert "budget" in msg
+    assert "(0, 1]" in msg
+
+
+def test_budget_without_method_is_refused():
+    msg = _error(budget="0.2")
+    assert "--kv-budget" in msg and "--kv-compression" in msg
+
+
+def test_window_larger_than_recent_is_refused():
+    msg = _error(method="uniform", overrides={"window": 128, "num_recent": 64})
+    assert "window" in msg and "num_recent" in msg
+
+
+def test_absolute_budget_below_protected_tokens_is_refused():
+    msg = _error(method="uniform", budget="32")
+    assert "budget" in msg and "num_sinks + num_recent" in msg
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"pool_kernel": 4}, "pool_kernel"),
+        ({"pool_type": "median"}, "pool_type"),
+        ({"zigzag": {"tau": 1.5}}, "zigzag.tau"),
+        ({"typo_option": 1}, "typo_option"),
+        ({"granularity": "block"}, "granularity"),
+    ],
+)
+def test_bad_options_name_the_field(overrides, field):
+    msg = _error(method="zigzag", overrides=overrides)
+    assert field in msg
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    assert "no such file" in _error(config_path=tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n- not a mapping\n")
+    assert "mapping" in _error(config_path=bad)
+
+
+def test_additional_config_forms():
+    assert not from_additional_config(None).enabled
+    assert not from_additional_config({"other": 1}).enabled
+    flat = from_additional_config({"kv_compression": "zigzag", "kv_budget": 0.3})
+    nested = from_additional_config({"kv_compression": {"method": "zigzag", "budget": 0.3}})
+    assert flat == nested
+    assert flat.method == "zigzag" and flat.budget == 0.3
+    # the stored form round-trips
+    assert from_additional_config({"kv_compression": nested.model_dump()}) == nested
+
+
+def test_average_budget_fraction_and_tokens():
+    frac = build_config(method="uniform", budget="0.25")
+    assert frac.average_budget(1000) == 250
+    assert frac.average_budget(100) == 68  # never below sinks + recent
+    assert not frac.should_compress(60)  # budget would keep everything
+    tokens = build_config(method="uniform", budget="512")
+    assert tokens.average_budget(10_000) == 512
+    assert tokens.average_budget(300) == 300
+    assert tokens.should_compress(10_000) and not tokens.should_compress(512)

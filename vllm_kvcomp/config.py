@@ -1,0 +1,260 @@
+"""The compression config: pydantic models, loading and merging.
+
+Precedence, lowest first: the packaged defaults of the method
+(`configs/<method>.yaml`), the user's YAML (`--kv-compression-config`), then the
+two flags `--kv-compression` and `--kv-budget`. The merged, validated config is
+stored as a plain dict in `VllmConfig.additional_config["kv_compression"]`, which
+vLLM pickles to the engine core and every worker.
+
+Every validation error is a `CompressionConfigError` whose message is one line
+naming the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+METHODS = ("none", "uniform", "pyramid", "zigzag", "simlayer")
+ADDITIONAL_CONFIG_KEY = "kv_compression"
+
+
+class CompressionConfigError(ValueError):
+    """A compression option is invalid or cannot be honoured (one readable line)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PyramidOptions(_Section):
+    # PyramidKV (Cai et al. 2024): budgets fall linearly with depth from
+    # 2*avg - avg/beta to avg/beta; the paper and its code use beta = 20.
+    beta: float = Field(20.0, gt=1.0, le=1000.0)
+
+
+class ZigZagOptions(_Section):
+    # ZigZagKV (Zhong et al. 2024, Eq. 6): MBA = fewest tokens holding `tau` of a
+    # head's window attention; B_l = B_min + (B_avg - B_min) * L * u_l.
+    tau: float = Field(0.9, gt=0.0, lt=1.0)
+    # B_min = min_budget_ratio * B_avg (the kvpress port used 0.1-0.2).
+    min_budget_ratio: float = Field(0.2, ge=0.0, le=1.0)
+
+
+class SimLayerOptions(_Section):
+    # SimLayerKV (Zhang et al. 2024): a layer is lazy when the attention mass of
+    # the observation window on the sinks + the last `recent` tokens exceeds the
+    # threshold (0.9 reported for Llama-3); lazy layers keep only those tokens.
+    threshold: float = Field(0.9, gt=0.0, le=1.0)
+    recent: int = Field(1024, ge=1)
+
+
+class CompressionConfig(_Section):
+    """Everything the scorer, the budget policy and the eviction engine read."""
+
+    method: Literal["none", "uniform", "pyramid", "zigzag", "simlayer"] = "none"
+    # <= 1: fraction of the prompt kept per layer on average; integer > 1: tokens.
+    budget: float = Field(0.2, description="fraction of the prompt in (0, 1], or an integer token count > 1")
+    # SnapKV observation window: the last `window` prompt queries score the prompt.
+    window: int = Field(32, ge=1, le=1024)
+    # SnapKV pools scores with kernel 5-7; KV-Compress uses max pooling, kernel 7.
+    pool_kernel: int = Field(7, ge=1, le=63)
+    pool_type: Literal["max", "avg"] = "max"
+    # KV-Compress squares the window attention probabilities before summing.
+    square: bool = False
+    # Always kept: the first `num_sinks` tokens (attention sinks, StreamingLLM: 4)...
+    num_sinks: int = Field(4, ge=0, le=4096)
+    # ...and the last `num_recent` prompt tokens (KV-Compress protects 64).
+    num_recent: int = Field(64, ge=1, le=65536)
+    # Prompts shorter than this are never compressed (0: whenever the budget is smaller).
+    min_prompt_len: int = Field(0, ge=0)
+    # Token eviction (each KV head keeps its own tokens, compacted), or whole blocks.
+    granularity: Literal["token"] = "token"
+    # Requests whose observation window is being captured at one time (GPU buffer slots).
+    max_pending_requests: int = Field(16, ge=1, le=1024)
+    # Port of the plugin's Prometheus exporter in the engine process (None: off).
+    metrics_port: int | None = Field(9464, ge=1, le=65535)
+    pyramid: PyramidOptions = PyramidOptions()
+    zigzag: ZigZagOptions = ZigZagOptions()
+    simlayer: SimLayerOptions = SimLayerOptions()
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_range(cls, value: float) -> float:
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"must be > 0 (a fraction in (0, 1] or a token count > 1), got {value}")
+        if value > 1 and value != int(value):
+            raise ValueError(
+                f"a fraction must be in (0, 1]; a token count must be an integer > 1, got {value}"
+            )
+        return value
+
+    @field_validator("pool_kernel")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"must be odd (a window centred on each token), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CompressionConfig":
+        if self.window > self.num_recent:
+            raise ValueError(
+                f"window ({self.window}) must be <= num_recent ({self.num_recent}): "
+                "the observation window is part of the protected recent tokens"
+            )
+        if self.is_absolute_budget and self.protected_tokens > self.budget:
+            raise ValueError(
+                f"budget ({int(self.budget)} tokens) is smaller than the always-kept "
+                f"num_sinks + num_recent ({self.protected_tokens})"
+            )
+        return self
+
+    # --- derived values -------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def is_absolute_budget(self) -> bool:
+        return self.budget > 1
+
+    @property
+    def protected_tokens(self) -> int:
+        return self.num_sinks + self.num_recent
+
+    def average_budget(self, prompt_len: int) -> int:
+        """Tokens kept per layer on average for a prompt of `prompt_len` tokens.
+
+        Never below the always-kept tokens and never above the prompt.
+        """
+        if self.is_absolute_budget:
+            target = int(self.budget)
+        else:
+            target = math.ceil(self.budget * prompt_len)
+        return min(prompt_len, max(target, self.protected_tokens))
+
+    def should_compress(self, prompt_len: int) -> bool:
+        if not self.enabled or prompt_len < self.min_prompt_len:
+            return False
+        return self.average_budget(prompt_len) < prompt_len
+
+
+# --- loading ------------------------------------------------------------------
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown option"
+    elif first["type"] == "literal_error":
+        msg = f"{msg}, got {first.get('input')!r}"
+    return f"kv-compression config ({source}): {field}: {msg}"
+
+
+def packaged_defaults(method: str) -> dict[str, Any]:
+    """The documented defaults of one method, from configs/<method>.yaml."""
+    if method not in METHODS:
+        raise CompressionConfigError(
+            f"kv-compression: unknown method {method!r}; choose one of {', '.join(METHODS)}"
+        )
+    text = resources.files("vllm_kvcomp.configs").joinpath(f"{method}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise CompressionConfigError(f"--kv-compression-config: no such file: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise CompressionConfigError(f"--kv-compression-config: {p} is not valid YAML: {exc}".splitlines()[0]) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CompressionConfigError(f"--kv-compression-config: {p} must hold a mapping of options")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_budget(text: str | float | int) -> float:
+    """`--kv-budget`: '0.2' (fraction) or '2048' (tokens)."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise CompressionConfigError(
+            f"--kv-budget: expected a fraction in (0, 1] or an integer token count, got {text!r}"
+        ) from None
+
+
+def build_config(
+    method: str | None = None,
+    budget: float | str | None = None,
+    config_path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> CompressionConfig:
+    """Merge defaults < YAML < overrides < flags and validate."""
+    user = load_yaml(config_path) if config_path else {}
+    if overrides:
+        user = _deep_merge(user, overrides)
+    if method is not None:
+        user["method"] = method
+    if budget is not None:
+        user["budget"] = parse_budget(budget)
+    chosen = user.get("method", "none")
+    if chosen not in METHODS:
+        raise CompressionConfigError(
+            f"kv-compression: unknown method {chosen!r}; choose one of {', '.join(METHODS)}"
+        )
+    if chosen == "none" and ("budget" in user) and method is None and config_path is None:
+        raise CompressionConfigError(
+            "--kv-budget was given without --kv-compression METHOD; "
+            f"choose one of {', '.join(m for m in METHODS if m != 'none')}"
+        )
+    merged = _deep_merge(packaged_defaults(chosen), user)
+    source = str(config_path) if config_path else "flags"
+    try:
+        return CompressionConfig.model_validate(merged)
+    except ValidationError as err:
+        raise CompressionConfigError(_format_validation_error(err, source)) from None
+
+
+def from_additional_config(additional_config: dict[str, Any] | None) -> CompressionConfig:
+    """Read the config from `VllmConfig.additional_config`.
+
+    Accepted forms (the first is what the plugin itself stores):
+      {"kv_compression": {"method": "zigzag", "budget": 0.2, ...}}
+      {"kv_compression": "zigzag", "kv_budget": 0.2, "kv_compression_config": "x.yaml"}
+    """
+    additional_config = additional_config or {}
+    entry = additional_config.get(ADDITIONAL_CONFIG_KEY)
+    budget = additional_config.get("kv_budget")
+    path = additional_config.get("kv_compression_config")
+    if isinstance(entry, CompressionConfig):
+        return entry
+    if isinstance(entry, dict):
+        return build_config(budget=budget, config_path=path, overrides=entry)
+    if entry is None or isinstance(entry, str):
+        if entry is None and budget is None and path is None:
+            return CompressionConfig()
+        return build_config(method=entry, budget=budget, config_path=path)
+    raise CompressionConfigError(
+        f"additional_config[{ADDITIONAL_CONFIG_KEY!r}] must be a method name or a mapping, "
+        f"got {type(entry).__name__}"
+    )

@@ -1,0 +1,1 @@
+"""The eviction engine: vLLM extension classes (spec/manager, scheduler, worker, attention backend)."""

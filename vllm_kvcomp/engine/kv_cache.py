@@ -1,0 +1,127 @@
+"""Scheduler-side block accounting for compressed requests.
+
+Why one KV cache group (and not one per layer): with per-layer budgets each
+layer could own its own block table as its own KV cache group, but then the
+scheduler walks L managers per request per step (allocate_slots is O(L * reqs)
+Python work) and the worker builds L block tables, slot mappings and metadata
+objects per step; at budget 1.0 that costs far more than the 5% overhead we allow
+(tests/engine/test_group_overhead.py measures it with vLLM's own classes).
+
+Instead every layer stays in one group, so vLLM's block `b` still means "one page
+per layer". After a request's prefill the worker compacts each layer's survivors
+into pages of the request's first K' blocks (pages of one layer may sit in other
+layers' slots of those blocks, see engine/layout.py), keeps the block holding
+the last prompt token and everything after it, and frees the prompt blocks
+between. The worker reports the freed block ids; this manager drops them from
+the request and returns them to the BlockPool. From then on the request needs
+`cdiv(num_tokens, block_size) - evicted` blocks, which is all the scheduler must
+know.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+logger = logging.getLogger("vllm_kvcomp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressedAttentionSpec(FullAttentionSpec):
+    """Full attention whose prompt blocks may be freed after compression.
+
+    Same fields (and page size) as FullAttentionSpec; registered with
+    `CompressedAttentionManager` and grouped like full attention.
+    """
+
+    @classmethod
+    def from_full_attention(cls, spec: FullAttentionSpec) -> "CompressedAttentionSpec":
+        return cls(
+            block_size=spec.block_size,
+            num_kv_heads=spec.num_kv_heads,
+            head_size=spec.head_size,
+            head_size_v=spec.head_size_v,
+            dtype=spec.dtype,
+            kv_quant_mode=spec.kv_quant_mode,
+            page_size_padded=spec.page_size_padded,
+            indexes_kv_by_block_stride=spec.indexes_kv_by_block_stride,
+            sliding_window=spec.sliding_window,
+            attention_chunk_size=spec.attention_chunk_size,
+            non_causal=spec.non_causal,
+        )
+
+
+class CompressedAttentionManager(FullAttentionManager):
+    """FullAttentionManager that knows how many of a request's blocks were evicted."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # request id -> blocks freed by compression (positions they covered are gone).
+        self.evicted_blocks: dict[str, int] = {}
+
+    def _live_tokens(self, request_id: str, num_tokens: int) -> int:
+        return num_tokens - self.evicted_blocks.get(request_id, 0) * self.block_size
+
+    def get_num_blocks_to_allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        new_computed_blocks: Sequence[KVCacheBlock],
+        total_computed_tokens: int,
+        num_tokens_main_model: int,
+        apply_admission_cap: bool = False,
+    ) -> int:
+        return super().get_num_blocks_to_allocate(
+            request_id,
+            self._live_tokens(request_id, num_tokens),
+            new_computed_blocks,
+            total_computed_tokens,
+            self._live_tokens(request_id, num_tokens_main_model),
+            apply_admission_cap,
+        )
+
+    def allocate_new_blocks(
+        self, request_id: str, num_tokens: int, num_tokens_main_model: int
+    ) -> list[KVCacheBlock]:
+        return super().allocate_new_blocks(
+            request_id,
+            self._live_tokens(request_id, num_tokens),
+            self._live_tokens(request_id, num_tokens_main_model),
+        )
+
+    def evict(self, request_id: str, block_ids: Sequence[int]) -> int:
+        """Return `block_ids` of a running request to the pool; the count freed.
+
+        Ids the request no longer holds (it was preempted or finished while the
+        report was in flight) are ignored: its blocks were freed whole then.
+        """
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks or not block_ids:
+            return 0
+        wanted = set(block_ids)
+        kept: list[KVCacheBlock] = []
+        dropped: list[KVCacheBlock] = []
+        for block in blocks:
+            (dropped if block.block_id in wanted else kept).append(block)
+        if len(dropped) != len(wanted):
+            logger.warning(
+                "vllm-kvcomp: request %s holds %d of the %d blocks the worker freed; "
+                "ignoring the report (request was preempted or finished meanwhile)",
+                request_id,
+                len(dropped),
+                len(wanted),
+            )
+            return 0
+        self.req_to_blocks[request_id] = kept
+        self.block_pool.free_blocks(dropped)
+        self.evicted_blocks[request_id] = self.evicted_blocks.get(request_id, 0) + len(dropped)
+        return len(dropped)
+
+    def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
+        self.evicted_blocks.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)

@@ -1,0 +1,164 @@
+"""Where each layer's surviving tokens live after compression (pure host logic).
+
+vLLM's block `b` of a request is one page per layer: with L layers and N blocks,
+the KV pool is one tensor of L * N pages and layer `l`'s page of block `b` is
+`page_id = l * N + b` (each layer's pages form the stock per-layer region, so
+vLLM's own slot mapping writes new tokens unchanged).
+
+A prompt of P tokens fills `full = P // bs` whole blocks plus `rem = P % bs`
+tokens of the boundary block (block index `full`). Compression keeps, per layer:
+  * the boundary block whole (it holds the last `rem` prompt tokens, which the
+    recent window protects, and the decode tokens that follow), and
+  * `c_l` compacted pages holding the layer's `c_l * bs` best tokens of the first
+    `full * bs` positions, so the layer keeps `k_l = c_l * bs + rem` tokens.
+The request then needs `sum_l c_l` pages below the boundary: it keeps its first
+`K = ceil(sum_l c_l / L)` blocks and frees blocks `K .. full-1`.
+
+Layer l's compacted page j sits in its own page of block j while `j < K`. Pages
+`j >= K` of layers with `c_l > K` ("overflow") are copied into the unused
+pages `(i, s)` (block i < K, slot of layer s with `c_s <= i`); those destinations
+are free and the sources are about to be freed, so the copies never race.
+
+Logical page j of layer l (what attention reads) is then
+  * j <  c_l: the compacted page above, found through an entry table kept in the
+    request's own retained pages (entry `q = C_l + j`, C_l = sum of c over
+    earlier layers, lives at `(q % L) * N + row[q // L]`);
+  * j >= c_l: the stock page `l * N + row[j + d_l]`, `d_l = full - c_l`, so
+    position `pos >= P` sits at logical token `pos - d_l * bs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class EvictionPlan:
+    """The block-level decision for one request (identical on every TP rank)."""
+
+    prompt_len: int
+    block_size: int
+    num_layers: int
+    compact_pages: np.ndarray  # c_l, int64 [L]
+    kept_blocks: int  # K: leading prompt blocks retained
+    # (layer, page j) -> (block index i, layer slot s) for overflow pages.
+    relocations: tuple[tuple[int, int, int, int], ...]
+
+    @property
+    def full_blocks(self) -> int:
+        return self.prompt_len // self.block_size
+
+    @property
+    def boundary_tokens(self) -> int:
+        return self.prompt_len % self.block_size
+
+    @property
+    def kept_tokens(self) -> np.ndarray:
+        """k_l: tokens each layer keeps of the prompt."""
+        return self.compact_pages * self.block_size + self.boundary_tokens
+
+    @property
+    def shift_pages(self) -> np.ndarray:
+        """d_l: logical pages removed before the boundary block."""
+        return self.full_blocks - self.compact_pages
+
+    @property
+    def entry_offsets(self) -> np.ndarray:
+        """C_l: first entry of layer l in the request's entry table."""
+        return np.concatenate([[0], np.cumsum(self.compact_pages)[:-1]]).astype(np.int64)
+
+    @property
+    def freed_block_indices(self) -> range:
+        """Indices (into the request's block list) of the blocks handed back."""
+        return range(self.kept_blocks, self.full_blocks)
+
+    @property
+    def evicted_layers(self) -> np.ndarray:
+        """Layers that lose tokens (the others keep the whole prompt)."""
+        return self.compact_pages < self.full_blocks
+
+    def page_location(self, layer: int, page: int) -> tuple[int, int]:
+        """(block index, layer slot) of compacted page `page` of `layer`."""
+        if not 0 <= page < self.compact_pages[layer]:
+            raise IndexError(f"layer {layer} has {self.compact_pages[layer]} compacted pages, asked {page}")
+        if page < self.kept_blocks:
+            return page, layer
+        return self._relocation_map[(layer, page)]
+
+    @property
+    def _relocation_map(self) -> dict[tuple[int, int], tuple[int, int]]:
+        return {(l, j): (i, s) for l, j, i, s in self.relocations}
+
+    def entries(self) -> list[tuple[int, int, int, int]]:
+        """(entry block index, entry slot, page block index, page slot) per compacted page.
+
+        Entry q = C_l + j of layer l stores where its page j lives.
+        """
+        out = []
+        offsets = self.entry_offsets
+        for layer in range(self.num_layers):
+            for page in range(int(self.compact_pages[layer])):
+                q = int(offsets[layer]) + page
+                block, slot = self.page_location(layer, page)
+                out.append((q // self.num_layers, q % self.num_layers, block, slot))
+        return out
+
+
+def plan_eviction(budgets: np.ndarray, prompt_len: int, block_size: int) -> EvictionPlan | None:
+    """Turn per-layer token budgets into a block plan; None when nothing can be freed."""
+    budgets = np.asarray(budgets, dtype=np.int64)
+    num_layers = len(budgets)
+    full = prompt_len // block_size
+    rem = prompt_len % block_size
+    if num_layers == 0 or full == 0:
+        return None
+    need = np.maximum(budgets - rem, 0)
+    compact = np.minimum(-(-need // block_size), full).astype(np.int64)
+    kept_blocks = cdiv(int(compact.sum()), num_layers)
+    if kept_blocks >= full:
+        return None
+    overflow = [(l, j) for l in range(num_layers) for j in range(kept_blocks, int(compact[l]))]
+    free = [(i, s) for s in range(num_layers) for i in range(int(compact[s]), kept_blocks)]
+    assert len(free) >= len(overflow), "retained blocks cannot hold the survivors"
+    relocations = tuple((l, j, i, s) for (l, j), (i, s) in zip(overflow, free))
+    return EvictionPlan(
+        prompt_len=prompt_len,
+        block_size=block_size,
+        num_layers=num_layers,
+        compact_pages=compact,
+        kept_blocks=kept_blocks,
+        relocations=relocations,
+    )
+
+
+def page_id(block_id: int, slot: int, blocks_per_layer: int) -> int:
+    return slot * blocks_per_layer + block_id
+
+
+def layer_page_table_reference(
+    row: list[int],
+    seq_len: int,
+    layer: int,
+    plan: EvictionPlan | None,
+    blocks_per_layer: int,
+    block_size: int,
+) -> tuple[list[int], int]:
+    """(pages, live tokens) of one layer of one request: the oracle of the kernel."""
+    if plan is None:
+        return [page_id(b, layer, blocks_per_layer) for b in row[: cdiv(seq_len, block_size)]], seq_len
+    shift = int(plan.shift_pages[layer])
+    live = seq_len - shift * block_size
+    pages = []
+    for j in range(cdiv(live, block_size)):
+        if j < plan.compact_pages[layer]:
+            block, slot = plan.page_location(layer, j)
+            pages.append(page_id(row[block], slot, blocks_per_layer))
+        else:
+            pages.append(page_id(row[j + shift], layer, blocks_per_layer))
+    return pages, live

@@ -1,0 +1,136 @@
+"""The budget-policy interface and the integer allocation every policy shares.
+
+A policy turns the observation statistics of one request into per-layer token
+budgets. Every policy's budgets, for a prompt of P tokens and an average budget
+B_avg, satisfy:
+  * they sum to exactly L * B_avg (the bytes the request may keep),
+  * each lies in [floor, P] (sinks + recent window always fit; never more than the prompt),
+  * they are deterministic (no randomness, ties broken by layer index).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Per-layer observation statistics of one request (length L each).
+
+    mba: ZigZagKV's LMBA_l, the mean over KV heads of the fewest tokens that
+        hold `tau` of the head's observation-window attention.
+    local_mass: mean over KV heads of the fraction of window attention on the
+        sinks + recent tokens (SimLayerKV's laziness statistic).
+    """
+
+    mba: np.ndarray
+    local_mass: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.mba.shape != self.local_mass.shape or self.mba.ndim != 1:
+            raise ValueError("LayerStats: mba and local_mass must be 1-D arrays of equal length")
+
+
+@dataclass(frozen=True)
+class BudgetRequest:
+    """What a policy needs to size the layers of one request."""
+
+    num_layers: int
+    seq_len: int  # prompt tokens P
+    avg_budget: int  # B_avg, tokens per layer on average
+    floor: int  # the fewest tokens any layer keeps (sinks + recent)
+    stats: LayerStats | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1:
+            raise ValueError("num_layers must be >= 1")
+        if not (0 <= self.floor <= self.avg_budget <= self.seq_len):
+            raise ValueError(
+                f"need 0 <= floor ({self.floor}) <= avg_budget ({self.avg_budget}) "
+                f"<= seq_len ({self.seq_len})"
+            )
+
+    @property
+    def total(self) -> int:
+        return self.num_layers * self.avg_budget
+
+
+class BudgetPolicy(ABC):
+    """One way of splitting L * B_avg tokens over the layers."""
+
+    name: str = ""
+    #: Whether the policy reads `BudgetRequest.stats` (the engine then computes them).
+    needs_stats: bool = False
+
+    def budgets(self, request: BudgetRequest) -> np.ndarray:
+        """Integer budgets per layer (int64, length L) honouring the invariants above."""
+        if self.needs_stats and request.stats is None:
+            raise ValueError(f"{self.name}: needs observation statistics")
+        if request.stats is not None and len(request.stats.mba) != request.num_layers:
+            raise ValueError(f"{self.name}: stats cover {len(request.stats.mba)} layers, expected {request.num_layers}")
+        raw = np.asarray(self.raw_budgets(request), dtype=np.float64)
+        return allocate(raw, request.total, request.floor, request.seq_len)
+
+    @abstractmethod
+    def raw_budgets(self, request: BudgetRequest) -> np.ndarray:
+        """The policy's real-valued budgets (shape L); `allocate` makes them exact."""
+
+
+def allocate(raw: np.ndarray, total: int, lo: int, hi: int) -> np.ndarray:
+    """Integer budgets close to `raw` with sum == total and lo <= b <= hi.
+
+    First a projection onto {lo <= x <= hi, sum x = total} that keeps the shape
+    of `raw` (entries pinned at a bound stay there, the rest absorb the
+    difference in proportion to their weight), then largest-remainder rounding.
+    """
+    n = len(raw)
+    if n == 0:
+        raise ValueError("allocate: no layers")
+    if not (n * lo <= total <= n * hi):
+        raise ValueError(f"allocate: total {total} infeasible for {n} layers in [{lo}, {hi}]")
+    if not np.all(np.isfinite(raw)):
+        raise ValueError("allocate: raw budgets must be finite")
+    x = np.clip(raw.astype(np.float64), lo, hi)
+    weight = np.maximum(raw.astype(np.float64) - lo, 0.0) + 1e-12
+    for _ in range(n + 1):
+        diff = total - x.sum()
+        if abs(diff) <= 1e-9 * max(1.0, total):
+            break
+        movable = x < hi if diff > 0 else x > lo
+        if not movable.any():
+            break
+        w = weight * movable
+        x = np.clip(x + diff * w / w.sum(), lo, hi)
+    # Largest remainder: floor, then hand out the missing units by fractional part.
+    base = np.floor(x + 1e-9).astype(np.int64)
+    base = np.clip(base, lo, hi)
+    missing = int(total - base.sum())
+    frac = x - base
+    if missing > 0:
+        order = sorted(range(n), key=lambda i: (-frac[i], i))
+        for i in order:
+            if missing == 0:
+                break
+            if base[i] < hi:
+                base[i] += 1
+                missing -= 1
+        # Fractions all consumed but units remain (rounding of clipped entries).
+        i = 0
+        while missing > 0:
+            if base[i % n] < hi:
+                base[i % n] += 1
+                missing -= 1
+            i += 1
+    elif missing < 0:
+        order = sorted(range(n), key=lambda i: (frac[i], -i))
+        i = 0
+        while missing < 0:
+            j = order[i % n]
+            if base[j] > lo:
+                base[j] -= 1
+                missing += 1
+            i += 1
+    return base
