@@ -1,0 +1,176 @@
+"""The worker-side eviction path end to end on CPU (kernels under TRITON_INTERPRET=1).
+
+Builds a KV pool the way the plugin's worker does (one tensor, L regions of N
+pages), fills prompts through scrambled block ids, lets the runtime score,
+size, select, compact and relocate, then reads every layer back through the
+page tables the attention backend would hand to FlashAttention, and checks:
+  * each layer/head holds exactly its budget of prompt tokens, all distinct,
+    in position order, sinks and recent tokens included, K and V moved together,
+    and they are the top-scoring tokens by the reference scorer;
+  * tokens decoded after compression (written by vLLM's unchanged slot mapping)
+    follow the survivors;
+  * attention over the page table equals dense attention over the kept tokens;
+  * freed blocks are never referenced, other requests' pages are untouched.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_kvcomp.config import build_config
+from vllm_kvcomp.engine.layout import cdiv
+from vllm_kvcomp.engine.runtime import CompressionRuntime
+from vllm_kvcomp.kernels.reference import gather_kv, window_lse_reference, window_scores_reference
+
+L, HKV, G, D, BS, N, WIDTH = 3, 2, 2, 32, 16, 48, 24
+HQ = HKV * G
+SCALE = D**-0.5
+
+
+def make_runtime(method="uniform", budget="0.35", **overrides):
+    options = dict(window=8, num_recent=16, num_sinks=2, pool_kernel=3, max_pending_requests=4, metrics_port=None)
+    options.update(overrides)
+    config = build_config(method=method, budget=budget, overrides=options)
+    runtime = CompressionRuntime(config, vllm_config=None)
+    pool = torch.randn(L * N, 2, BS, HKV, D, dtype=torch.bfloat16)
+    runtime.setup(
+        layer_names=[f"model.layers.{i}.attn" for i in range(L)],
+        pool=pool, blocks_per_layer=N, block_size=BS, num_heads=HQ, scale=SCALE, max_reqs=6, width=WIDTH,
+    )
+    return runtime, pool
+
+
+def stock_pages(row, layer):
+    return torch.tensor([layer * N + b for b in row], dtype=torch.int32)
+
+
+def prepare(runtime, pool, prompts, decode, seed=0):
+    """Register requests whose windows were captured (queries + FlashAttention-style LSE)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(N - 1, generator=g) + 1  # 0 is vLLM's null block
+    rows, offset = [], 0
+    for p, d in zip(prompts, decode):
+        n = cdiv(p + d, BS)
+        rows.append(ids[offset : offset + n].tolist())
+        offset += n
+    reqs = []
+    for i, (p, row) in enumerate(zip(prompts, rows)):
+        runtime.add_request(f"req{i}", index=i + 1, block_ids=row[: cdiv(p, BS)], prompt_len=p)
+        req = runtime.requests[f"req{i}"]
+        req.window = min(runtime.window, p)
+        req.slot = runtime.free_slots.pop()
+        req.captured = np.ones(req.window, dtype=bool)
+        for layer in range(L):
+            keys = gather_kv(pool, stock_pages(row, layer), p, kv=0)
+            q = torch.randn(req.window, HQ, D, generator=g).to(torch.bfloat16)
+            runtime.q_buf[layer, req.slot, : req.window] = q
+            runtime.lse_buf[layer, req.slot, : req.window] = window_lse_reference(q, keys, scale=SCALE)
+        reqs.append(req)
+    return rows, reqs
+
+
+def positions_of(read, snapshot_tokens):
+    """Map each read-back vector to the unique prompt position holding it."""
+    eq = (read[:, None, :] == snapshot_tokens[None, :, :]).all(-1)  # [k, P]
+    assert (eq.sum(1) == 1).all(), "a survivor matches no (or several) prompt tokens"
+    return eq.float().argmax(1)
+
+
+@pytest.mark.parametrize("method", ["uniform", "zigzag", "pyramid"])
+def test_eviction_path_reads_back_the_survivors(method):
+    runtime, pool = make_runtime(method)
+    prompts, decode = [150, 97, 300], [21, 0, 5]
+    rows, reqs = prepare(runtime, pool, prompts, decode, seed=hash(method) % 1000)
+    bystander = [b for b in range(1, N) if all(b not in r for r in rows)][:3]
+    snapshot = pool.clone()
+    windows = [runtime.q_buf[:, req.slot, : req.window].clone() for req in reqs]
+    records = runtime._evict(reqs)
+    assert [r.req_id for r in records] == ["req0", "req1", "req2"]
+    assert sorted(runtime.free_slots) == [0, 1, 2, 3]  # capture slots released
+    # Decode after compression: vLLM writes new tokens through the stock slot
+    # mapping into each layer's own region (page l*N + block).
+    new_tokens = {}
+    for i, (p, d) in enumerate(zip(prompts, decode)):
+        for layer in range(L):
+            for pos in range(p, p + d):
+                kv = torch.randn(2, HKV, D).to(torch.bfloat16)
+                pool[layer * N + rows[i][pos // BS], :, pos % BS] = kv
+                new_tokens[(i, layer, pos)] = kv
+    # The batch of the next step, in a scrambled order; attention reads these tables.
+    order = [2, 0, 1]
+    block_table = torch.zeros(len(order), WIDTH, dtype=torch.int32)
+    for r, i in enumerate(order):
+        block_table[r, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.int32)
+    runtime._idx_mapping = torch.tensor([reqs[i].index for i in order], dtype=torch.int32)
+    runtime._num_reqs = len(order)
+    seq_lens = torch.tensor([prompts[i] + decode[i] for i in order], dtype=torch.int32)
+    tables, lens = runtime.layer_tables(block_table, seq_lens)
+
+    for r, i in enumerate(order):
+        p, record = prompts[i], records[i]
+        freed = set(record.freed_block_ids)
+        # freed blocks are whole prompt blocks before the boundary block
+        assert freed and freed <= set(rows[i][: p // BS])
+        assert sum(record.kept_tokens) < p * L
+        for layer in range(L):
+            kept = record.kept_tokens[layer]
+            live = int(lens[layer][r])
+            assert live == kept + decode[i]
+            pages = tables[layer][r, : cdiv(live, BS)].long()
+            assert freed.isdisjoint((pages % N).tolist())
+            read = pool[pages].transpose(0, 1).reshape(2, -1, HKV, D)[:, :live]  # [2, live, Hkv, D]
+            prompt_k = gather_kv(snapshot, stock_pages(rows[i], layer), p, kv=0)
+            prompt_v = gather_kv(snapshot, stock_pages(rows[i], layer), p, kv=1)
+            scores, _ = window_scores_reference(
+                windows[i][layer], prompt_k, scale=SCALE, pool_kernel=3, pool_type="max", square=False
+            )
+            dense_k = torch.empty(live, HKV, D, dtype=torch.bfloat16)
+            dense_v = torch.empty(live, HKV, D, dtype=torch.bfloat16)
+            for h in range(HKV):
+                pos = positions_of(read[0, :kept, h].float(), prompt_k[:, h].float())
+                assert torch.equal(read[1, :kept, h], prompt_v[pos, h]), "values did not move with keys"
+                assert (pos[1:] > pos[:-1]).all(), "survivors out of order"
+                must = set(range(2)) | set(range(p - 16, p))
+                assert must <= set(pos.tolist()), "a sink or recent token was evicted"
+                # top-k by the reference scorer, up to bf16 rounding of near ties
+                chosen = torch.zeros(p, dtype=torch.bool)
+                chosen[pos] = True
+                free = torch.ones(p, dtype=torch.bool)
+                free[list(must)] = False
+                free[(p // BS) * BS :] = False  # the boundary block is kept whole
+                if (chosen & free).any() and (~chosen & free).any():
+                    assert scores[h][chosen & free].min() >= scores[h][~chosen & free].max() - 2e-2 * scores[h].max()
+                # the dense reference: the snapshot's kept tokens, then the decoded ones
+                dense_k[:kept, h], dense_v[:kept, h] = prompt_k[pos, h], prompt_v[pos, h]
+                for t in range(decode[i]):
+                    dense_k[kept + t, h], dense_v[kept + t, h] = new_tokens[(i, layer, p + t)][:, h]
+            # attention over the page table == dense attention over the kept tokens
+            qd = torch.randn(HQ, D)
+            paged = _attend(qd, read[0].float(), read[1].float())
+            assert torch.allclose(paged, _attend(qd, dense_k.float(), dense_v.float()), atol=1e-6)
+    # blocks of a request outside the batch are bit-identical
+    for b in bystander:
+        for layer in range(L):
+            assert torch.equal(pool[layer * N + b], snapshot[layer * N + b])
+
+
+def _attend(q, k, v):
+    # q [HQ, D], k/v [T, HKV, D] -> [HQ, D] (GQA)
+    k = k.repeat_interleave(G, dim=1)
+    v = v.repeat_interleave(G, dim=1)
+    logits = torch.einsum("hd,thd->ht", q, k) * SCALE
+    return torch.einsum("ht,thd->hd", logits.softmax(-1), v)
+
+
+def test_budget_one_evicts_nothing():
+    runtime, pool = make_runtime("uniform", budget="1.0")
+    assert not runtime.config.should_compress(150)
+
+
+def test_request_that_cannot_free_a_block_is_left_alone():
+    runtime, pool = make_runtime("uniform", budget="0.9")
+    rows, reqs = prepare(runtime, pool, [40], [0])
+    snapshot = pool.clone()
+    (record,) = runtime._evict(reqs)
+    assert record.freed_block_ids == [] and record.kept_tokens == [40] * L
+    assert torch.equal(pool, snapshot)

@@ -1,0 +1,140 @@
+"""FlashAttention backend that reads each layer through its own page table.
+
+Registered as vLLM's `AttentionBackendEnum.CUSTOM` (selected by the plugin when
+compression is on). Differences from vLLM's FlashAttention backend:
+
+* The KV pool is one tensor shared by all layers (engine/layout.py). KV writes
+  go to the layer's own region with vLLM's unchanged slot mapping; attention
+  reads through per-layer page tables and per-layer sequence lengths that the
+  runtime rebuilds each step (one Triton launch, outside any CUDA graph).
+* On prefill steps that end inside a request's observation window, the
+  post-RoPE queries of the window and their softmax LSE (returned by the same
+  FlashAttention call) are captured for scoring.
+* FA3 ahead-of-time scheduling and cascade attention are off: both assume every
+  layer sees the batch's sequence lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadata,
+    FlashAttentionMetadataBuilder,
+)
+from vllm.v1.attention.backends import fa_utils
+
+from vllm_kvcomp.engine.runtime import CapturePlan, get_runtime
+
+
+@dataclass
+class CompressedFlashAttentionMetadata(FlashAttentionMetadata):
+    # Per layer: [num_reqs_padded, max_pages] page table and [num_reqs_padded] lengths.
+    layer_block_tables: list[torch.Tensor] | None = None
+    layer_seq_lens: list[torch.Tensor] | None = None
+    capture: CapturePlan | None = None
+
+
+class CompressedFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # FA3's AOT schedule is computed from the batch's sequence lengths, but
+        # each layer attends over its own (shorter) length after eviction.
+        self.aot_schedule = False
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        base = super().build(0, common_attn_metadata, fast_build)
+        runtime = get_runtime()
+        tables, lens = runtime.layer_tables(
+            common_attn_metadata.block_table_tensor,
+            common_attn_metadata.seq_lens,
+        )
+        return CompressedFlashAttentionMetadata(
+            **{f.name: getattr(base, f.name) for f in fields(FlashAttentionMetadata)},
+            layer_block_tables=tables,
+            layer_seq_lens=lens,
+            capture=runtime.step_capture,
+        )
+
+    def build_for_cudagraph_capture(self, common_attn_metadata):
+        # Graphs are captured on dummy batches: uncompressed page tables.
+        get_runtime().begin_dummy_step()
+        return self.build(0, common_attn_metadata)
+
+    def use_cascade_attention(self, *args, **kwargs) -> bool:
+        return False
+
+
+class CompressedFlashAttentionImpl(FlashAttentionImpl):
+    def forward(
+        self,
+        layer,
+        query,
+        key,
+        value,
+        kv_cache,
+        attn_metadata,
+        output,
+        output_scale=None,
+        output_block_scale=None,
+    ):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("vllm-kvcomp: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        runtime = get_runtime()
+        index = runtime.layer_index[layer.layer_name]
+        num_tokens = attn_metadata.num_actual_tokens
+        key_cache, value_cache = kv_cache.unbind(1)
+        descale_shape = (attn_metadata.query_start_loc.shape[0] - 1, self.num_kv_heads)
+        capture = attn_metadata.capture
+        result = fa_utils.flash_attn_varlen_func(
+            q=query[:num_tokens],
+            k=key_cache,
+            v=value_cache,
+            out=output[:num_tokens],
+            cu_seqlens_q=attn_metadata.query_start_loc,
+            max_seqlen_q=attn_metadata.max_query_len,
+            seqused_k=attn_metadata.layer_seq_lens[index],
+            max_seqlen_k=attn_metadata.max_seq_len,
+            softmax_scale=self.scale,
+            causal=True,
+            alibi_slopes=self.alibi_slopes,
+            window_size=None,
+            block_table=attn_metadata.layer_block_tables[index],
+            softcap=self.logits_soft_cap,
+            scheduler_metadata=None,
+            fa_version=self.vllm_flash_attn_version,
+            q_descale=layer._q_scale.expand(descale_shape) if self.supports_quant_query_input else None,
+            k_descale=layer._k_scale.expand(descale_shape),
+            v_descale=layer._v_scale.expand(descale_shape),
+            num_splits=attn_metadata.max_num_splits,
+            s_aux=self.sinks,
+            return_softmax_lse=capture is not None,
+        )
+        if capture is not None:
+            _, lse = result
+            runtime.capture(index, query, lse, capture)
+        return output
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        # vLLM's slot mapping addresses the layer's own region of the pool.
+        region = get_runtime().layer_region(layer.layer_name, kv_cache)
+        super().do_kv_cache_update(layer, key, value, region, slot_mapping)
+
+
+class CompressedFlashAttentionBackend(FlashAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        return CompressedFlashAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return CompressedFlashAttentionMetadataBuilder

@@ -1,0 +1,522 @@
+"""The worker-side eviction engine (one per worker process).
+
+Per step, driven by the model runner (engine/worker.py):
+  1. `begin_step`: note which prompt positions of this step are observation-window
+     queries of a compressible request, and where to copy them.
+  2. `layer_tables` (from the attention metadata builder): rebuild every layer's
+     page table and live lengths in one launch.
+  3. `capture` (from attention forward, per layer): copy the window queries and
+     their softmax LSE out of FlashAttention's prefill call.
+  4. `end_step` (after sampling): for every request whose prefill completed,
+     score all layers (score-gather kernel), size the layers (budget policy),
+     select survivors per KV head, compact them in place, relocate overflow
+     pages, update the per-request layout and report the freed blocks, which the
+     scheduler returns to vLLM's BlockPool.
+
+Every rank of a tensor-parallel group runs the same steps with the same
+scheduler outputs; the only data-dependent decision, the budgets, is made from
+statistics summed over all ranks' heads, so every rank frees the same blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vllm_kvcomp.config import CompressionConfig
+from vllm_kvcomp.engine.layout import EvictionPlan, cdiv, plan_eviction
+from vllm_kvcomp.engine.page_tables import build_layer_page_tables
+from vllm_kvcomp.policies import BudgetRequest, LayerStats, make_policy
+from vllm_kvcomp.scoring import forced_keep_mask, head_statistics, stats_for_policy
+
+logger = logging.getLogger("vllm_kvcomp")
+
+# Bytes of fp32 score tensors kept at once while sizing a batch of requests.
+EVICTION_WORKSPACE_BYTES = 512 << 20
+
+
+@dataclass
+class EvictionRecord:
+    """What one request's compression did (sent to the scheduler)."""
+
+    req_id: str
+    freed_block_ids: list[int]
+    prompt_len: int
+    kept_tokens: list[int]  # per layer
+    seconds: float
+
+
+@dataclass
+class SkipRecord:
+    req_id: str
+    reason: str
+
+
+@dataclass
+class CompressionReport:
+    """Attached to ModelRunnerOutput as `kvcomp_report` (plain data, pickles)."""
+
+    evictions: list[EvictionRecord] = field(default_factory=list)
+    skips: list[SkipRecord] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.evictions or self.skips)
+
+
+@dataclass
+class CapturePlan:
+    """Where this step's window queries go: flat token index -> capture row."""
+
+    src: torch.Tensor  # int64 [n] token index in the batch
+    dst: torch.Tensor  # int64 [n] slot * window + row
+    rows: list[tuple["_Request", np.ndarray]]  # host copy, to mark rows captured
+    executed: bool = False
+
+
+@dataclass
+class _Request:
+    req_id: str
+    index: int  # vLLM V2 runner's request slot
+    block_ids: list[int]
+    prompt_len: int
+    compress: bool
+    window: int = 0
+    slot: int | None = None
+    captured: np.ndarray | None = None
+    finished: bool = False  # compressed, skipped, or nothing to do
+
+
+_RUNTIME: "CompressionRuntime | None" = None
+
+
+def get_runtime() -> "CompressionRuntime":
+    if _RUNTIME is None:
+        raise RuntimeError("vllm-kvcomp: the compression runtime is not initialised in this process")
+    return _RUNTIME
+
+
+def set_runtime(runtime: "CompressionRuntime | None") -> None:
+    global _RUNTIME
+    _RUNTIME = runtime
+
+
+class CompressionRuntime:
+    def __init__(self, config: CompressionConfig, vllm_config):
+        self.config = config
+        self.vllm_config = vllm_config
+        self.policy = make_policy(config)
+        self.requests: dict[str, _Request] = {}
+        self.step_capture: CapturePlan | None = None
+        self._idx_mapping: torch.Tensor | None = None
+        self._num_reqs = 0
+        self._ready: list[_Request] = []
+        self._pending_resets: list[int] = []
+        self._skips: list[SkipRecord] = []
+        self._views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._region_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.layer_index: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ setup
+    def bind(self, runner, kv_cache_config) -> None:
+        """Read the layout from vLLM's objects once the KV pool is allocated."""
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        (group,) = kv_cache_config.kv_cache_groups
+        spec = group.kv_cache_spec
+        forward_context = self.vllm_config.compilation_config.static_forward_context
+        first_layer = forward_context[group.layer_names[0]]
+        self.setup(
+            layer_names=list(group.layer_names),
+            pool=runner.kv_caches[0],
+            blocks_per_layer=kv_cache_config.num_blocks,
+            block_size=spec.block_size,
+            num_heads=first_layer.impl.num_heads,
+            scale=first_layer.impl.scale,
+            max_reqs=runner.max_num_reqs,
+            width=runner.block_tables.input_block_tables[0].shape[1],
+            tp_size=get_tensor_model_parallel_world_size(),
+        )
+
+    def setup(
+        self,
+        *,
+        layer_names: list[str],
+        pool: torch.Tensor,
+        blocks_per_layer: int,
+        block_size: int,
+        num_heads: int,
+        scale: float,
+        max_reqs: int,
+        width: int,
+        tp_size: int = 1,
+    ) -> None:
+        """Allocate the runtime's buffers (pool: [L * N, 2, block_size, Hkv, D])."""
+        self.layer_names = layer_names
+        self.layer_index = {name: i for i, name in enumerate(layer_names)}
+        self.num_layers = L = len(layer_names)
+        self.pool = pool
+        self.blocks_per_layer = blocks_per_layer
+        if pool.shape[0] != L * blocks_per_layer or pool.shape[2] != block_size:
+            raise RuntimeError(
+                f"vllm-kvcomp: expected one KV pool of {L} x {blocks_per_layer} pages of "
+                f"{block_size} tokens, got {tuple(pool.shape)}"
+            )
+        self.block_size = block_size
+        self.num_kv_heads = pool.shape[3]
+        self.head_size = pool.shape[4]
+        self.num_heads = num_heads
+        self.scale = scale
+        self.max_reqs = max_reqs
+        self.width = width
+        self.tp_size = tp_size
+        self.window = self.config.window
+        self.device = dev = pool.device
+        # c, C, d per request slot (+ one all-zero row for dummy batches).
+        self.state = torch.zeros(3, max_reqs + 1, L, dtype=torch.int32, device=dev)
+        self.entries = torch.zeros(L * blocks_per_layer, dtype=torch.int32, device=dev)
+        self.tables = torch.zeros(L, max_reqs, width, dtype=torch.int32, device=dev)
+        self.lens = torch.zeros(L, max_reqs, dtype=torch.int32, device=dev)
+        self.dummy_idx = torch.full((max_reqs,), max_reqs, dtype=torch.int32, device=dev)
+        slots = self.config.max_pending_requests
+        self.q_buf = torch.zeros(L, slots, self.window, num_heads, self.head_size, dtype=pool.dtype, device=dev)
+        self.lse_buf = torch.zeros(L, slots, self.window, num_heads, dtype=torch.float32, device=dev)
+        self.free_slots = list(range(slots))
+        logger.info(
+            "vllm-kvcomp: %s, %d layers x %d blocks of %d tokens in one pool; "
+            "%.1f MiB of page tables, %.1f MiB of window buffers",
+            self.config.method,
+            L,
+            blocks_per_layer,
+            block_size,
+            self.tables.numel() * 4 / 2**20,
+            (self.q_buf.numel() * self.q_buf.element_size() + self.lse_buf.numel() * 4) / 2**20,
+        )
+
+    def layer_region(self, layer_name: str, kv_cache: torch.Tensor) -> torch.Tensor:
+        """The layer's own N pages of the pool: vLLM's slot mapping addresses these."""
+        key = (layer_name, kv_cache.data_ptr())
+        region = self._region_cache.get(key)
+        if region is None:
+            i = self.layer_index[layer_name]
+            n = kv_cache.shape[0] // self.num_layers
+            region = kv_cache[i * n : (i + 1) * n]
+            self._region_cache[key] = region
+        return region
+
+    # ------------------------------------------------------ request lifecycle
+    def add_request(self, req_id: str, index: int, block_ids: list[int], prompt_len: int) -> None:
+        self.remove_request(req_id)
+        self._pending_resets.append(index)
+        compress = self.config.should_compress(prompt_len)
+        self.requests[req_id] = _Request(req_id, index, list(block_ids), prompt_len, compress)
+
+    def append_blocks(self, req_id: str, block_ids: list[int]) -> None:
+        req = self.requests.get(req_id)
+        if req is not None:
+            req.block_ids.extend(block_ids)
+
+    def remove_request(self, req_id: str) -> None:
+        req = self.requests.pop(req_id, None)
+        if req is None:
+            return
+        if req.slot is not None:
+            self.free_slots.append(req.slot)
+        self._pending_resets.append(req.index)
+
+    # ------------------------------------------------------------------- step
+    def begin_dummy_step(self) -> None:
+        self._idx_mapping = None
+        self.step_capture = None
+        self._ready = []
+
+    def begin_step(self, input_batch) -> None:
+        """Plan this step's window capture (host side, prefill rows only)."""
+        self._idx_mapping = input_batch.idx_mapping
+        self._num_reqs = input_batch.num_reqs
+        self.step_capture = None
+        self._ready = []
+        prefilling = np.flatnonzero(input_batch.is_prefilling_np)
+        if prefilling.size == 0:
+            return
+        qsl = input_batch.query_start_loc_np
+        src, dst, rows = [], [], []
+        for r in prefilling:
+            req = self.requests.get(input_batch.req_ids[r])
+            if req is None or not req.compress or req.finished:
+                continue
+            computed = int(input_batch.num_computed_tokens_np[r])
+            scheduled = int(input_batch.num_scheduled_tokens[r])
+            prompt_len = int(input_batch.prefill_len_np[r])
+            if prompt_len != req.prompt_len:
+                req.prompt_len = prompt_len
+                req.compress = self.config.should_compress(prompt_len)
+                if not req.compress:
+                    continue
+            req.window = min(self.window, prompt_len)
+            start = max(computed, prompt_len - req.window)
+            end = min(computed + scheduled, prompt_len)
+            if start < end:
+                if req.slot is None:
+                    if not self.free_slots:
+                        req.finished = True
+                        self._skip(req, "capture_slots")
+                        continue
+                    req.slot = self.free_slots.pop()
+                    req.captured = np.zeros(req.window, dtype=bool)
+                positions = np.arange(start, end)
+                window_rows = positions - (prompt_len - req.window)
+                src.append(qsl[r] + positions - computed)
+                dst.append(req.slot * self.window + window_rows)
+                rows.append((req, window_rows))
+            if computed + scheduled >= prompt_len:
+                self._ready.append(req)
+        if src:
+            self.step_capture = CapturePlan(
+                src=torch.from_numpy(np.concatenate(src).astype(np.int64)).to(self.device, non_blocking=True),
+                dst=torch.from_numpy(np.concatenate(dst).astype(np.int64)).to(self.device, non_blocking=True),
+                rows=rows,
+            )
+
+    def layer_tables(self, block_table: torch.Tensor, seq_lens: torch.Tensor):
+        """Per-layer page tables and lengths for this batch (views of persistent buffers)."""
+        self._apply_resets()
+        num_rows = block_table.shape[0]
+        if self._idx_mapping is None:
+            idx, num_reqs = self.dummy_idx, num_rows
+        else:
+            idx, num_reqs = self._idx_mapping, self._num_reqs
+        build_layer_page_tables(
+            block_table,
+            seq_lens,
+            idx,
+            num_reqs,
+            self.state,
+            self.entries,
+            self.tables,
+            self.lens,
+            self.blocks_per_layer,
+            self.block_size,
+        )
+        views = self._views.get(num_rows)
+        if views is None:
+            views = (
+                [self.tables[i, :num_rows, : block_table.shape[1]] for i in range(self.num_layers)],
+                [self.lens[i, :num_rows] for i in range(self.num_layers)],
+            )
+            self._views[num_rows] = views
+        return views
+
+    def _apply_resets(self) -> None:
+        """Zero the layout of request slots that were freed or reassigned."""
+        if self._pending_resets:
+            index = torch.tensor(sorted(set(self._pending_resets)), dtype=torch.long, device=self.device)
+            self.state[:, index] = 0
+            self._pending_resets.clear()
+
+    def capture(self, layer: int, query: torch.Tensor, lse: torch.Tensor, plan: CapturePlan) -> None:
+        q_rows = self.q_buf[layer].view(-1, self.num_heads, self.head_size)
+        q_rows.index_copy_(0, plan.dst, query.index_select(0, plan.src))
+        lse_rows = self.lse_buf[layer].view(-1, self.num_heads)
+        lse_rows.index_copy_(0, plan.dst, lse.index_select(1, plan.src).t().float())
+        plan.executed = True
+
+    def end_step(self) -> CompressionReport | None:
+        report = CompressionReport()
+        plan = self.step_capture
+        if plan is not None and plan.executed:
+            for req, window_rows in plan.rows:
+                req.captured[window_rows] = True
+        self.step_capture = None
+        ready, self._ready = self._ready, []
+        batch = []
+        for req in ready:
+            if req.finished or req.req_id not in self.requests:
+                continue
+            req.finished = True
+            if req.slot is None or req.captured is None or not req.captured.any():
+                # All window rows ran inside a FULL CUDA graph (1-token final chunk, window 1).
+                self._skip(req, "no_window_queries")
+                self._release_slot(req)
+                continue
+            batch.append(req)
+        report.skips.extend(self._skips)
+        self._skips = []
+        if batch:
+            report.evictions.extend(self._evict(batch))
+        return report if report else None
+
+    def _skip(self, req: _Request, reason: str) -> None:
+        logger.warning("vllm-kvcomp: request %s served uncompressed (%s)", req.req_id, reason)
+        self._skips.append(SkipRecord(req.req_id, reason))
+
+    def _release_slot(self, req: _Request) -> None:
+        if req.slot is not None:
+            self.free_slots.append(req.slot)
+            req.slot = None
+
+    # --------------------------------------------------------------- eviction
+    def _window_extent(self, req: _Request) -> tuple[int, int]:
+        """(rows, scored length): the last contiguous run of captured window rows."""
+        captured = req.captured
+        last = int(np.flatnonzero(captured)[-1])
+        first = last
+        while first > 0 and captured[first - 1]:
+            first -= 1
+        scored_len = req.prompt_len - req.window + last + 1
+        return last - first + 1, scored_len
+
+    def _block_rows(self, reqs: list[_Request], num_pages: int) -> torch.Tensor:
+        """[R, num_pages] int32 block ids of the prompts (pages of layer l: + l * N)."""
+        rows = np.zeros((len(reqs), num_pages), dtype=np.int32)
+        for r, req in enumerate(reqs):
+            ids = req.block_ids[:num_pages]
+            rows[r, : len(ids)] = ids
+        return torch.from_numpy(rows).to(self.device)
+
+    def _evict(self, batch: list[_Request]) -> list[EvictionRecord]:
+        max_len = max(req.prompt_len for req in batch)
+        per_request = self.num_layers * self.num_kv_heads * max_len * 4
+        chunk = max(1, EVICTION_WORKSPACE_BYTES // max(per_request, 1))
+        records = []
+        for i in range(0, len(batch), chunk):
+            records.extend(self._evict_chunk(batch[i : i + chunk]))
+        return records
+
+    def _evict_chunk(self, reqs: list[_Request]) -> list[EvictionRecord]:
+        from vllm_kvcomp.kernels import compact_kv_, copy_pages_, score_gather, select_keep_indices
+
+        start = time.perf_counter()
+        cfg, dev, L, bs = self.config, self.device, self.num_layers, self.block_size
+        extents = [self._window_extent(req) for req in reqs]
+        window_lens = torch.tensor([e[0] for e in extents], dtype=torch.int32, device=dev)
+        scored_lens = torch.tensor([e[1] for e in extents], dtype=torch.int32, device=dev)
+        prompt_lens = torch.tensor([req.prompt_len for req in reqs], dtype=torch.int32, device=dev)
+        max_len = max(req.prompt_len for req in reqs)
+        num_pages = cdiv(max_len, bs)
+        slots = torch.tensor([req.slot for req in reqs], dtype=torch.long, device=dev)
+        # Window rows are stored right-aligned at the end of the observation window;
+        # with a shortened window (rows missing at the end) shift them to start at 0.
+        first_rows = [req.window - e[0] - (req.prompt_len - e[1]) for req, e in zip(reqs, extents)]
+
+        block_rows = self._block_rows(reqs, num_pages)
+        scores, mba_sum, local_sum = [], [], []
+        stats_kwargs = stats_for_policy(cfg)
+        for layer in range(L):
+            queries = self.q_buf[layer, slots]
+            lse = self.lse_buf[layer, slots]
+            if any(first_rows):
+                queries = torch.stack([torch.roll(queries[r], -f, 0) for r, f in enumerate(first_rows)])
+                lse = torch.stack([torch.roll(lse[r], -f, 0) for r, f in enumerate(first_rows)])
+            out = score_gather(
+                queries,
+                window_lens,
+                self.pool,
+                block_rows + layer * self.blocks_per_layer,
+                scored_lens,
+                scale=self.scale,
+                window_lse=lse,
+                pool_kernel=cfg.pool_kernel,
+                pool_type=cfg.pool_type,
+                square=cfg.square,
+                max_seq_len=max_len,
+            )
+            mba, local = head_statistics(out.mass, scored_lens, **stats_kwargs)
+            mba_sum.append(mba.sum(-1))
+            local_sum.append(local.sum(-1))
+            scores.append(out.scores)
+        stats = torch.stack([torch.stack(mba_sum, 1), torch.stack(local_sum, 1)])  # [2, R, L]
+        num_heads_total = self.num_kv_heads
+        if self.tp_size > 1:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            stats = tensor_model_parallel_all_reduce(stats)
+            num_heads_total *= self.tp_size
+        stats = (stats / num_heads_total).cpu().numpy()
+
+        plans: list[EvictionPlan | None] = []
+        for r, req in enumerate(reqs):
+            avg = cfg.average_budget(req.prompt_len)
+            budget_request = BudgetRequest(
+                num_layers=L,
+                seq_len=req.prompt_len,
+                avg_budget=avg,
+                floor=min(cfg.protected_tokens, req.prompt_len),
+                stats=LayerStats(mba=stats[0, r], local_mass=stats[1, r]),
+            )
+            plans.append(plan_eviction(self.policy.budgets(budget_request), req.prompt_len, bs))
+
+        self._compact(plans, scores, prompt_lens, block_rows, select_keep_indices, compact_kv_)
+        self._relocate_and_publish(reqs, plans, copy_pages_)
+
+        seconds = time.perf_counter() - start
+        records = []
+        for req, plan in zip(reqs, plans):
+            self._release_slot(req)
+            if plan is None:
+                kept = [req.prompt_len] * L
+                freed: list[int] = []
+            else:
+                kept = plan.kept_tokens.tolist()
+                freed = [req.block_ids[i] for i in plan.freed_block_indices]
+            records.append(EvictionRecord(req.req_id, freed, req.prompt_len, kept, seconds / len(reqs)))
+        return records
+
+    def _compact(self, plans, scores, prompt_lens, block_rows, select_keep_indices, compact_kv_) -> None:
+        cfg, bs, dev = self.config, self.block_size, self.device
+        for layer in range(self.num_layers):
+            rows = [r for r, plan in enumerate(plans) if plan is not None and plan.evicted_layers[layer]]
+            if not rows:
+                continue
+            rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+            layer_scores = scores[layer].index_select(0, rows_t)
+            domain = torch.tensor([plans[r].full_blocks * bs for r in rows], dtype=torch.int32, device=dev)
+            keep = torch.tensor([int(plans[r].compact_pages[layer]) * bs for r in rows], dtype=torch.int32, device=dev)
+            length = layer_scores.shape[-1]
+            forced = forced_keep_mask(prompt_lens.index_select(0, rows_t), length, cfg.num_sinks, cfg.num_recent)
+            outside = torch.arange(length, device=dev).view(1, -1) >= domain.view(-1, 1)
+            layer_scores = layer_scores.masked_fill(forced.unsqueeze(1), float("inf"))
+            layer_scores = layer_scores.masked_fill(outside.unsqueeze(1), float("-inf"))
+            keep_idx = select_keep_indices(layer_scores, domain, keep, 0, 0)
+            pages = block_rows.index_select(0, rows_t) + layer * self.blocks_per_layer
+            compact_kv_(self.pool, pages, keep_idx, keep)
+
+    def _relocate_and_publish(self, reqs, plans, copy_pages_) -> None:
+        N, dev = self.blocks_per_layer, self.device
+        src, dst, entry_at, entry_page = [], [], [], []
+        state = np.zeros((3, len(reqs), self.num_layers), dtype=np.int32)
+        indices = []
+        for r, (req, plan) in enumerate(zip(reqs, plans)):
+            if plan is None:
+                continue
+            row = req.block_ids
+            for layer, j, i, s in plan.relocations:
+                src.append(layer * N + row[j])
+                dst.append(s * N + row[i])
+            for eb, es, pb, ps in plan.entries():
+                entry_at.append(es * N + row[eb])
+                entry_page.append(ps * N + row[pb])
+            state[0, r] = plan.compact_pages
+            state[1, r] = plan.entry_offsets
+            state[2, r] = plan.shift_pages
+            indices.append((r, req.index))
+        if src:
+            copy_pages_(
+                self.pool,
+                torch.tensor(src, dtype=torch.int64, device=dev),
+                torch.tensor(dst, dtype=torch.int64, device=dev),
+            )
+        if entry_at:
+            self.entries.index_copy_(
+                0,
+                torch.tensor(entry_at, dtype=torch.int64, device=dev),
+                torch.tensor(entry_page, dtype=torch.int32, device=dev),
+            )
+        if indices:
+            self._apply_resets()
+            rows = [r for r, _ in indices]
+            slots = torch.tensor([i for _, i in indices], dtype=torch.long, device=dev)
+            self.state[:, slots] = torch.from_numpy(state[:, rows]).to(dev)

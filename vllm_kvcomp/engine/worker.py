@@ -1,0 +1,110 @@
+"""vLLM GPU worker and V2 model runner with the eviction engine wired in.
+
+Installed through `ParallelConfig.worker_cls` (an extension point). The worker:
+  * declares every full-attention layer as `CompressedAttentionSpec`,
+  * allocates the KV cache as ONE pool shared by all layers (so a layer's
+    survivors can sit in another layer's page of the same block), and
+  * gives its model runner the hooks of the runtime: request lifecycle, the
+    step's capture plan before attention metadata is built, and eviction after
+    sampling, whose report rides on the ModelRunnerOutput to the scheduler.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheTensor
+from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker
+
+from vllm_kvcomp.config import CompressionConfigError, from_additional_config
+from vllm_kvcomp.engine.kv_cache import CompressedAttentionSpec
+from vllm_kvcomp.engine.runtime import CompressionRuntime, set_runtime
+
+
+def pooled_kv_cache_config(kv_cache_config):
+    """The same memory as one tensor shared by every layer (see engine/layout.py)."""
+    if len(kv_cache_config.kv_cache_groups) != 1:
+        raise RuntimeError(
+            f"vllm-kvcomp: expected one KV cache group, got {len(kv_cache_config.kv_cache_groups)}"
+        )
+    (group,) = kv_cache_config.kv_cache_groups
+    if not isinstance(group.kv_cache_spec, CompressedAttentionSpec):
+        raise RuntimeError(f"vllm-kvcomp: unexpected KV cache spec {type(group.kv_cache_spec).__name__}")
+    pooled = copy.copy(kv_cache_config)
+    pooled.kv_cache_tensors = [
+        KVCacheTensor(size=sum(t.size for t in kv_cache_config.kv_cache_tensors), shared_by=list(group.layer_names))
+    ]
+    return pooled
+
+
+class CompressionModelRunner(GPUModelRunner):
+    """vLLM's V2 GPU model runner plus the runtime's hooks (no other change)."""
+
+    kvcomp: CompressionRuntime
+
+    def initialize_kv_cache(self, kv_cache_config) -> None:
+        super().initialize_kv_cache(kv_cache_config)
+        self.kvcomp.bind(self, kv_cache_config)
+
+    def add_requests(self, scheduler_output) -> None:
+        super().add_requests(scheduler_output)
+        prefill_len = self.req_states.prefill_len.np
+        for new in scheduler_output.scheduled_new_reqs:
+            index = self.req_states.req_id_to_index[new.req_id]
+            self.kvcomp.add_request(new.req_id, index, new.block_ids[0], int(prefill_len[index]))
+
+    def update_requests(self, scheduler_output) -> None:
+        super().update_requests(scheduler_output)
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, new_block_ids in zip(cached.req_ids, cached.new_block_ids):
+            if new_block_ids is not None:
+                self.kvcomp.append_blocks(req_id, new_block_ids[0])
+
+    def _remove_request(self, req_id: str) -> bool:
+        self.kvcomp.remove_request(req_id)
+        return super()._remove_request(req_id)
+
+    def prepare_attn(self, input_batch):
+        self.kvcomp.begin_step(input_batch)
+        return super().prepare_attn(input_batch)
+
+    def prepare_dummy_attn(self, input_batch):
+        self.kvcomp.begin_dummy_step()
+        return super().prepare_dummy_attn(input_batch)
+
+    def sample_tokens(self, grammar_output):
+        output = super().sample_tokens(grammar_output)
+        report = self.kvcomp.end_step()
+        if report is not None and output is not None:
+            target = getattr(output, "model_runner_output", output)
+            target.kvcomp_report = report
+        return output
+
+
+class CompressionWorker(Worker):
+    def init_device(self) -> None:
+        super().init_device()
+        if not self.use_v2_model_runner:
+            raise CompressionConfigError("vllm-kvcomp: needs vLLM's V2 model runner (unset VLLM_USE_V2_MODEL_RUNNER)")
+        config = from_additional_config(self.vllm_config.additional_config)
+        # The runner is built by Worker.init_device; give it the hooks by
+        # switching it to the subclass (it adds no state of its own).
+        self.model_runner.__class__ = CompressionModelRunner
+        runtime = CompressionRuntime(config, self.vllm_config)
+        self.model_runner.kvcomp = runtime
+        set_runtime(runtime)
+
+    def get_kv_cache_spec(self):
+        specs = super().get_kv_cache_spec()
+        converted = {}
+        for name, spec in specs.items():
+            if type(spec) is not FullAttentionSpec or spec.sliding_window or spec.attention_chunk_size:
+                raise CompressionConfigError(
+                    f"vllm-kvcomp: layer {name} uses {type(spec).__name__}; only full attention can be compressed"
+                )
+            converted[name] = CompressedAttentionSpec.from_full_attention(spec)
+        return converted
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        super().initialize_from_config(pooled_kv_cache_config(kv_cache_config))

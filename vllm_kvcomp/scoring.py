@@ -1,0 +1,57 @@
+"""Observation statistics and token selection shared by the GPU engine and the CPU eval.
+
+`mass` is the unpooled observation-window attention per KV head and token (the
+`mass` output of the score-gather kernel, or of the plain-torch reference),
+`scores` the pooled ranking scores. Both are [R, H, S] with R requests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvcomp.config import CompressionConfig
+
+
+def head_statistics(
+    mass: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    tau: float,
+    num_sinks: int,
+    local_recent: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (request, KV head): ZigZagKV's MBA and SimLayerKV's local mass fraction.
+
+    MBA = fewest tokens whose window attention reaches `tau` of the head's total.
+    local mass = share of the window attention on the first `num_sinks` and the
+    last `local_recent` tokens. Returns two float32 tensors [R, H].
+    """
+    mass = mass.float()
+    positions = torch.arange(mass.shape[-1], device=mass.device)
+    lens = seq_lens.to(mass.device).view(-1, 1)
+    valid = positions.view(1, -1) < lens
+    mass = mass * valid.unsqueeze(1)
+    total = mass.sum(-1)
+    ordered = mass.sort(dim=-1, descending=True).values
+    reached = ordered.cumsum(-1) >= tau * total.unsqueeze(-1) * (1 - 1e-6)
+    mba = (~reached).sum(-1).float() + 1
+    mba = torch.minimum(mba, lens.float())
+    local = valid & ((positions.view(1, -1) < num_sinks) | (positions.view(1, -1) >= lens - local_recent))
+    local_mass = (mass * local.unsqueeze(1)).sum(-1) / total.clamp_min(1e-30)
+    return mba, local_mass
+
+
+def forced_keep_mask(seq_lens: torch.Tensor, length: int, num_sinks: int, num_recent: int) -> torch.Tensor:
+    """[R, length] bool: the sinks and the last `num_recent` tokens of each request."""
+    positions = torch.arange(length, device=seq_lens.device).view(1, -1)
+    lens = seq_lens.view(-1, 1)
+    return (positions < num_sinks) | ((positions >= lens - num_recent) & (positions < lens))
+
+
+def stats_for_policy(config: CompressionConfig) -> dict:
+    """The keyword arguments of `head_statistics` for a config."""
+    return {
+        "tau": config.zigzag.tau,
+        "num_sinks": config.num_sinks,
+        "local_recent": config.simlayer.recent,
+    }
