@@ -174,3 +174,32 @@ def test_request_that_cannot_free_a_block_is_left_alone():
     (record,) = runtime._evict(reqs)
     assert record.freed_block_ids == [] and record.kept_tokens == [40] * L
     assert torch.equal(pool, snapshot)
+
+
+def test_self_check_with_oracle_needle(monkeypatch):
+    """engine/verify.py, as the GPU run uses it: exact read-back and the needle kept."""
+    monkeypatch.setenv("VLLM_KVCOMP_VERIFY", "1")
+    monkeypatch.setenv("VLLM_KVCOMP_FORCE_KEEP", "40:46")
+    runtime, pool = make_runtime("zigzag", budget="0.25")
+    rows, reqs = prepare(runtime, pool, [200, 120], [0, 0], seed=3)
+    records = runtime._evict(reqs)
+    check = records[0].verify
+    assert check == {"exact": True, "needle": True, "attention_rel_err": check["attention_rel_err"]}
+    assert check["attention_rel_err"] < 1e-5
+    assert records[1].verify is None  # one request per VLLM_KVCOMP_VERIFY unit
+
+
+def test_self_check_detects_corruption(monkeypatch):
+    monkeypatch.setenv("VLLM_KVCOMP_VERIFY", "1")
+    runtime, pool = make_runtime("uniform", budget="0.25")
+    rows, reqs = prepare(runtime, pool, [200], [0], seed=4)
+    compact = runtime._compact
+
+    def corrupting_compact(*args):
+        out = compact(*args)
+        pool[rows[0][0]] += 1  # layer 0, first retained page: scribble after compaction
+        return out
+
+    runtime._compact = corrupting_compact
+    (record,) = runtime._evict(reqs)
+    assert record.verify["exact"] is False and record.verify["attention_rel_err"] > 1e-3

@@ -42,8 +42,21 @@ class CompressionMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r,
         )
+        # Only fed when VLLM_KVCOMP_VERIFY is set (engine/verify.py).
+        self.verify_checks = Counter(
+            "vllm_kvcomp_verify_checks", "Self-checks of compacted layers", ["result"], registry=r
+        )
+        self.verify_needle = Counter(
+            "vllm_kvcomp_verify_needle", "Oracle-kept needle found in every layer and head", ["result"], registry=r
+        )
+        self.verify_error = Gauge(
+            "vllm_kvcomp_verify_attention_rel_err",
+            "Largest relative error of FlashAttention over compacted pages vs dense attention",
+            registry=r,
+        )
         self.totals = {"requests": 0, "blocks_freed": 0, "tokens_kept": 0, "tokens_prompt": 0}
         self._last_summary = time.monotonic()
+        self._max_verify_error = 0.0
         self.port: int | None = None
         if config.metrics_port is not None:
             try:
@@ -66,6 +79,12 @@ class CompressionMetrics:
             self.kept.labels(str(layer)).inc(kept)
             self.evicted.labels(str(layer)).inc(record.prompt_len - kept)
         self.prompt_tokens.inc(record.prompt_len)
+        if record.verify is not None:
+            self.verify_checks.labels("exact" if record.verify["exact"] else "mismatch").inc()
+            self.verify_needle.labels("kept" if record.verify["needle"] else "lost").inc()
+            err = record.verify["attention_rel_err"]
+            self.verify_error.set(max(err, self._max_verify_error))
+            self._max_verify_error = max(err, self._max_verify_error)
         self.totals["requests"] += 1
         self.totals["blocks_freed"] += blocks_freed
         self.totals["tokens_kept"] += sum(record.kept_tokens)

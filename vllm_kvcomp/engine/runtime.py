@@ -30,6 +30,7 @@ import torch
 from vllm_kvcomp.config import CompressionConfig
 from vllm_kvcomp.engine.layout import EvictionPlan, cdiv, plan_eviction
 from vllm_kvcomp.engine.page_tables import build_layer_page_tables
+from vllm_kvcomp.engine.verify import Verifier
 from vllm_kvcomp.policies import BudgetRequest, LayerStats, make_policy
 from vllm_kvcomp.scoring import forced_keep_mask, head_statistics, stats_for_policy
 
@@ -48,6 +49,7 @@ class EvictionRecord:
     prompt_len: int
     kept_tokens: list[int]  # per layer
     seconds: float
+    verify: dict | None = None  # engine/verify.py result when self-checking
 
 
 @dataclass
@@ -119,6 +121,7 @@ class CompressionRuntime:
         self._views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._region_cache: dict[tuple[str, int], torch.Tensor] = {}
         self.layer_index: dict[str, int] = {}
+        self.verifier = Verifier()
 
     # ------------------------------------------------------------------ setup
     def bind(self, runner, kv_cache_config) -> None:
@@ -449,8 +452,11 @@ class CompressionRuntime:
             )
             plans.append(plan_eviction(self.policy.budgets(budget_request), req.prompt_len, bs))
 
-        self._compact(plans, scores, prompt_lens, block_rows, select_keep_indices, compact_kv_)
+        checked = self.verifier.wants() and plans[0] is not None
+        snapshot = self.verifier.snapshot(self, reqs[0]) if checked else None
+        keep_of_first = self._compact(plans, scores, prompt_lens, block_rows, select_keep_indices, compact_kv_)
         self._relocate_and_publish(reqs, plans, copy_pages_)
+        verify = self.verifier.check(self, reqs[0], plans[0], keep_of_first, snapshot) if checked else None
 
         seconds = time.perf_counter() - start
         records = []
@@ -463,10 +469,13 @@ class CompressionRuntime:
                 kept = plan.kept_tokens.tolist()
                 freed = [req.block_ids[i] for i in plan.freed_block_indices]
             records.append(EvictionRecord(req.req_id, freed, req.prompt_len, kept, seconds / len(reqs)))
+        records[0].verify = verify
         return records
 
-    def _compact(self, plans, scores, prompt_lens, block_rows, select_keep_indices, compact_kv_) -> None:
+    def _compact(self, plans, scores, prompt_lens, block_rows, select_keep_indices, compact_kv_) -> dict:
+        """Select and compact every evicted layer; returns the first request's keep indices per layer."""
         cfg, bs, dev = self.config, self.block_size, self.device
+        keep_of_first = {}
         for layer in range(self.num_layers):
             rows = [r for r, plan in enumerate(plans) if plan is not None and plan.evicted_layers[layer]]
             if not rows:
@@ -477,12 +486,19 @@ class CompressionRuntime:
             keep = torch.tensor([int(plans[r].compact_pages[layer]) * bs for r in rows], dtype=torch.int32, device=dev)
             length = layer_scores.shape[-1]
             forced = forced_keep_mask(prompt_lens.index_select(0, rows_t), length, cfg.num_sinks, cfg.num_recent)
+            if self.verifier.force_keep is not None:  # oracle scorer (tests): keep the planted needle
+                start, end = self.verifier.force_keep
+                positions = torch.arange(length, device=dev).view(1, -1)
+                forced = forced | ((positions >= start) & (positions < end))
             outside = torch.arange(length, device=dev).view(1, -1) >= domain.view(-1, 1)
             layer_scores = layer_scores.masked_fill(forced.unsqueeze(1), float("inf"))
             layer_scores = layer_scores.masked_fill(outside.unsqueeze(1), float("-inf"))
             keep_idx = select_keep_indices(layer_scores, domain, keep, 0, 0)
             pages = block_rows.index_select(0, rows_t) + layer * self.blocks_per_layer
             compact_kv_(self.pool, pages, keep_idx, keep)
+            if rows[0] == 0:
+                keep_of_first[layer] = keep_idx[0, :, : int(keep[0])]
+        return keep_of_first
 
     def _relocate_and_publish(self, reqs, plans, copy_pages_) -> None:
         N, dev = self.blocks_per_layer, self.device

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheTensor
 from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
@@ -75,7 +76,8 @@ class CompressionModelRunner(GPUModelRunner):
 
     def sample_tokens(self, grammar_output):
         output = super().sample_tokens(grammar_output)
-        report = self.kvcomp.end_step()
+        with torch.inference_mode():
+            report = self.kvcomp.end_step()
         if report is not None and output is not None:
             target = getattr(output, "model_runner_output", output)
             target.kvcomp_report = report

@@ -1,0 +1,131 @@
+"""`vllm serve ... --kv-compression zigzag` on a GPU: OpenAI API unchanged, clean shutdown.
+
+Marked `gpu`. Set KVCOMP_RESULTS_DIR to keep a transcript (serve.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+PORT = 8123
+METRICS_PORT = 9464
+
+
+def _get(url: str, timeout: float = 5.0) -> str:
+    return urllib.request.urlopen(url, timeout=timeout).read().decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from vllm_kvcomp.bench.random_model import make_random_model
+
+    work = Path(os.environ.get("KVCOMP_WORK_DIR", tmp_path_factory.mktemp("serve")))
+    model = str(make_random_model(work / "llama-1b", "llama-1b"))
+    log_path = work / "serve.log"
+    log = open(log_path, "w")
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+        "--port", str(PORT), "--served-model-name", "random-llama",
+        "--kv-compression", "zigzag", "--kv-budget", "0.2",
+        "--kv-cache-memory-bytes", str(4 << 30), "--max-model-len", "20000",
+    ]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited early:\n{log_path.read_text()[-4000:]}")
+        try:
+            if _get(f"http://127.0.0.1:{PORT}/health", 2) is not None:
+                break
+        except OSError:
+            time.sleep(2)
+    else:
+        proc.kill()
+        pytest.fail(f"server not healthy in time:\n{log_path.read_text()[-4000:]}")
+    transcript: dict = {"command": " ".join(cmd[2:])}
+    yield proc, transcript, log_path
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    out = os.environ.get("KVCOMP_RESULTS_DIR")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "serve.json").write_text(json.dumps(transcript, indent=1))
+
+
+def _long_prompt(words: int) -> str:
+    return " ".join(f"w{(i * 7919) % 31000}" for i in range(words))
+
+
+def test_openai_api_unchanged_and_compressing(server):
+    from openai import OpenAI
+
+    proc, transcript, _ = server
+    client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="none")
+    models = [m.id for m in client.models.list().data]
+    assert models == ["random-llama"]
+
+    completion = client.completions.create(model="random-llama", prompt=_long_prompt(6000), max_tokens=16, temperature=0)
+    assert completion.choices[0].finish_reason in ("length", "stop")
+    assert completion.usage.prompt_tokens >= 6000 and completion.usage.completion_tokens >= 1
+
+    chunks = list(
+        client.completions.create(model="random-llama", prompt=_long_prompt(3000), max_tokens=16, stream=True)
+    )
+    assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+    chat = client.chat.completions.create(
+        model="random-llama",
+        messages=[{"role": "user", "content": _long_prompt(4000)}],
+        max_tokens=12,
+    )
+    assert chat.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(
+        model="random-llama",
+        messages=[{"role": "user", "content": _long_prompt(2000)}],
+        max_tokens=12,
+        stream=True,
+    )
+    deltas = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(deltas) >= 2
+
+    vllm_metrics = _get(f"http://127.0.0.1:{PORT}/metrics")
+    assert "vllm:num_requests_running" in vllm_metrics
+    plugin_metrics = _get(f"http://127.0.0.1:{METRICS_PORT}/metrics")
+    compressed = [
+        line for line in plugin_metrics.splitlines() if line.startswith("vllm_kvcomp_requests_compressed_total")
+    ]
+    assert compressed and float(compressed[0].split()[-1]) >= 4
+    transcript.update(
+        completion_text=completion.choices[0].text,
+        completion_usage=completion.usage.model_dump(),
+        stream_chunks=len(chunks),
+        chat_text=chat.choices[0].message.content,
+        chat_stream_deltas=len(deltas),
+        plugin_metrics=[l for l in plugin_metrics.splitlines() if l.startswith("vllm_kvcomp_") and "layer=" not in l],
+    )
+
+
+def test_clean_shutdown(server):
+    proc, transcript, log_path = server
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=90)
+    log = log_path.read_text()
+    transcript["exit_code"] = code
+    transcript["log_tail"] = log[-2500:]
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log.split("Shutting down")[-1]

@@ -1,0 +1,1 @@
+"""Benchmark and evidence harnesses (run on a GPU machine; see README)."""

@@ -1,0 +1,177 @@
+"""Run one engine configuration on one workload, in a fresh process, and report.
+
+    python -m vllm_kvcomp.bench.offline SPEC.json RESULT.json
+
+SPEC (json): {"model", "compression": {...} | null, "kv_cache_memory_bytes",
+"max_model_len", "max_num_seqs", "workload": {"num_prompts", "prompt_len",
+"output_len", "seed"}, "env": {...}, "enforce_eager", "return_tokens"}.
+
+Each configuration gets its own process (a clean GPU and a clean vLLM), so that
+stock vLLM and vLLM + plugin run the same prompts with the same KV memory on
+the same GPU, one after the other. The result holds wall time, output tokens/s,
+requests/s, the largest number of requests vLLM ran at once (sampled from its
+`vllm:num_requests_running` gauge), TTFT/TPOT percentiles from vLLM's request
+metrics, the plugin's compression counters (its Prometheus endpoint), and
+optionally the generated token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def make_prompts(workload: dict) -> list[list[int]]:
+    rng = np.random.default_rng(workload.get("seed", 0))
+    length = workload["prompt_len"]
+    out = []
+    for _ in range(workload["num_prompts"]):
+        n = int(rng.integers(length[0], length[1] + 1)) if isinstance(length, list) else int(length)
+        out.append(rng.integers(3, 32000, n).tolist())
+    return out
+
+
+def scrape_plugin_metrics(port: int) -> dict:
+    """Counters of the plugin's exporter, summed over labels unless per-layer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError as exc:
+        return {"error": str(exc)}
+    out: dict = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = {k: v for k, v in sample.labels.items()}
+            key = sample.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
+            out[key] = sample.value
+    return out
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
+
+
+def run(spec: dict) -> dict:
+    for key, value in (spec.get("env") or {}).items():
+        os.environ[key] = str(value)
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(
+        model=spec["model"],
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        seed=0,
+        max_model_len=spec["max_model_len"],
+        max_num_seqs=spec.get("max_num_seqs", 256),
+        kv_cache_memory_bytes=spec["kv_cache_memory_bytes"],
+        disable_log_stats=False,
+        enforce_eager=spec.get("enforce_eager", False),
+        tensor_parallel_size=spec.get("tensor_parallel_size", 1),
+    )
+    if spec.get("compression"):
+        kwargs["additional_config"] = {"kv_compression": spec["compression"]}
+    t_start = time.perf_counter()
+    llm = LLM(**kwargs)
+    startup_s = time.perf_counter() - t_start
+
+    workload = spec["workload"]
+    prompts = [{"prompt_token_ids": ids} for ids in make_prompts(workload)]
+    params = SamplingParams(max_tokens=workload["output_len"], temperature=0.0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": list(range(3, 67))}], SamplingParams(max_tokens=4), use_tqdm=False)
+
+    max_running = [0.0]
+    stop = threading.Event()
+
+    def sample_running():
+        while not stop.is_set():
+            for metric in llm.get_metrics():
+                if metric.name == "vllm:num_requests_running":
+                    max_running[0] = max(max_running[0], float(getattr(metric, "value", 0.0)))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample_running, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    ttft, tpot = [], []
+    for o in outputs:
+        m = getattr(o, "metrics", None)
+        if m is None:
+            continue
+        first = getattr(m, "first_token_latency", None)
+        if first:
+            ttft.append(first)
+        n = len(o.outputs[0].token_ids)
+        last, first_ts = getattr(m, "last_token_ts", None), getattr(m, "first_token_ts", None)
+        if last and first_ts and n > 1:
+            tpot.append((last - first_ts) / (n - 1))
+    result = {
+        "name": spec.get("name"),
+        "compression": spec.get("compression"),
+        "startup_s": startup_s,
+        "elapsed_s": elapsed,
+        "num_prompts": len(prompts),
+        "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts),
+        "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / elapsed,
+        "req_s": len(prompts) / elapsed,
+        "max_running": max_running[0],
+        "ttft_s": _percentiles(ttft),
+        "tpot_s": _percentiles(tpot),
+    }
+    if spec.get("compression") and spec["compression"].get("method", "none") != "none":
+        result["plugin_metrics"] = scrape_plugin_metrics(spec["compression"].get("metrics_port", 9464))
+    if spec.get("return_tokens"):
+        result["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]
+    llm.llm_engine.engine_core.shutdown()
+    return result
+
+
+def run_in_subprocess(spec: dict, workdir: str | Path, timeout: float = 900) -> dict:
+    """Run `spec` in a fresh Python process; logs go to workdir/<name>.log."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    name = spec.get("name", "run")
+    spec_path, result_path, log_path = (workdir / f"{name}{s}" for s in (".spec.json", ".result.json", ".log"))
+    spec_path.write_text(json.dumps(spec))
+    result_path.unlink(missing_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vllm_kvcomp.bench.offline", str(spec_path), str(result_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+    if proc.returncode != 0 or not result_path.exists():
+        tail = log_path.read_text()[-4000:]
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); log tail:\n{tail}")
+    return json.loads(result_path.read_text())
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    result = run(spec)
+    Path(sys.argv[2]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
