@@ -40,7 +40,9 @@ def server(tmp_path_factory):
         "--kv-compression", "zigzag", "--kv-budget", "0.2",
         "--kv-cache-memory-bytes", str(4 << 30), "--max-model-len", "20000",
     ]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     deadline = time.time() + 420
     while time.time() < deadline:
         if proc.poll() is not None:

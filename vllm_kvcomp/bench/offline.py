@@ -160,6 +160,7 @@ def run_in_subprocess(spec: dict, workdir: str | Path, timeout: float = 900) -> 
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=timeout,
+            cwd=workdir,  # never import a source checkout from the cwd
         )
     if proc.returncode != 0 or not result_path.exists():
         tail = log_path.read_text()[-4000:]

@@ -52,13 +52,15 @@ def prepare_engine_args(engine_args, config: CompressionConfig) -> None:
     ):
         if (getattr(engine_args, name, 1) or 1) > 1:
             raise _refuse(f"{flag} > 1", "only tensor parallelism is supported")
-    backend = engine_args.attention_backend
-    if backend is not None and backend != AttentionBackendEnum.CUSTOM and str(backend) != "CUSTOM":
-        raise _refuse(
-            f"--attention-backend {getattr(backend, 'name', backend)}",
-            "compression reads the cache through its own FlashAttention-based backend",
-        )
-    engine_args.attention_backend = AttentionBackendEnum.CUSTOM
+    configured = getattr(engine_args.attention_config, "backend", None)
+    for backend in (engine_args.attention_backend, configured):
+        if backend is not None and getattr(backend, "name", str(backend)) != "CUSTOM":
+            raise _refuse(
+                f"--attention-backend {getattr(backend, 'name', backend)}",
+                "compression reads the cache through its own FlashAttention-based backend",
+            )
+    if configured is None:
+        engine_args.attention_backend = AttentionBackendEnum.CUSTOM
     if engine_args.worker_cls not in ("auto", None):
         raise _refuse(f"--worker-cls {engine_args.worker_cls}", "the plugin installs its own worker")
     if engine_args.scheduler_cls is not None:
