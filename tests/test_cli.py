@@ -150,7 +150,7 @@ def test_prefix_caching_is_switched_off_with_a_log_line(caplog):
     from vllm_kvcomp.engine.requirements import prepare_engine_args
 
     args = engine_args()
-    with caplog.at_level("INFO", logger="vllm_kvcomp"):
+    with caplog.at_level("INFO", logger="vllm.kvcomp"):
         prepare_engine_args(args, build_config(method="zigzag"))
     assert args.enable_prefix_caching is False
     assert "prefix caching switched off" in caplog.text

@@ -31,7 +31,7 @@ from vllm_kvcomp.config import (
     from_additional_config,
 )
 
-logger = logging.getLogger("vllm_kvcomp")
+logger = logging.getLogger("vllm.kvcomp")
 
 ATTENTION_BACKEND_PATH = "vllm_kvcomp.engine.attention.CompressedFlashAttentionBackend"
 WORKER_CLS = "vllm_kvcomp.engine.worker.CompressionWorker"

@@ -32,7 +32,7 @@ stage_kernels() {
 
 stage_engine() {
   KVCOMP_RESULTS_DIR="$OUT" KVCOMP_WORK_DIR="$WORK" timeout 560 $PY -m pytest -m gpu tests/engine/test_engine_gpu.py \
-    -q -x -p no:cacheprovider 2>&1 | tee "$OUT/engine_gpu_tests.log" | tail -30
+    -q -p no:cacheprovider 2>&1 | tee "$OUT/engine_gpu_tests.log" | tail -30
   cp "$WORK"/logs/*.log "$OUT/" 2>/dev/null || true
 }
 

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.gpu
 
 PROMPT_LEN = 16384
 OUTPUT_LEN = 256
-NUM_PROMPTS = 96
-KV_BYTES = 8 << 30
+NUM_PROMPTS = 48
+KV_BYTES = 4 << 30
 BLOCK = 16
 NEEDLE = (5000, 5016)
 

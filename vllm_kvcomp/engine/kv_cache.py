@@ -5,7 +5,7 @@ layer could own its own block table as its own KV cache group, but then the
 scheduler walks L managers per request per step (allocate_slots is O(L * reqs)
 Python work) and the worker builds L block tables, slot mappings and metadata
 objects per step; at budget 1.0 that costs far more than the 5% overhead we allow
-(tests/engine/test_group_overhead.py measures it with vLLM's own classes).
+(bench/group_overhead.py measures it with vLLM's own classes).
 
 Instead every layer stays in one group, so vLLM's block `b` still means "one page
 per layer". After a request's prefill the worker compacts each layer's survivors
@@ -28,7 +28,7 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-logger = logging.getLogger("vllm_kvcomp")
+logger = logging.getLogger("vllm.kvcomp")
 
 
 @dataclass(frozen=True, kw_only=True)

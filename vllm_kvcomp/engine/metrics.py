@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from vllm_kvcomp.config import CompressionConfig
 
-logger = logging.getLogger("vllm_kvcomp")
+logger = logging.getLogger("vllm.kvcomp")
 
 SUMMARY_INTERVAL_S = 60.0
 

@@ -11,7 +11,7 @@ import logging
 
 from vllm_kvcomp.config import CompressionConfig, CompressionConfigError
 
-logger = logging.getLogger("vllm_kvcomp")
+logger = logging.getLogger("vllm.kvcomp")
 
 FA_BLOCK_MULTIPLE = 16
 

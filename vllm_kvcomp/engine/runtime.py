@@ -34,7 +34,7 @@ from vllm_kvcomp.engine.verify import Verifier
 from vllm_kvcomp.policies import BudgetRequest, LayerStats, make_policy
 from vllm_kvcomp.scoring import forced_keep_mask, head_statistics, stats_for_policy
 
-logger = logging.getLogger("vllm_kvcomp")
+logger = logging.getLogger("vllm.kvcomp")
 
 # Bytes of fp32 score tensors kept at once while sizing a batch of requests.
 EVICTION_WORKSPACE_BYTES = 512 << 20

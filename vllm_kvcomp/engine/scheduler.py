@@ -17,7 +17,7 @@ from vllm_kvcomp.config import from_additional_config
 from vllm_kvcomp.engine.kv_cache import CompressedAttentionManager
 from vllm_kvcomp.engine.metrics import CompressionMetrics
 
-logger = logging.getLogger("vllm_kvcomp")
+logger = logging.getLogger("vllm.kvcomp")
 
 
 class CompressionSchedulerMixin:

@@ -1,0 +1,43 @@
+"""Triton kernels of vllm-kvcomp (installed as ``vllm_kvcomp.kernels``).
+
+* ``score_gather``: SnapKV observation-window scores read from the paged cache.
+* ``compact_kv_``: in-place compaction of survivors per (row, KV head).
+* ``copy_pages_``: whole-page copies.
+* ``select_keep_indices``: per-head top-k with forced sinks / recent window.
+* ``reference``: plain-torch oracles (also the CPU path).
+"""
+
+from .compaction import KEEP_IDX_SENTINEL, compact_kv_, copy_pages_, select_keep_indices
+from .reference import (
+    ScoreOutput,
+    compact_reference,
+    copy_pages_reference,
+    gather_keys,
+    gather_kv,
+    gather_values,
+    score_gather_reference,
+    select_keep_indices_batched_reference,
+    select_keep_indices_reference,
+    window_lse_reference,
+    window_scores_reference,
+)
+from .score_gather import score_gather
+
+__all__ = [
+    "KEEP_IDX_SENTINEL",
+    "ScoreOutput",
+    "compact_kv_",
+    "compact_reference",
+    "copy_pages_",
+    "copy_pages_reference",
+    "gather_keys",
+    "gather_kv",
+    "gather_values",
+    "score_gather",
+    "score_gather_reference",
+    "select_keep_indices",
+    "select_keep_indices_batched_reference",
+    "select_keep_indices_reference",
+    "window_lse_reference",
+    "window_scores_reference",
+]
