@@ -188,6 +188,7 @@ class CompressionRuntime:
         self.q_buf = torch.zeros(L, slots, self.window, num_heads, self.head_size, dtype=pool.dtype, device=dev)
         self.lse_buf = torch.zeros(L, slots, self.window, num_heads, dtype=torch.float32, device=dev)
         self.free_slots = list(range(slots))
+        self.warm_up()
         logger.info(
             "vllm-kvcomp: %s, %d layers x %d blocks of %d tokens in one pool; "
             "%.1f MiB of page tables, %.1f MiB of window buffers",
@@ -198,6 +199,39 @@ class CompressionRuntime:
             self.tables.numel() * 4 / 2**20,
             (self.q_buf.numel() * self.q_buf.element_size() + self.lse_buf.numel() * 4) / 2**20,
         )
+
+    def warm_up(self) -> None:
+        """Compile the eviction kernels now, not during the first compressed request.
+
+        Runs them once on a scratch pool of two pages with the model's head shapes
+        and dtype (the KV pool itself is never touched).
+        """
+        from vllm_kvcomp.kernels import compact_kv_, copy_pages_, score_gather, select_keep_indices
+
+        dev, bs = self.device, self.block_size
+        pool = torch.randn(3, 2, bs, self.num_kv_heads, self.head_size, device=dev).to(self.pool.dtype)
+        pages = torch.tensor([[1, 2]], dtype=torch.int32, device=dev)
+        lens = torch.tensor([2 * bs], dtype=torch.int32, device=dev)
+        rows = min(self.window, bs)
+        queries = torch.randn(1, rows, self.num_heads, self.head_size, device=dev).to(self.pool.dtype)
+        out = score_gather(
+            queries,
+            torch.tensor([rows], dtype=torch.int32, device=dev),
+            pool,
+            pages,
+            lens,
+            scale=self.scale,
+            window_lse=torch.zeros(1, rows, self.num_heads, device=dev),
+            pool_kernel=self.config.pool_kernel,
+            pool_type=self.config.pool_type,
+            square=self.config.square,
+            max_seq_len=2 * bs,
+        )
+        keep = torch.tensor([bs], dtype=torch.int32, device=dev)
+        keep_idx = select_keep_indices(out.scores, lens, keep, 0, 0, max_keep=bs, validate=False)
+        compact_kv_(pool, pages, keep_idx, keep)
+        copy_pages_(pool, torch.tensor([2], device=dev), torch.tensor([0], device=dev))
+        head_statistics(out.mass, lens, **stats_for_policy(self.config))
 
     def layer_region(self, layer_name: str, kv_cache: torch.Tensor) -> torch.Tensor:
         """The layer's own N pages of the pool: vLLM's slot mapping addresses these."""
@@ -483,7 +517,8 @@ class CompressionRuntime:
             rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
             layer_scores = scores[layer].index_select(0, rows_t)
             domain = torch.tensor([plans[r].full_blocks * bs for r in rows], dtype=torch.int32, device=dev)
-            keep = torch.tensor([int(plans[r].compact_pages[layer]) * bs for r in rows], dtype=torch.int32, device=dev)
+            keep_host = [int(plans[r].compact_pages[layer]) * bs for r in rows]
+            keep = torch.tensor(keep_host, dtype=torch.int32, device=dev)
             length = layer_scores.shape[-1]
             forced = forced_keep_mask(prompt_lens.index_select(0, rows_t), length, cfg.num_sinks, cfg.num_recent)
             if self.verifier.force_keep is not None:  # oracle scorer (tests): keep the planted needle
@@ -493,11 +528,13 @@ class CompressionRuntime:
             outside = torch.arange(length, device=dev).view(1, -1) >= domain.view(-1, 1)
             layer_scores = layer_scores.masked_fill(forced.unsqueeze(1), float("inf"))
             layer_scores = layer_scores.masked_fill(outside.unsqueeze(1), float("-inf"))
-            keep_idx = select_keep_indices(layer_scores, domain, keep, 0, 0)
+            # No host-side validation (it syncs): plan_eviction guarantees keep <= domain
+            # and budgets >= sinks + recent, so the forced tokens always fit.
+            keep_idx = select_keep_indices(layer_scores, domain, keep, 0, 0, max_keep=max(keep_host), validate=False)
             pages = block_rows.index_select(0, rows_t) + layer * self.blocks_per_layer
             compact_kv_(self.pool, pages, keep_idx, keep)
             if rows[0] == 0:
-                keep_of_first[layer] = keep_idx[0, :, : int(keep[0])]
+                keep_of_first[layer] = keep_idx[0, :, : keep_host[0]]
         return keep_of_first
 
     def _relocate_and_publish(self, reqs, plans, copy_pages_) -> None:
