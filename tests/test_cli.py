@@ -200,3 +200,16 @@ def test_v1_runner_and_small_recent_window_are_refused():
     config.cache_config.block_size = 32
     with pytest.raises(CompressionConfigError, match=r"num_recent \(16\) must be >= the KV block size \(32\)"):
         check_vllm_config(config, build_config(method="zigzag", overrides={"num_recent": 16, "window": 8}))
+
+
+def test_check_config_command(tmp_path, capsys):
+    from vllm_kvcomp.cli import main
+
+    assert main(["check-config", "configs/zigzag.yaml", "--kv-budget", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "method: zigzag" in out and "budget: 0.3" in out and "tau: 0.9" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: zigzag\nwindow: 0\n")
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "window" in err and "\n" not in err

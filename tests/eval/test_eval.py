@@ -1,0 +1,136 @@
+"""The CPU quality path: tasks, scoring, statistics, and masked eviction == removal."""
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_kvcomp.config import build_config
+from vllm_kvcomp.eval.report import aggregate, bootstrap_ci, overall, paired_delta_ci
+from vllm_kvcomp.eval.tasks import TASKS, TaskGenerator
+
+transformers = pytest.importorskip("transformers")
+
+
+class WordTokenizer:
+    """Whitespace tokenizer, enough to size documents without a real vocabulary."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [hash(w) % 1000 for w in text.split()]}
+
+    def decode(self, ids):
+        return " ".join(f"w{i}" for i in ids)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_tasks_are_deterministic_sized_and_answerable(task):
+    gen = TaskGenerator(WordTokenizer(), seed=3)
+    a, b = gen.sample(task, 2000, 0.5), gen.sample(task, 2000, 0.5)
+    assert a == b
+    assert gen.sample(task, 2000, 0.5, index=1).answers != a.answers
+    words = len(a.document.split())
+    assert 1700 <= words <= 2100
+    for answer in a.answers:
+        assert answer in a.document
+    assert a.score(" ".join(a.answers)) == 1.0 and a.score("nothing") == 0.0
+    if task == "vt":
+        assert a.score(a.answers[0]) == 1 / len(a.answers)
+
+
+def test_needle_depth_is_honoured():
+    gen = TaskGenerator(WordTokenizer())
+    for depth in (0.1, 0.9):
+        s = gen.sample("niah_noise", 3000, depth)
+        pos = s.document.index(s.answers[0]) / len(s.document)
+        assert abs(pos - depth) < 0.05
+
+
+def test_bootstrap_and_paired_delta():
+    lo, hi = bootstrap_ci([1, 1, 1, 1])
+    assert lo == hi == 1.0
+    lo, hi = bootstrap_ci([0, 1] * 50)
+    assert 0.38 < lo < 0.5 < hi < 0.62
+    d, lo, hi = paired_delta_ci([1, 1, 0, 1], [0, 1, 0, 0])
+    assert d == 0.5 and lo <= d <= hi
+
+
+def test_aggregate_reports_full_score_beside_each_method():
+    rows = []
+    for i in range(4):
+        for method, budget, score in (("none", 1.0, 1.0), ("uniform", 0.25, i % 2), ("zigzag", 0.25, 1.0)):
+            rows.append(dict(method=method, budget=budget, task="t", context_len=4096, protocol="aware",
+                             depth=i / 4, score=score, kept_fraction=budget))
+    table = {(r["method"], r["budget"]): r for r in aggregate(rows)}
+    assert table[("uniform", 0.25)]["score"] == 0.5 and table[("uniform", 0.25)]["full_score"] == 1.0
+    summary = overall(rows, "aware")
+    assert summary[("zigzag", 0.25)]["delta_vs_uniform"][0] == 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vllm_kvcomp.bench.random_model import make_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    LlamaForCausalLM(config).save_pretrained(path)
+    make_tokenizer(path)
+    return str(path)
+
+
+def test_masked_eviction_equals_removing_the_tokens(tiny_model):
+    """What the CPU eval does (mask) is what the engine does (remove and compact)."""
+    from transformers import DynamicCache
+
+    from vllm_kvcomp.eval.hf_backend import HFEvaluator
+
+    ev = HFEvaluator(tiny_model, threads=1)
+    config = build_config(method="zigzag", budget="0.3", overrides={"window": 8, "num_recent": 16, "metrics_port": None})
+    text = " ".join(f"w{(i * 37) % 997}" for i in range(300))
+    cache, pre = ev.prefill(text, config)
+    masks, kept = ev.eviction_masks(pre, config)
+    assert masks and 0.25 < kept < 0.45
+    for layer, evicted in masks.items():
+        counts = (~evicted).sum(1)
+        assert (counts == counts[0]).all(), "every KV head of a layer keeps the same count"
+        assert not evicted[:, :4].any() and not evicted[:, -16:].any(), "sinks and recent kept"
+    token = torch.tensor([[123]])
+    from vllm_kvcomp.eval.hf_backend import STATE
+
+    with torch.inference_mode():
+        STATE.evicted = masks
+        masked = ev.model(input_ids=token, past_key_values=cache, use_cache=True).logits[0, -1]
+        STATE.evicted = {}
+        cache.crop(-1)
+        removed_cache = DynamicCache()
+        for layer in range(ev.num_layers):
+            k, v = cache.layers[layer].keys, cache.layers[layer].values
+            if layer in masks:
+                idx = torch.stack([torch.nonzero(~m).squeeze(1) for m in masks[layer]])  # [Hkv, kept]
+                gather = idx[None, :, :, None].expand(1, -1, -1, k.shape[-1])
+                k, v = k.gather(2, gather), v.gather(2, gather)
+            removed_cache.update(k, v, layer)
+        position = torch.tensor([[pre.prompt_len]])
+        removed = ev.model(
+            input_ids=token, past_key_values=removed_cache, position_ids=position,
+            cache_position=torch.tensor([pre.prompt_len]), use_cache=True,
+        ).logits[0, -1]
+    assert torch.allclose(masked.float(), removed.float(), atol=2e-2, rtol=2e-2)
+    assert not torch.allclose(masked.float(), ev.model(input_ids=token, past_key_values=cache).logits[0, -1].float(), atol=1e-3)
+
+
+def test_full_kv_answer_matches_generate(tiny_model):
+    from vllm_kvcomp.eval.hf_backend import HFEvaluator
+
+    ev = HFEvaluator(tiny_model, threads=1)
+    config = build_config(method="uniform", overrides={"metrics_port": None})
+    head, question = "w1 w2 w3 " * 40, "w7 w8 w9"
+    ids = ev._ids(head + question)
+    with torch.inference_mode():
+        expect = ev.model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    cache, pre = ev.prefill(head, config)
+    got = ev.answer(cache, pre, question, {}, 6, first_from_prefill=False)
+    assert got == ev.tokenizer.decode(expect, skip_special_tokens=True)
+    assert cache.get_seq_length() == pre.prompt_len  # cropped back for the next configuration

@@ -1,0 +1,119 @@
+"""`vllm-kvcomp`: the plugin's own command line (vLLM is driven with `vllm serve`).
+
+  vllm-kvcomp check-config configs/zigzag.yaml [--kv-compression M] [--kv-budget B]
+  vllm-kvcomp eval --backend hf --model DIR [...]   quality vs full KV on RULER-style tasks (CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from vllm_kvcomp.config import METHODS, CompressionConfigError, build_config
+
+
+def _csv(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def check_config(args) -> int:
+    try:
+        config = build_config(method=args.kv_compression, budget=args.kv_budget, config_path=args.path)
+    except CompressionConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(config.model_dump(), sort_keys=False), end="")
+    return 0
+
+
+def evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from vllm_kvcomp.eval.hf_backend import HFEvaluator, run_suite
+    from vllm_kvcomp.eval.report import aggregate, markdown, plot_score_vs_budget
+    from vllm_kvcomp.eval.tasks import TaskGenerator
+
+    overrides = {"metrics_port": None}
+    # Scorer options (window, pooling...) are shared by every method; "none" is full KV.
+    scorer = build_config(method="uniform", config_path=args.kv_compression_config, overrides=overrides)
+    configs = {"none": scorer.model_copy(update={"method": "none"})}
+    for method in (m for m in args.methods if m != "none"):
+        for budget in args.budgets:
+            configs[f"{method}@{budget:g}"] = build_config(
+                method=method, budget=budget, config_path=args.kv_compression_config, overrides=overrides
+            )
+
+    evaluator = HFEvaluator(args.model, threads=args.threads)
+    samples = TaskGenerator(evaluator.tokenizer, seed=args.seed).suite(args.tasks, args.lengths, args.depths, args.per_cell)
+    bar = tqdm(total=len(samples) * len(args.protocols), desc="prefills", unit="prompt")
+    rows = run_suite(evaluator, samples, configs, args.protocols, args.max_new_tokens, progress=lambda *a: bar.update())
+    bar.close()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.name
+    result = {
+        "model": args.model_name or Path(args.model).name,
+        "backend": "transformers (CPU), plugin scorer/policies/block plan, masked eviction",
+        "date": datetime.date.today().isoformat(),
+        "command": "vllm-kvcomp " + " ".join(sys.argv[1:]),
+        "results": aggregate(rows),
+        "rows": rows,
+    }
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    table = markdown(rows, args.protocols)
+    header = [
+        f"# Quality vs full KV: {result['model']}",
+        "",
+        f"Command: `{result['command']}` ({result['date']}). Backend: {result['backend']}.",
+        f"Tasks {', '.join(args.tasks)}; lengths {args.lengths}; depths {args.depths}; "
+        f"{args.per_cell} sample(s) per cell; exact match; means over all tasks and lengths.",
+        "",
+    ]
+    (out / f"{name}.md").write_text("\n".join(header) + table + "\n")
+    for protocol in args.protocols:
+        plot_score_vs_budget(rows, protocol, out / f"{name}_{protocol}.png")
+    print(table)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-kvcomp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check-config", help="validate a compression YAML and print the merged config")
+    p.add_argument("path", nargs="?", default=None)
+    p.add_argument("--kv-compression", choices=METHODS)
+    p.add_argument("--kv-budget")
+    p.set_defaults(func=check_config)
+
+    p = sub.add_parser("eval", help="quality of every method vs full KV on RULER-style tasks")
+    p.add_argument("--backend", choices=["hf"], default="hf", help="hf: transformers on CPU")
+    p.add_argument("--model", required=True, help="HF model folder (see ../shared/models)")
+    p.add_argument("--model-name")
+    p.add_argument("--tasks", type=_csv(str), default=["niah_noise", "niah_text", "niah_multikey", "vt"])
+    p.add_argument("--lengths", type=_csv(int), default=[4096])
+    p.add_argument("--depths", type=_csv(float), default=[0.1, 0.5, 0.9])
+    p.add_argument("--per-cell", type=int, default=1)
+    p.add_argument("--methods", type=_csv(str), default=["uniform", "pyramid", "zigzag", "simlayer"])
+    p.add_argument("--budgets", type=_csv(float), default=[0.5, 0.25, 0.1])
+    p.add_argument("--protocols", type=_csv(str), default=["agnostic", "aware"])
+    p.add_argument("--kv-compression-config", default=None, help="YAML with the scorer options")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--name", default="quality_cpu")
+    p.set_defaults(func=evaluate)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

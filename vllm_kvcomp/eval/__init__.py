@@ -1,0 +1,1 @@
+"""Quality evaluation: RULER-style synthetic tasks, scored exact-match (see README)."""

@@ -1,0 +1,241 @@
+"""CPU quality path: transformers + the plugin's own scorer, policies and block plan.
+
+No GPU and no vLLM: the model runs in transformers with an attention function
+registered as "kvcomp" that
+
+  * during the prompt's prefill records each layer's post-RoPE queries of the
+    observation window (the same queries the engine captures), and
+  * afterwards hides evicted tokens from each (layer, KV head) with a mask, which
+    is numerically what the engine's compaction does (evicted tokens are gone,
+    the survivors keep their positions).
+
+Decisions are the engine's: the reference scorer (`kernels/reference.py`), the
+same statistics (`vllm_kvcomp/scoring.py`), the method's policy, the same block
+rounding (`engine/layout.py`: whole pages, the last prompt block kept whole).
+One prefill per sample serves every (method, budget): the cache is cropped back
+to the prompt after each answer.
+
+Protocols: "agnostic" compresses the document only and asks the question after
+(kvpress' default); "aware" compresses document + question (what `vllm serve`
+does: the whole prompt is prefilled, then compressed), and the first answer token
+comes from the uncompressed prefill, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vllm_kvcomp.config import CompressionConfig
+from vllm_kvcomp.engine.layout import plan_eviction
+from vllm_kvcomp.kernels.reference import window_scores_reference
+from vllm_kvcomp.policies import BudgetRequest, LayerStats, make_policy
+from vllm_kvcomp.scoring import forced_keep_mask, head_statistics, stats_for_policy
+
+ATTENTION_NAME = "kvcomp"
+
+
+class _State:
+    window: int = 0
+    capture: dict[int, torch.Tensor] | None = None
+    evicted: dict[int, torch.Tensor] = {}
+
+
+STATE = _State()
+
+
+def kvcomp_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = module.layer_idx
+    if STATE.capture is not None:
+        STATE.capture[layer] = query[0, :, -STATE.window :, :].transpose(0, 1).float().clone()  # [w, Hq, D]
+    evicted = STATE.evicted.get(layer)
+    q_len, k_len = query.shape[2], key.shape[2]
+    if evicted is None and (q_len == k_len or q_len == 1):
+        # prefill without cache, or one decode token: plain causal SDPA is exact
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    # Several new tokens over a cache: causal must be aligned bottom-right (SDPA's
+    # is_causal aligns top-left), and evicted tokens are hidden per KV head.
+    groups = query.shape[1] // key.shape[1]
+    keep = torch.ones(key.shape[1], k_len, dtype=torch.bool)
+    if evicted is not None:
+        keep[:, : evicted.shape[1]] = ~evicted
+    causal = torch.arange(k_len).view(1, -1) <= (k_len - q_len + torch.arange(q_len)).view(-1, 1)
+    mask = keep.repeat_interleave(groups, 0)[:, None, :] & causal[None]
+    out = F.scaled_dot_product_attention(
+        query,
+        key.repeat_interleave(groups, 1),
+        value.repeat_interleave(groups, 1),
+        attn_mask=mask[None],
+        scale=scaling,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, kvcomp_attention)
+
+
+@dataclass
+class Prefilled:
+    """One prompt prefilled with full KV, plus what every method needs to decide."""
+
+    prompt_len: int
+    scores: list[torch.Tensor]  # per layer [Hkv, P]
+    mass: list[torch.Tensor]
+    first_token: int  # greedy token from the full-KV prefill
+
+
+class HFEvaluator:
+    def __init__(self, model_dir: str, threads: int | None = None, block_size: int = 16):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        register_attention()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, attn_implementation=ATTENTION_NAME
+        ).eval()
+        self.block_size = block_size
+        cfg = self.model.config
+        self.num_layers = cfg.num_hidden_layers
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def _ids(self, text: str) -> torch.Tensor:
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+    @torch.inference_mode()
+    def prefill(self, text: str, scorer: CompressionConfig):
+        """Full-KV prefill; returns the cache and the scores of every layer."""
+        from transformers import DynamicCache
+
+        ids = self._ids(text)
+        cache = DynamicCache()
+        STATE.window, STATE.capture, STATE.evicted = min(scorer.window, ids.shape[1]), {}, {}
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        captured, STATE.capture = STATE.capture, None
+        scores, mass = [], []
+        for layer in range(self.num_layers):
+            keys = cache.layers[layer].keys[0].transpose(0, 1).float()  # [P, Hkv, D]
+            s, m = window_scores_reference(
+                captured[layer],
+                keys,
+                scale=self.head_dim**-0.5,
+                pool_kernel=scorer.pool_kernel,
+                pool_type=scorer.pool_type,
+                square=scorer.square,
+            )
+            scores.append(s)
+            mass.append(m)
+        first = int(out.logits[0, -1].argmax())
+        return cache, Prefilled(ids.shape[1], scores, mass, first)
+
+    def eviction_masks(self, pre: Prefilled, config: CompressionConfig) -> tuple[dict[int, torch.Tensor], float]:
+        """Per layer [Hkv, P] evicted-token masks, as the engine would decide; and the kept fraction."""
+        P, bs, L = pre.prompt_len, self.block_size, self.num_layers
+        if not config.should_compress(P):
+            return {}, 1.0
+        lens = torch.tensor([P])
+        stats = [head_statistics(m[None], lens, **stats_for_policy(config)) for m in pre.mass]
+        layer_stats = LayerStats(
+            mba=np.array([float(s[0].mean()) for s in stats]),
+            local_mass=np.array([float(s[1].mean()) for s in stats]),
+        )
+        request = BudgetRequest(
+            num_layers=L,
+            seq_len=P,
+            avg_budget=config.average_budget(P),
+            floor=min(config.protected_tokens, P),
+            stats=layer_stats,
+        )
+        plan = plan_eviction(make_policy(config).budgets(request), P, bs)
+        if plan is None:
+            return {}, 1.0
+        masks = {}
+        domain = plan.full_blocks * bs
+        forced = forced_keep_mask(lens, P, config.num_sinks, config.num_recent)[0]
+        for layer in range(L):
+            if not plan.evicted_layers[layer]:
+                continue
+            keep = int(plan.compact_pages[layer]) * bs
+            scores = pre.scores[layer].clone()
+            scores[:, forced] = float("inf")
+            scores[:, domain:] = float("-inf")
+            top = scores[:, :domain].topk(keep, dim=-1).indices
+            evicted = torch.ones(scores.shape[0], P, dtype=torch.bool)
+            evicted.scatter_(1, top, False)
+            evicted[:, domain:] = False
+            masks[layer] = evicted
+        return masks, float(plan.kept_tokens.sum()) / (P * L)
+
+    @torch.inference_mode()
+    def answer(self, cache, pre: Prefilled, suffix: str, masks, max_new_tokens: int, first_from_prefill: bool) -> str:
+        STATE.evicted = masks
+        try:
+            tokens: list[int] = []
+            if first_from_prefill:
+                tokens.append(pre.first_token)
+                next_ids = torch.tensor([[pre.first_token]])
+            else:
+                next_ids = self._ids(suffix)
+            eos = self.tokenizer.eos_token_id
+            while len(tokens) < max_new_tokens:
+                logits = self.model(input_ids=next_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                token = int(logits[0, -1].argmax())
+                if token == eos:
+                    break
+                tokens.append(token)
+                next_ids = torch.tensor([[token]])
+            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        finally:
+            STATE.evicted = {}
+            extra = cache.get_seq_length() - pre.prompt_len
+            if extra > 0:
+                cache.crop(-extra)  # back to the prompt for the next configuration
+
+
+def run_suite(evaluator: HFEvaluator, samples, configs: dict[str, CompressionConfig], protocols, max_new_tokens=24, progress=None):
+    """Score every (sample, protocol, config); one prefill per (sample, protocol)."""
+    from vllm_kvcomp.eval.tasks import chat_prompt
+
+    rows = []
+    scorer = next(iter(configs.values()))
+    for sample in samples:
+        head, question = chat_prompt(evaluator.tokenizer, sample)
+        for protocol in protocols:
+            t0 = time.time()
+            if protocol == "agnostic":
+                cache, pre = evaluator.prefill(head, scorer)
+                suffix, first = question, False
+            else:
+                cache, pre = evaluator.prefill(head + question, scorer)
+                suffix, first = "", True
+            for name, config in configs.items():
+                masks, kept = evaluator.eviction_masks(pre, config) if config.enabled else ({}, 1.0)
+                output = evaluator.answer(cache, pre, suffix, masks, max_new_tokens, first)
+                rows.append(
+                    {
+                        "config": name,
+                        "method": config.method,
+                        "budget": config.budget if config.enabled else 1.0,
+                        "task": sample.task,
+                        "context_len": sample.context_len,
+                        "prompt_tokens": pre.prompt_len,
+                        "depth": sample.depth,
+                        "protocol": protocol,
+                        "kept_fraction": kept,
+                        "score": sample.score(output),
+                        "output": output[:80],
+                    }
+                )
+            if progress:
+                progress(sample, protocol, time.time() - t0)
+    return rows
