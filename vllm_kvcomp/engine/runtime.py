@@ -287,12 +287,7 @@ class CompressionRuntime:
                 continue
             computed = int(input_batch.num_computed_tokens_np[r])
             scheduled = int(input_batch.num_scheduled_tokens[r])
-            prompt_len = int(input_batch.prefill_len_np[r])
-            if prompt_len != req.prompt_len:
-                req.prompt_len = prompt_len
-                req.compress = self.config.should_compress(prompt_len)
-                if not req.compress:
-                    continue
+            prompt_len = req.prompt_len
             req.window = min(self.window, prompt_len)
             start = max(computed, prompt_len - req.window)
             end = min(computed + scheduled, prompt_len)
