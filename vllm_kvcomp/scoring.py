@@ -48,6 +48,30 @@ def forced_keep_mask(seq_lens: torch.Tensor, length: int, num_sinks: int, num_re
     return (positions < num_sinks) | ((positions >= lens - num_recent) & (positions < lens))
 
 
+def selection_scores(
+    scores: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    domains: torch.Tensor,
+    *,
+    num_sinks: int,
+    num_recent: int,
+    force_keep: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Scores [R, H, S] ready for top-k: forced tokens +inf, positions >= domain -inf.
+
+    Forced: the sinks, the last `num_recent` prompt tokens and, for tests, an
+    oracle range `force_keep`. The domain is the whole prompt blocks before the
+    boundary block (engine/layout.py), the only tokens that can be evicted.
+    """
+    length = scores.shape[-1]
+    positions = torch.arange(length, device=scores.device).view(1, -1)
+    forced = forced_keep_mask(prompt_lens.to(scores.device), length, num_sinks, num_recent)
+    if force_keep is not None:
+        forced = forced | ((positions >= force_keep[0]) & (positions < force_keep[1]))
+    outside = positions >= domains.to(scores.device).view(-1, 1)
+    return scores.masked_fill(forced.unsqueeze(1), float("inf")).masked_fill(outside.unsqueeze(1), float("-inf"))
+
+
 def stats_for_policy(config: CompressionConfig) -> dict:
     """The keyword arguments of `head_statistics` for a config."""
     return {

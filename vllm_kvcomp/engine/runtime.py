@@ -32,7 +32,7 @@ from vllm_kvcomp.engine.layout import EvictionPlan, cdiv, plan_eviction
 from vllm_kvcomp.engine.page_tables import build_layer_page_tables
 from vllm_kvcomp.engine.verify import Verifier
 from vllm_kvcomp.policies import BudgetRequest, LayerStats, make_policy
-from vllm_kvcomp.scoring import forced_keep_mask, head_statistics, stats_for_policy
+from vllm_kvcomp.scoring import head_statistics, selection_scores, stats_for_policy
 
 logger = logging.getLogger("vllm.kvcomp")
 
@@ -514,15 +514,14 @@ class CompressionRuntime:
             domain = torch.tensor([plans[r].full_blocks * bs for r in rows], dtype=torch.int32, device=dev)
             keep_host = [int(plans[r].compact_pages[layer]) * bs for r in rows]
             keep = torch.tensor(keep_host, dtype=torch.int32, device=dev)
-            length = layer_scores.shape[-1]
-            forced = forced_keep_mask(prompt_lens.index_select(0, rows_t), length, cfg.num_sinks, cfg.num_recent)
-            if self.verifier.force_keep is not None:  # oracle scorer (tests): keep the planted needle
-                start, end = self.verifier.force_keep
-                positions = torch.arange(length, device=dev).view(1, -1)
-                forced = forced | ((positions >= start) & (positions < end))
-            outside = torch.arange(length, device=dev).view(1, -1) >= domain.view(-1, 1)
-            layer_scores = layer_scores.masked_fill(forced.unsqueeze(1), float("inf"))
-            layer_scores = layer_scores.masked_fill(outside.unsqueeze(1), float("-inf"))
+            layer_scores = selection_scores(
+                layer_scores,
+                prompt_lens.index_select(0, rows_t),
+                domain,
+                num_sinks=cfg.num_sinks,
+                num_recent=cfg.num_recent,
+                force_keep=self.verifier.force_keep,  # oracle scorer (tests): keep the planted needle
+            )
             # No host-side validation (it syncs): plan_eviction guarantees keep <= domain
             # and budgets >= sinks + recent, so the forced tokens always fit.
             keep_idx = select_keep_indices(layer_scores, domain, keep, 0, 0, max_keep=max(keep_host), validate=False)

@@ -34,7 +34,7 @@ from vllm_kvcomp.config import CompressionConfig
 from vllm_kvcomp.engine.layout import plan_eviction
 from vllm_kvcomp.kernels.reference import window_scores_reference
 from vllm_kvcomp.policies import BudgetRequest, LayerStats, make_policy
-from vllm_kvcomp.scoring import forced_keep_mask, head_statistics, stats_for_policy
+from vllm_kvcomp.scoring import head_statistics, selection_scores, stats_for_policy
 
 ATTENTION_NAME = "kvcomp"
 
@@ -161,14 +161,17 @@ class HFEvaluator:
             return {}, 1.0
         masks = {}
         domain = plan.full_blocks * bs
-        forced = forced_keep_mask(lens, P, config.num_sinks, config.num_recent)[0]
         for layer in range(L):
             if not plan.evicted_layers[layer]:
                 continue
             keep = int(plan.compact_pages[layer]) * bs
-            scores = pre.scores[layer].clone()
-            scores[:, forced] = float("inf")
-            scores[:, domain:] = float("-inf")
+            scores = selection_scores(
+                pre.scores[layer][None],
+                lens,
+                torch.tensor([domain]),
+                num_sinks=config.num_sinks,
+                num_recent=config.num_recent,
+            )[0]
             top = scores[:, :domain].topk(keep, dim=-1).indices
             evicted = torch.ones(scores.shape[0], P, dtype=torch.bool)
             evicted.scatter_(1, top, False)
