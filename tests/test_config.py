@@ -121,3 +121,8 @@ def test_average_budget_fraction_and_tokens():
     assert tokens.average_budget(10_000) == 512
     assert tokens.average_budget(300) == 300
     assert tokens.should_compress(10_000) and not tokens.should_compress(512)
+
+
+def test_additional_config_accepts_a_config_object():
+    config = build_config(method="pyramid", budget="0.3")
+    assert from_additional_config({"kv_compression": config}) is config
