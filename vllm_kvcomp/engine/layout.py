@@ -30,6 +30,7 @@ Logical page j of layer l (what attention reads) is then
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -91,7 +92,7 @@ class EvictionPlan:
             return page, layer
         return self._relocation_map[(layer, page)]
 
-    @property
+    @cached_property
     def _relocation_map(self) -> dict[tuple[int, int], tuple[int, int]]:
         return {(l, j): (i, s) for l, j, i, s in self.relocations}
 
