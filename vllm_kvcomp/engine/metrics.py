@@ -82,9 +82,8 @@ class CompressionMetrics:
         if record.verify is not None:
             self.verify_checks.labels("exact" if record.verify["exact"] else "mismatch").inc()
             self.verify_needle.labels("kept" if record.verify["needle"] else "lost").inc()
-            err = record.verify["attention_rel_err"]
-            self.verify_error.set(max(err, self._max_verify_error))
-            self._max_verify_error = max(err, self._max_verify_error)
+            self._max_verify_error = max(record.verify["attention_rel_err"], self._max_verify_error)
+            self.verify_error.set(self._max_verify_error)
         self.totals["requests"] += 1
         self.totals["blocks_freed"] += blocks_freed
         self.totals["tokens_kept"] += sum(record.kept_tokens)

@@ -51,8 +51,7 @@ class Verifier:
         row = torch.tensor(req.block_ids[:pages_per_layer], dtype=torch.long, device=runtime.device)
         out = []
         for layer in range(runtime.num_layers):
-            kv = runtime.pool[row + layer * runtime.blocks_per_layer]  # [n, 2, bs, H, D]
-            kv = kv.transpose(0, 1).reshape(2, -1, runtime.num_kv_heads, runtime.head_size)[:, : req.prompt_len]
+            kv = read_pages(runtime, row + layer * runtime.blocks_per_layer, req.prompt_len)
             out.append((kv[0].clone(), kv[1].clone()))
         return out
 
@@ -80,7 +79,7 @@ class Verifier:
             keys, values = snapshot[layer]
             live = int(lens[layer, 0])
             pages = tables[layer, 0, : cdiv(live, bs)].long()
-            kv = runtime.pool[pages].transpose(0, 1).reshape(2, -1, runtime.num_kv_heads, runtime.head_size)[:, :live]
+            kv = read_pages(runtime, pages, live)
             if layer in keep_by_layer:
                 idx = keep_by_layer[layer].long()  # [H, c * bs], ascending
                 heads = torch.arange(runtime.num_kv_heads, device=dev).view(-1, 1)
@@ -103,6 +102,12 @@ class Verifier:
         return {"exact": exact, "needle": needle, "attention_rel_err": max_err}
 
 
+def read_pages(runtime, pages: torch.Tensor, length: int) -> torch.Tensor:
+    """Tokens [0, length) of the given pages of the pool, as [2 (K, V), length, Hkv, D]."""
+    kv = runtime.pool[pages].transpose(0, 1)  # [2, n, bs, Hkv, D]
+    return kv.reshape(2, -1, runtime.num_kv_heads, runtime.head_size)[:, :length]
+
+
 def _dense_attention(query, keys, values, scale):
     groups = query.shape[1] // keys.shape[1]
     k = keys.float().repeat_interleave(groups, dim=1)
@@ -115,7 +120,7 @@ def _paged_attention(runtime, query, table, lens, live):
     """The attention vLLM runs after compression: FlashAttention over the page table."""
     if not runtime.pool.is_cuda:
         pages = table[0, : cdiv(live, runtime.block_size)].long()
-        kv = runtime.pool[pages].transpose(0, 1).reshape(2, -1, runtime.num_kv_heads, runtime.head_size)[:, :live]
+        kv = read_pages(runtime, pages, live)
         return _dense_attention(query, kv[0], kv[1], runtime.scale)
     from vllm.v1.attention.backends import fa_utils
 
