@@ -126,3 +126,68 @@ def test_average_budget_fraction_and_tokens():
 def test_additional_config_accepts_a_config_object():
     config = build_config(method="pyramid", budget="0.3")
     assert from_additional_config({"kv_compression": config}) is config
+
+
+# --- per-request overrides (SamplingParams.extra_args / OpenAI vllm_xargs) --------------
+
+def test_request_config_overrides_method_and_budget_only():
+    from vllm_kvcomp.config import request_config
+
+    server = build_config(method="zigzag", budget="0.2", overrides={"window": 16})
+    assert request_config(server, None) is server
+    assert request_config(server, {"unrelated": 1}) is server
+    cfg = request_config(server, {"kv_compression": "uniform", "kv_budget": "0.5"})
+    assert (cfg.method, cfg.budget, cfg.window) == ("uniform", 0.5, 16)
+    assert request_config(server, {"kv_budget": 2048}).budget == 2048
+    assert not request_config(server, {"kv_compression": "none"}).enabled
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"kv_compression": "snapkv"}, "unknown method 'snapkv'"),
+        ({"kv_budget": "lots"}, "kv_budget (request)"),
+        ({"kv_budget": 1.5}, "budget"),
+        ({"kv_budget": 0}, "budget"),
+        ({"kv_budget": 10}, "smaller than the always-kept"),
+    ],
+)
+def test_request_config_rejects_bad_values(extra, message):
+    from vllm_kvcomp.config import CompressionConfigError, request_config
+
+    server = build_config(method="zigzag", budget="0.2")
+    with pytest.raises(CompressionConfigError) as err:
+        request_config(server, extra)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_request_cannot_turn_compression_on():
+    from vllm_kvcomp.config import CompressionConfig, CompressionConfigError, request_config
+
+    stock = CompressionConfig()
+    assert not request_config(stock, {"kv_compression": "none"}).enabled
+    for extra in ({"kv_compression": "uniform"}, {"kv_budget": 0.2}):
+        with pytest.raises(CompressionConfigError, match="started without --kv-compression"):
+            request_config(stock, extra)
+
+
+def test_front_end_rejects_bad_override_as_value_error():
+    """The wrapped InputProcessor validation: a ValueError is vLLM's HTTP 400."""
+    from types import SimpleNamespace
+
+    from vllm.sampling_params import SamplingParams
+
+    from vllm_kvcomp import vllm_adapter
+
+    vllm_adapter.install()
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    assert getattr(InputProcessor, "_vllm_kvcomp_wrapped", False)
+    vllm_config = SimpleNamespace(additional_config={"kv_compression": {"method": "uniform", "budget": 0.2}})
+    vllm_adapter.validate_request(vllm_config, SamplingParams(extra_args={"kv_budget": 0.5}))
+    with pytest.raises(ValueError, match="per-request kv_compression/kv_budget.*budget"):
+        vllm_adapter.validate_request(vllm_config, SamplingParams(extra_args={"kv_budget": 3.5}))
+    stock = SimpleNamespace(additional_config={})
+    with pytest.raises(ValueError, match="started without"):
+        vllm_adapter.validate_request(stock, SamplingParams(extra_args={"kv_compression": "zigzag"}))

@@ -1,7 +1,8 @@
 """`vllm-kvcomp`: the plugin's own command line (vLLM is driven with `vllm serve`).
 
   vllm-kvcomp check-config configs/zigzag.yaml [--kv-compression M] [--kv-budget B]
-  vllm-kvcomp eval --backend hf --model DIR [...]   quality vs full KV on RULER-style tasks (CPU)
+  vllm-kvcomp bench throughput [...]                 plugin vs stock vLLM at the same KV memory (GPU)
+  vllm-kvcomp eval --backend hf|vllm --model DIR [...]  quality vs full KV on RULER-style tasks
 """
 
 from __future__ import annotations
@@ -31,13 +32,25 @@ def check_config(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    from vllm_kvcomp.bench import throughput
+
+    return throughput.main(args.rest)
+
+
 def evaluate(args) -> int:
     from tqdm import tqdm
 
-    from vllm_kvcomp.eval.hf_backend import HFEvaluator, run_suite
-    from vllm_kvcomp.eval.report import aggregate, markdown, plot_score_vs_budget
+    from vllm_kvcomp.eval.report import aggregate, markdown, plot_needle_heatmaps, plot_score_vs_budget
     from vllm_kvcomp.eval.tasks import TaskGenerator
 
+    if args.backend == "vllm" and "agnostic" in args.protocols:
+        print(
+            "vllm-kvcomp eval: --backend vllm measures the query-aware protocol only (vLLM compresses the "
+            "whole prompt after prefill); use --protocols aware, or --backend hf for query-agnostic",
+            file=sys.stderr,
+        )
+        return 2
     overrides = {"metrics_port": None}
     # Scorer options (window, pooling...) are shared by every method; "none" is full KV.
     scorer = build_config(method="uniform", config_path=args.kv_compression_config, overrides=overrides)
@@ -48,20 +61,41 @@ def evaluate(args) -> int:
                 method=method, budget=budget, config_path=args.kv_compression_config, overrides=overrides
             )
 
-    evaluator = HFEvaluator(args.model, threads=args.threads)
-    samples = TaskGenerator(evaluator.tokenizer, seed=args.seed).suite(args.tasks, args.lengths, args.depths, args.per_cell)
-    bar = tqdm(total=len(samples) * len(args.protocols), desc="prefills", unit="prompt")
-    rows = run_suite(evaluator, samples, configs, args.protocols, args.max_new_tokens, progress=lambda *a: bar.update())
-    bar.close()
+    if args.backend == "hf":
+        from vllm_kvcomp.eval.hf_backend import HFEvaluator, run_suite
+
+        evaluator = HFEvaluator(args.model, threads=args.threads)
+        samples = TaskGenerator(evaluator.tokenizer, seed=args.seed).suite(args.tasks, args.lengths, args.depths, args.per_cell)
+        bar = tqdm(total=len(samples) * len(args.protocols), desc="prefills", unit="prompt")
+        rows = run_suite(evaluator, samples, configs, args.protocols, args.max_new_tokens, progress=lambda *a: bar.update())
+        bar.close()
+        backend = "transformers (CPU), plugin scorer/policies/block plan, masked eviction"
+        device = "cpu"
+    else:
+        import torch
+
+        from vllm_kvcomp.eval.vllm_backend import VLLMEvaluator, run_suite_vllm
+
+        evaluator = VLLMEvaluator(args.model, max_model_len=max(args.lengths) + 1024, scorer=scorer)
+        samples = TaskGenerator(evaluator.tokenizer, seed=args.seed).suite(args.tasks, args.lengths, args.depths, args.per_cell)
+        rows, seconds = run_suite_vllm(evaluator, samples, configs, args.max_new_tokens)
+        import vllm
+
+        device = torch.cuda.get_device_name()
+        backend = (
+            f"vLLM {vllm.__version__} + vllm-kvcomp engine (offline LLM, per-request method/budget), "
+            f"torch {torch.__version__}; {len(rows)} requests in {seconds:.0f} s, engine start {evaluator.startup_s:.0f} s"
+        )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name
+    name = args.name or ("quality" if args.backend == "vllm" else "quality_cpu")
     result = {
         "model": args.model_name or Path(args.model).name,
-        "backend": "transformers (CPU), plugin scorer/policies/block plan, masked eviction",
+        "backend": backend,
+        "device": device,
         "date": datetime.date.today().isoformat(),
-        "command": "vllm-kvcomp " + " ".join(sys.argv[1:]),
+        "command": "vllm-kvcomp " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "results": aggregate(rows),
         "rows": rows,
     }
@@ -70,7 +104,7 @@ def evaluate(args) -> int:
     header = [
         f"# Quality vs full KV: {result['model']}",
         "",
-        f"Command: `{result['command']}` ({result['date']}). Backend: {result['backend']}.",
+        f"Command: `{result['command']}` ({result['date']}). Device: {device}. Backend: {backend}.",
         f"Tasks {', '.join(args.tasks)}; lengths {args.lengths}; depths {args.depths}; "
         f"{args.per_cell} sample(s) per cell; exact match; means over all tasks and lengths.",
         "",
@@ -78,6 +112,7 @@ def evaluate(args) -> int:
     (out / f"{name}.md").write_text("\n".join(header) + table + "\n")
     for protocol in args.protocols:
         plot_score_vs_budget(rows, protocol, out / f"{name}_{protocol}.png")
+        plot_needle_heatmaps(rows, protocol, out / f"{name}_{protocol}_heatmap.png")
     print(table)
     return 0
 
@@ -92,8 +127,14 @@ def main(argv=None) -> int:
     p.add_argument("--kv-budget")
     p.set_defaults(func=check_config)
 
+    p = sub.add_parser("bench", help="benchmarks on a GPU: `bench throughput --help`", add_help=False)
+    p.add_argument("what", choices=["throughput"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=bench)
+
     p = sub.add_parser("eval", help="quality of every method vs full KV on RULER-style tasks")
-    p.add_argument("--backend", choices=["hf"], default="hf", help="hf: transformers on CPU")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers on CPU; vllm: the real engine on a GPU (query-aware only)")
     p.add_argument("--model", required=True, help="HF model folder (see ../shared/models)")
     p.add_argument("--model-name")
     p.add_argument("--tasks", type=_csv(str), default=["niah_noise", "niah_text", "niah_multikey", "vt"])
@@ -108,10 +149,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--name", default="quality_cpu")
+    p.add_argument("--name", default=None, help="file stem (default: quality for vllm, quality_cpu for hf)")
     p.set_defaults(func=evaluate)
 
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

@@ -258,3 +258,53 @@ def from_additional_config(additional_config: dict[str, Any] | None) -> Compress
         f"additional_config[{ADDITIONAL_CONFIG_KEY!r}] must be a method name or a mapping, "
         f"got {type(entry).__name__}"
     )
+
+
+# --- per-request overrides ------------------------------------------------------
+
+# Keys of SamplingParams.extra_args (OpenAI API: "vllm_xargs") a request may set;
+# they mirror the server flags --kv-compression and --kv-budget.
+REQUEST_KEYS = ("kv_compression", "kv_budget")
+
+
+def request_config(server: CompressionConfig, extra_args: dict[str, Any] | None) -> CompressionConfig:
+    """The config one request runs with: the server's, or its method/budget overridden.
+
+    Only the method and the budget can change per request: the scorer options
+    (window, pooling, protected tokens) size GPU buffers and are the server's.
+    A request can ask for "none" (full KV) on a compressing server; it cannot
+    ask for compression from a server started without --kv-compression.
+    """
+    extra_args = extra_args or {}
+    update: dict[str, Any] = {}
+    if "kv_compression" in extra_args:
+        method = extra_args["kv_compression"]
+        if method not in METHODS:
+            raise CompressionConfigError(
+                f"kv_compression (request): unknown method {method!r}; choose one of {', '.join(METHODS)}"
+            )
+        update["method"] = method
+    if "kv_budget" in extra_args:
+        try:
+            update["budget"] = parse_budget(extra_args["kv_budget"])
+        except CompressionConfigError:
+            raise CompressionConfigError(
+                f"kv_budget (request): expected a fraction in (0, 1] or an integer token count, "
+                f"got {extra_args['kv_budget']!r}"
+            ) from None
+    if not update:
+        return server
+    if not server.enabled and update.get("method", "none") != "none":
+        raise CompressionConfigError(
+            "kv_compression (request): this server was started without --kv-compression, "
+            "so its KV cache cannot be compressed per request; start it with --kv-compression METHOD"
+        )
+    if not server.enabled and "budget" in update and "method" not in update:
+        raise CompressionConfigError(
+            "kv_budget (request): this server was started without --kv-compression; "
+            "a per-request budget needs a compressing server"
+        )
+    try:
+        return CompressionConfig.model_validate({**server.model_dump(), **update})
+    except ValidationError as err:
+        raise CompressionConfigError(_format_validation_error(err, "per-request kv_compression/kv_budget")) from None

@@ -3,7 +3,9 @@
 Everything else plugs into vLLM 0.25.1 through its extension points (worker_cls,
 scheduler_cls, the CUSTOM attention backend, KVCacheSpecRegistry). Three
 methods of `EngineArgs` are wrapped here because vLLM has no hook for new
-command-line flags:
+command-line flags, and one of the front end's `InputProcessor` because its
+only per-request validation hook (logits-processor plugins) would switch the
+V2 model runner off:
 
   * `add_cli_args`: adds `--kv-compression`, `--kv-budget`, `--kv-compression-config`.
   * `from_cli_args`: validates them and stores the merged config in
@@ -11,6 +13,9 @@ command-line flags:
   * `create_engine_config`: refuses what compression cannot honour, forces what
     it needs (prefix caching off, the plugin's attention backend, worker and
     scheduler) and logs each forced change.
+  * `InputProcessor._validate_params`: rejects a request whose per-request
+    `kv_compression` / `kv_budget` (SamplingParams.extra_args, the OpenAI API's
+    `vllm_xargs`) is invalid, before it reaches the engine (HTTP 400).
 
 `install()` runs in every vLLM process (general plugin) and is idempotent.
 """
@@ -26,9 +31,11 @@ from vllm_kvcomp.config import (
     ADDITIONAL_CONFIG_KEY,
     METHODS,
     CompressionConfig,
+    REQUEST_KEYS,
     CompressionConfigError,
     build_config,
     from_additional_config,
+    request_config,
 )
 
 logger = logging.getLogger("vllm.kvcomp")
@@ -56,6 +63,7 @@ def check_vllm_version() -> str:
 def install() -> None:
     check_vllm_version()
     _wrap_engine_args()
+    _wrap_request_validation()
     _register_attention_backend()
     _register_kv_cache_spec()
 
@@ -165,6 +173,41 @@ def _wrap_engine_args() -> None:
     setattr(EngineArgs, _WRAPPED_MARK, True)
 
 
+def validate_request(vllm_config, params) -> None:
+    """Raise ValueError (the front end's 400) for a bad per-request override."""
+    extra_args = getattr(params, "extra_args", None)
+    if not extra_args or not any(key in extra_args for key in REQUEST_KEYS):
+        return
+    request_config(_server_config(vllm_config), extra_args)  # CompressionConfigError is a ValueError
+
+
+def _server_config(vllm_config) -> CompressionConfig:
+    """The server's config, resolved once per VllmConfig (not per request)."""
+    cached = getattr(vllm_config, "_vllm_kvcomp_config", None)
+    if cached is None:
+        cached = from_additional_config(getattr(vllm_config, "additional_config", None))
+        try:
+            object.__setattr__(vllm_config, "_vllm_kvcomp_config", cached)
+        except (AttributeError, TypeError):
+            pass
+    return cached
+
+
+def _wrap_request_validation() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if getattr(InputProcessor, _WRAPPED_MARK, False):
+        return
+    original_validate = InputProcessor._validate_params
+
+    def _validate_params(self, params, *args, **kwargs):
+        original_validate(self, params, *args, **kwargs)
+        validate_request(self.vllm_config, params)
+
+    InputProcessor._validate_params = _validate_params
+    setattr(InputProcessor, _WRAPPED_MARK, True)
+
+
 # --- extension-point registrations -------------------------------------------------
 
 def _register_attention_backend() -> None:
@@ -189,4 +232,4 @@ def _register_kv_cache_spec() -> None:
     )
 
 
-__all__ = ["install", "check_vllm_version", "add_compression_args", "CompressionConfigError"]
+__all__ = ["install", "check_vllm_version", "add_compression_args", "validate_request", "CompressionConfigError"]

@@ -2,13 +2,18 @@
 # GPU session stages for the lent H100 (see ../shared/gpu/README.md for the vLLM bundle).
 # Usage on the device, from the repository root, after `bash .device/scripts/setup-vllm.sh`:
 #   OUT=/some/dir bash bench/device/session.sh install smoke kernels engine serve
+#   OUT=... bash bench/device/session.sh tput_stock tput_plugin_decode tput_plugin_rest   (one per call)
+#   OUT=... bash bench/device/session.sh gguf quality      (after the GGUF parts arrived, one per call)
 # Every stage logs under $OUT and is time-limited; a failing stage does not stop the next.
+# Results that build up over several calls live in $RESULTS (/tmp: kept while the machine
+# stays up) and are copied to $OUT after every stage.
 set -uo pipefail
 export PYTHONPATH=/tmp/kvc:/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvcomp-out}
 WORK=/tmp/kvcomp-work
+RESULTS=/tmp/kvcomp-results
 REPO=$(pwd)
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$OUT" "$WORK" "$RESULTS"
 # -P: never import the source tree from the cwd (kernels/ is installed as vllm_kvcomp.kernels)
 PY="python3 -P"
 
@@ -16,6 +21,7 @@ stage_install() {
   rm -rf /tmp/kvc && mkdir -p /tmp/kvc
   python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/kvc . > "$OUT/install.log" 2>&1 \
     || { echo "pip install failed"; tail -20 "$OUT/install.log"; return 1; }
+  python3 -c "import gguf" 2>&1 | tail -1; python3 -c "import numpy, yaml, tqdm, transformers; print('deps ok')"
   (cd "$WORK" && $PY -c "import vllm, torch, triton, vllm_kvcomp.kernels; from importlib.metadata import entry_points; \
 print('vllm', vllm.__version__, 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name()); \
 print([e.value for e in entry_points(group='vllm.general_plugins')])")
@@ -25,10 +31,13 @@ stage_smoke() {
   (cd "$WORK" && timeout 300 $PY "$REPO/bench/device/smoke.py" 2>&1 | tee "$OUT/smoke.log" | grep -E "SMOKE|Error|error|Traceback" | tail -30)
 }
 
-stage_kernels() {
+stage_kernel_tests() {
   timeout 300 $PY -m pytest -m gpu tests/kernels tests/engine/test_page_tables.py -q -p no:cacheprovider 2>&1 | tee "$OUT/kernels_gpu_tests.log" | tail -8
+}
+stage_kernel_bench() {
   timeout 240 $PY bench/kernels_bench.py --out "$OUT" 2>&1 | tee "$OUT/kernels_bench.log" | tail -25
 }
+stage_kernels() { stage_kernel_tests; stage_kernel_bench; }
 
 stage_engine() {
   KVCOMP_RESULTS_DIR="$OUT" KVCOMP_WORK_DIR="$WORK" timeout 560 $PY -m pytest -m gpu tests/engine/test_engine_gpu.py \
@@ -43,8 +52,40 @@ stage_serve() {
   cp "$WORK/serve.log" "$OUT/" 2>/dev/null || true
 }
 
+# --- issue #5: throughput (stock and plugin in the same machine session, same KV memory)
+TPUT="$PY -m vllm_kvcomp.cli bench throughput --out $RESULTS --work /tmp/kvcomp-throughput"
+stage_tput_stock() {
+  (cd "$WORK" && timeout 560 $TPUT --runs stock 2>&1 | tee "$OUT/tput_stock.log" | grep -E "^\[throughput\]|Error|error" | tail -20)
+}
+stage_tput_plugin_decode() {
+  (cd "$WORK" && timeout 560 $TPUT --runs plugin --cases decode_heavy --budgets 0.2,1.0 2>&1 \
+    | tee "$OUT/tput_plugin_decode.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
+}
+stage_tput_plugin_rest() {
+  (cd "$WORK" && timeout 300 $TPUT --runs plugin --cases decode_heavy --budgets 0.1,0.5 2>&1 \
+    | tee "$OUT/tput_plugin_rest1.log" | grep -E "^\[throughput\]|Error|error" | tail -20)
+  (cd "$WORK" && timeout 250 $TPUT --runs plugin --cases prefill_heavy --budgets 0.2,1.0,0.1,0.5 2>&1 \
+    | tee "$OUT/tput_plugin_rest2.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
+}
+
+# --- issue #5: quality on Qwen2.5-Coder-0.5B-Instruct (GGUF parts carried in .device/q/)
+stage_gguf() {
+  mkdir -p /tmp/q && cp .device/q/* /tmp/q/ 2>/dev/null; ls /tmp/q | tr '\n' ' '; echo
+}
+stage_quality() {
+  stage_gguf
+  python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-deps --no-index --target /tmp/gguflib .device/scripts/gguf-*.whl
+  MODEL=$(cd "$REPO" && PYTHONPATH=/tmp/gguflib:$PYTHONPATH timeout 200 python3 -P bench/device/qwen_from_gguf.py) || { echo "conversion failed"; return 1; }
+  (cd "$WORK" && timeout 420 $PY -m vllm_kvcomp.cli eval --backend vllm --model "$MODEL" \
+    --model-name "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF -> bf16)" --protocols aware \
+    --lengths 4096,8192,16384 --depths 0.1,0.3,0.5,0.7,0.9 --budgets 0.5,0.25,0.2,0.1 \
+    --out "$RESULTS" --name quality 2>&1 | tee "$OUT/quality.log" | grep -vE "it/s|s/it|^INFO|^\(EngineCore" | tail -40)
+}
+
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   "stage_$stage"
+  cp -r "$RESULTS"/. "$OUT/" 2>/dev/null || true
+  cp /tmp/kvcomp-throughput/logs/*.log "$OUT/" 2>/dev/null || true
 done
 echo "=== done $(date +%T)"

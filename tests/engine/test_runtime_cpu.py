@@ -203,3 +203,33 @@ def test_self_check_detects_corruption(monkeypatch):
     runtime._compact = corrupting_compact
     (record,) = runtime._evict(reqs)
     assert record.verify["exact"] is False and record.verify["attention_rel_err"] > 1e-3
+
+
+def test_per_request_method_and_budget_in_one_batch():
+    """Requests of one batch keep what their own (per-request) budgets say."""
+    from vllm_kvcomp.config import request_config
+
+    runtime, pool = make_runtime("uniform", budget="0.35")
+    prompts = [200, 200, 200]
+    rows, reqs = prepare(runtime, pool, prompts, [0, 0, 0], seed=7)
+    overrides = [{"kv_budget": 0.2}, {}, {"kv_compression": "zigzag", "kv_budget": "0.6"}]
+    for req, extra in zip(reqs, overrides):
+        req.config = request_config(runtime.config, extra)
+    records = runtime._evict(reqs)
+    for record, budget in zip(records, [0.2, 0.35, 0.6]):
+        avg_kept = sum(record.kept_tokens) / L
+        # budgets are rounded up to whole pages per layer, the boundary block kept whole
+        assert budget * 200 <= avg_kept <= budget * 200 + 2 * BS, (budget, record.kept_tokens)
+    assert len(records[0].freed_block_ids) > len(records[1].freed_block_ids) > len(records[2].freed_block_ids)
+    assert set(runtime._policies) == {"uniform", "zigzag"}
+
+
+def test_per_request_none_is_served_uncompressed():
+    from vllm_kvcomp.config import request_config
+
+    runtime, _ = make_runtime("uniform", budget="0.35")
+    runtime.add_request("r", index=1, block_ids=list(range(1, 20)), prompt_len=300,
+                        config=request_config(runtime.config, {"kv_compression": "none"}))
+    assert not runtime.requests["r"].compress
+    runtime.add_request("s", index=2, block_ids=list(range(20, 39)), prompt_len=300)
+    assert runtime.requests["s"].compress

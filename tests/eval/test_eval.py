@@ -134,3 +134,57 @@ def test_full_kv_answer_matches_generate(tiny_model):
     got = ev.answer(cache, pre, question, {}, 6, first_from_prefill=False)
     assert got == ev.tokenizer.decode(expect, skip_special_tokens=True)
     assert cache.get_seq_length() == pre.prompt_len  # cropped back for the next configuration
+
+
+def test_eval_command_writes_table_json_and_plots(tiny_model, tmp_path):
+    """`vllm-kvcomp eval --backend hf` end to end on a tiny model: issue #5's result schema."""
+    import json
+
+    from vllm_kvcomp.cli import main
+
+    rc = main(["eval", "--backend", "hf", "--model", tiny_model, "--tasks", "niah_noise", "--lengths", "192",
+               "--depths", "0.2,0.8", "--methods", "uniform,zigzag", "--budgets", "0.5", "--protocols", "aware",
+               "--max-new-tokens", "2", "--threads", "1", "--out", str(tmp_path), "--name", "q"])
+    assert rc == 0
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert {r["method"] for r in data["results"]} == {"none", "uniform", "zigzag"}
+    for entry in data["results"]:
+        assert {"method", "budget", "task", "context_len", "protocol", "score", "full_score", "ci95"} <= set(entry)
+        assert entry["full_score"] is not None
+    assert len(data["rows"]) == 2 * 3  # 2 samples x (none + 2 methods)
+    assert {r["sample"] for r in data["rows"]} == {0}
+    for png in ("q_aware.png", "q_aware_heatmap.png"):
+        assert (tmp_path / png).stat().st_size > 5000
+    assert "| zigzag | 0.5 |" in (tmp_path / "q.md").read_text()
+
+
+def test_vllm_backend_refuses_the_agnostic_protocol(capsys):
+    from vllm_kvcomp.cli import main
+
+    assert main(["eval", "--backend", "vllm", "--model", "x", "--protocols", "agnostic,aware"]) == 2
+    assert "query-aware protocol only" in capsys.readouterr().err
+
+
+def test_heatmap_cells_are_the_mean_score(tmp_path, monkeypatch):
+    """The heatmap grid is the mean score per (depth, length) of each method and budget."""
+    from vllm_kvcomp.eval import report
+
+    rows = [dict(method=m, budget=b, task=t, context_len=n, depth=d, protocol="aware", score=s)
+            for m, b, s in (("none", 1.0, 1.0), ("zigzag", 0.2, 0.0))
+            for t in ("a", "b") for n in (4096, 8192) for d in (0.1, 0.9)]
+    rows.append(dict(method="zigzag", budget=0.2, task="c", context_len=4096, depth=0.1, protocol="aware", score=1.0))
+    grids = {}
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.imshow
+
+    def capture(self, grid, *args, **kwargs):
+        grids[self.get_title() or len(grids)] = np.array(grid)
+        return original(self, grid, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", capture)
+    report.plot_needle_heatmaps(rows, "aware", tmp_path / "h.png")
+    assert (tmp_path / "h.png").exists()
+    (full, zig) = grids.values()
+    assert np.allclose(full, 1.0)
+    assert zig[0, 0] == pytest.approx(1 / 3) and zig[1, 1] == 0.0

@@ -4,7 +4,8 @@
 
 SPEC (json): {"model", "compression": {...} | null, "kv_cache_memory_bytes",
 "max_model_len", "max_num_seqs", "workload": {"num_prompts", "prompt_len",
-"output_len", "seed"}, "env": {...}, "enforce_eager", "return_tokens"}.
+"output_len", "seed", "extra_args"} (or "workloads": [...], run one after the
+other on the same engine), "env": {...}, "enforce_eager", "return_tokens"}.
 
 Each configuration gets its own process (a clean GPU and a clean vLLM), so that
 stock vLLM and vLLM + plugin run the same prompts with the same KV memory on
@@ -65,10 +66,21 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
 
 
-def run(spec: dict) -> dict:
-    for key, value in (spec.get("env") or {}).items():
-        os.environ[key] = str(value)
-    from vllm import LLM, SamplingParams
+def _counter_delta(after: dict, before: dict) -> dict:
+    """Plugin counters of one workload: the process totals after minus before."""
+    if "error" in after:
+        return after
+    cumulative = ("_total", "_count", "_sum", "_bucket")
+
+    def is_cumulative(key: str) -> bool:
+        name = key.split("{", 1)[0]
+        return name.endswith(cumulative)
+
+    return {k: v - before.get(k, 0.0) if is_cumulative(k) else v for k, v in after.items()}
+
+
+def build_llm(spec: dict):
+    from vllm import LLM
 
     kwargs = dict(
         model=spec["model"],
@@ -79,19 +91,28 @@ def run(spec: dict) -> dict:
         max_num_seqs=spec.get("max_num_seqs", 256),
         kv_cache_memory_bytes=spec["kv_cache_memory_bytes"],
         disable_log_stats=False,
+        enable_prefix_caching=False,  # random prompts share nothing; the plugin turns it off anyway
         enforce_eager=spec.get("enforce_eager", False),
         tensor_parallel_size=spec.get("tensor_parallel_size", 1),
     )
     if spec.get("compression"):
         kwargs["additional_config"] = {"kv_compression": spec["compression"]}
-    t_start = time.perf_counter()
-    llm = LLM(**kwargs)
-    startup_s = time.perf_counter() - t_start
+    return LLM(**kwargs)
 
-    workload = spec["workload"]
+
+def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int, return_tokens: bool) -> dict:
+    """Generate one workload on a warm engine and measure it.
+
+    `workload["extra_args"]` goes to every request's SamplingParams (the
+    plugin's per-request `kv_compression` / `kv_budget`).
+    """
+    from vllm import SamplingParams
+
     prompts = [{"prompt_token_ids": ids} for ids in make_prompts(workload)]
-    params = SamplingParams(max_tokens=workload["output_len"], temperature=0.0, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": list(range(3, 67))}], SamplingParams(max_tokens=4), use_tqdm=False)
+    params = SamplingParams(
+        max_tokens=workload["output_len"], temperature=0.0, ignore_eos=True, extra_args=workload.get("extra_args")
+    )
+    before = scrape_plugin_metrics(metrics_port) if plugin else {}
 
     max_running = [0.0]
     stop = threading.Event()
@@ -125,9 +146,7 @@ def run(spec: dict) -> dict:
         if last and first_ts and n > 1:
             tpot.append((last - first_ts) / (n - 1))
     result = {
-        "name": spec.get("name"),
-        "compression": spec.get("compression"),
-        "startup_s": startup_s,
+        "workload": {k: v for k, v in workload.items()},
         "elapsed_s": elapsed,
         "num_prompts": len(prompts),
         "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts),
@@ -138,16 +157,66 @@ def run(spec: dict) -> dict:
         "ttft_s": _percentiles(ttft),
         "tpot_s": _percentiles(tpot),
     }
-    if spec.get("compression") and spec["compression"].get("method", "none") != "none":
-        result["plugin_metrics"] = scrape_plugin_metrics(spec["compression"].get("metrics_port", 9464))
-    if spec.get("return_tokens"):
+    if plugin:
+        result["plugin_metrics"] = _counter_delta(scrape_plugin_metrics(metrics_port), before)
+    if return_tokens:
         result["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]
-    llm.llm_engine.engine_core.shutdown()
     return result
 
 
-def run_in_subprocess(spec: dict, workdir: str | Path, timeout: float = 900) -> dict:
-    """Run `spec` in a fresh Python process; logs go to workdir/<name>.log."""
+def run(spec: dict, result_path: Path | None = None) -> dict:
+    """One engine, one or more workloads (`spec["workloads"]`, or one `spec["workload"]`).
+
+    With `result_path`, the result so far is written after every workload, so a
+    run cut short by a time limit keeps what it measured.
+    """
+    for key, value in (spec.get("env") or {}).items():
+        os.environ[key] = str(value)
+    from vllm import SamplingParams
+
+    t_start = time.perf_counter()
+    llm = build_llm(spec)
+    startup_s = time.perf_counter() - t_start
+    # warm-up request: the first generate pays one-off costs (sampler, graphs)
+    llm.generate([{"prompt_token_ids": list(range(3, 67))}], SamplingParams(max_tokens=4), use_tqdm=False)
+
+    compression = spec.get("compression") or {}
+    plugin = compression.get("method", "none") != "none"
+    port = compression.get("metrics_port", 9464)
+    import torch
+    import vllm
+
+    result: dict = {
+        "name": spec.get("name"),
+        "compression": spec.get("compression"),
+        "startup_s": startup_s,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+    }
+    single = "workloads" not in spec
+    workloads = [spec["workload"]] if single else spec["workloads"]
+    result["workloads"] = []
+    for workload in workloads:
+        want_tokens = workload.get("return_tokens", spec.get("return_tokens", False))
+        measured = run_workload(llm, workload, plugin=plugin, metrics_port=port, return_tokens=want_tokens)
+        result["workloads"].append(measured)
+        if result_path is not None:
+            Path(result_path).write_text(json.dumps(result))
+    llm.llm_engine.engine_core.shutdown()
+    if single:  # the flat form of one workload (engine tests)
+        flat = {**result, **result["workloads"][0]}
+        del flat["workloads"]
+        return flat
+    return result
+
+
+def run_in_subprocess(spec: dict, workdir: str | Path, timeout: float = 900, partial_ok: bool = False) -> dict:
+    """Run `spec` in a fresh Python process; logs go to workdir/<name>.log.
+
+    `partial_ok`: if the process fails or times out after finishing some of its
+    workloads, return those (marked `"partial": true`) instead of raising.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     name = spec.get("name", "run")
@@ -155,23 +224,32 @@ def run_in_subprocess(spec: dict, workdir: str | Path, timeout: float = 900) -> 
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", "vllm_kvcomp.bench.offline", str(spec_path), str(result_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            cwd=workdir,  # never import a source checkout from the cwd
-        )
-    if proc.returncode != 0 or not result_path.exists():
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "vllm_kvcomp.bench.offline", str(spec_path), str(result_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                cwd=workdir,  # never import a source checkout from the cwd
+            )
+            returncode = proc.returncode
+        except subprocess.TimeoutExpired:
+            returncode = "timeout"
+    if returncode != 0 and partial_ok and result_path.exists():
+        result = json.loads(result_path.read_text())
+        result["partial"] = True
+        return result
+    if returncode != 0 or not result_path.exists():
         tail = log_path.read_text()[-4000:]
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); log tail:\n{tail}")
+        raise RuntimeError(f"{name} failed (exit {returncode}); log tail:\n{tail}")
     return json.loads(result_path.read_text())
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    result = run(spec)
-    Path(sys.argv[2]).write_text(json.dumps(result))
+    result_path = Path(sys.argv[2])
+    result = run(spec, result_path if "workloads" in spec else None)
+    result_path.write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

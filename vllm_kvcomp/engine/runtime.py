@@ -36,8 +36,8 @@ from vllm_kvcomp.scoring import head_statistics, selection_scores, stats_for_pol
 
 logger = logging.getLogger("vllm.kvcomp")
 
-# Bytes of fp32 score tensors kept at once while sizing a batch of requests.
-EVICTION_WORKSPACE_BYTES = 512 << 20
+# Transient GPU bytes the eviction of one batch may use (larger batches are split).
+EVICTION_WORKSPACE_BYTES = 256 << 20
 
 
 @dataclass
@@ -86,6 +86,7 @@ class _Request:
     block_ids: list[int]
     prompt_len: int
     compress: bool
+    config: CompressionConfig | None = None  # per-request method/budget (None: the server's)
     window: int = 0
     slot: int | None = None
     captured: np.ndarray | None = None
@@ -110,7 +111,7 @@ class CompressionRuntime:
     def __init__(self, config: CompressionConfig, vllm_config):
         self.config = config
         self.vllm_config = vllm_config
-        self.policy = make_policy(config)
+        self._policies: dict = {}
         self.requests: dict[str, _Request] = {}
         self.step_capture: CapturePlan | None = None
         self._idx_mapping: torch.Tensor | None = None
@@ -245,11 +246,19 @@ class CompressionRuntime:
         return region
 
     # ------------------------------------------------------ request lifecycle
-    def add_request(self, req_id: str, index: int, block_ids: list[int], prompt_len: int) -> None:
+    def add_request(
+        self,
+        req_id: str,
+        index: int,
+        block_ids: list[int],
+        prompt_len: int,
+        config: CompressionConfig | None = None,
+    ) -> None:
+        """Track a new request; `config` overrides the server's method/budget for it."""
         self.remove_request(req_id)
         self._pending_resets.append(index)
-        compress = self.config.should_compress(prompt_len)
-        self.requests[req_id] = _Request(req_id, index, list(block_ids), prompt_len, compress)
+        compress = (config or self.config).should_compress(prompt_len)
+        self.requests[req_id] = _Request(req_id, index, list(block_ids), prompt_len, compress, config)
 
     def append_blocks(self, req_id: str, block_ids: list[int]) -> None:
         req = self.requests.get(req_id)
@@ -411,7 +420,9 @@ class CompressionRuntime:
 
     def _evict(self, batch: list[_Request]) -> list[EvictionRecord]:
         max_len = max(req.prompt_len for req in batch)
-        per_request = self.num_layers * self.num_kv_heads * max_len * 4
+        # fp32 temporaries per request: the window sums per query head, then
+        # scores, mass and the sorts of the statistics and the selection per KV head.
+        per_request = self.num_layers * max_len * 4 * (self.num_heads + 6 * self.num_kv_heads)
         chunk = max(1, EVICTION_WORKSPACE_BYTES // max(per_request, 1))
         records = []
         for i in range(0, len(batch), chunk):
@@ -419,48 +430,63 @@ class CompressionRuntime:
         return records
 
     def _evict_chunk(self, reqs: list[_Request]) -> list[EvictionRecord]:
+        """Compress a batch of requests, every layer at once.
+
+        Rows of the batched kernels are (layer, request) pairs, layer-major
+        (row = layer * R + r): one score-gather launch, one statistics pass and
+        one selection + compaction launch for the whole batch, whatever L is.
+        """
         from vllm_kvcomp.kernels import compact_kv_, copy_pages_, score_gather, select_keep_indices
 
+        if self.device.type == "cuda":
+            # The step's forward is still queued on the GPU: wait for it first, so
+            # that the eviction time (metric) is the eviction's own. The host sync
+            # below for the budgets would wait for it anyway.
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        cfg, dev, L, bs = self.config, self.device, self.num_layers, self.block_size
+        cfg, dev, L, bs, N = self.config, self.device, self.num_layers, self.block_size, self.blocks_per_layer
+        R = len(reqs)
         extents = [self._window_extent(req) for req in reqs]
-        window_lens = torch.tensor([e[0] for e in extents], dtype=torch.int32, device=dev)
-        scored_lens = torch.tensor([e[1] for e in extents], dtype=torch.int32, device=dev)
-        prompt_lens = torch.tensor([req.prompt_len for req in reqs], dtype=torch.int32, device=dev)
         max_len = max(req.prompt_len for req in reqs)
         num_pages = cdiv(max_len, bs)
-        slots = torch.tensor([req.slot for req in reqs], dtype=torch.long, device=dev)
         # Window rows are stored right-aligned at the end of the observation window;
         # with a shortened window (rows missing at the end) shift them to start at 0.
         first_rows = [req.window - e[0] - (req.prompt_len - e[1]) for req, e in zip(reqs, extents)]
+        host = np.array(
+            [[e[0] for e in extents], [e[1] for e in extents], [req.prompt_len for req in reqs], [req.slot for req in reqs]],
+            dtype=np.int64,
+        )
+        host_t = torch.from_numpy(host).to(dev, non_blocking=False)
+        window_lens, scored_lens, prompt_lens = (host_t[i].to(torch.int32) for i in range(3))
+        slots = host_t[3]
 
-        block_rows = self._block_rows(reqs, num_pages)
-        scores, mba_sum, local_sum = [], [], []
-        stats_kwargs = stats_for_policy(cfg)
-        for layer in range(L):
-            queries = self.q_buf[layer, slots]
-            lse = self.lse_buf[layer, slots]
-            if any(first_rows):
-                queries = torch.stack([torch.roll(queries[r], -f, 0) for r, f in enumerate(first_rows)])
-                lse = torch.stack([torch.roll(lse[r], -f, 0) for r, f in enumerate(first_rows)])
-            out = score_gather(
-                queries,
-                window_lens,
-                self.pool,
-                block_rows + layer * self.blocks_per_layer,
-                scored_lens,
-                scale=self.scale,
-                window_lse=lse,
-                pool_kernel=cfg.pool_kernel,
-                pool_type=cfg.pool_type,
-                square=cfg.square,
-                max_seq_len=max_len,
-            )
-            mba, local = head_statistics(out.mass, scored_lens, **stats_kwargs)
-            mba_sum.append(mba.sum(-1))
-            local_sum.append(local.sum(-1))
-            scores.append(out.scores)
-        stats = torch.stack([torch.stack(mba_sum, 1), torch.stack(local_sum, 1)])  # [2, R, L]
+        queries = self.q_buf[:, slots]  # [L, R, W, H, D]
+        lse = self.lse_buf[:, slots]  # [L, R, W, H]
+        if any(first_rows):
+            shift = torch.tensor(first_rows, dtype=torch.long, device=dev).view(R, 1)
+            rows_idx = (torch.arange(self.window, device=dev).view(1, -1) + shift) % self.window
+            req_idx = torch.arange(R, device=dev).view(R, 1)
+            queries = queries[:, req_idx, rows_idx]
+            lse = lse[:, req_idx, rows_idx]
+        block_rows = self._block_rows(reqs, num_pages)  # [R, P]
+        layer_offsets = torch.arange(L, dtype=torch.int32, device=dev).view(L, 1, 1) * N
+        pages = (block_rows.unsqueeze(0) + layer_offsets).reshape(L * R, num_pages)
+        out = score_gather(
+            queries.reshape(L * R, *queries.shape[2:]),
+            window_lens.repeat(L),
+            self.pool,
+            pages,
+            scored_lens.repeat(L),
+            scale=self.scale,
+            window_lse=lse.reshape(L * R, *lse.shape[2:]),
+            pool_kernel=cfg.pool_kernel,
+            pool_type=cfg.pool_type,
+            square=cfg.square,
+            max_seq_len=max_len,
+        )
+        mba, local = head_statistics(out.mass, scored_lens.repeat(L), **stats_for_policy(cfg))
+        stats = torch.stack([mba.sum(-1).view(L, R).t(), local.sum(-1).view(L, R).t()])  # [2, R, L]
+        del mba, local
         num_heads_total = self.num_kv_heads
         if self.tp_size > 1:
             from vllm.distributed import tensor_model_parallel_all_reduce
@@ -471,19 +497,20 @@ class CompressionRuntime:
 
         plans: list[EvictionPlan | None] = []
         for r, req in enumerate(reqs):
-            avg = cfg.average_budget(req.prompt_len)
+            req_cfg = req.config or cfg
             budget_request = BudgetRequest(
                 num_layers=L,
                 seq_len=req.prompt_len,
-                avg_budget=avg,
-                floor=min(cfg.protected_tokens, req.prompt_len),
+                avg_budget=req_cfg.average_budget(req.prompt_len),
+                floor=min(req_cfg.protected_tokens, req.prompt_len),
                 stats=LayerStats(mba=stats[0, r], local_mass=stats[1, r]),
             )
-            plans.append(plan_eviction(self.policy.budgets(budget_request), req.prompt_len, bs))
+            plans.append(plan_eviction(self.policy_for(req_cfg).budgets(budget_request), req.prompt_len, bs))
 
         checked = self.verifier.wants() and plans[0] is not None
         snapshot = self.verifier.snapshot(self, reqs[0]) if checked else None
-        keep_of_first = self._compact(plans, scores, prompt_lens, block_rows, select_keep_indices, compact_kv_)
+        keep_of_first = self._compact(plans, out.scores, prompt_lens, pages, select_keep_indices, compact_kv_)
+        del out
         self._relocate_and_publish(reqs, plans, copy_pages_)
         verify = self.verifier.check(self, reqs[0], plans[0], keep_of_first, snapshot) if checked else None
 
@@ -501,35 +528,49 @@ class CompressionRuntime:
         records[0].verify = verify
         return records
 
-    def _compact(self, plans, scores, prompt_lens, block_rows, select_keep_indices, compact_kv_) -> dict:
-        """Select and compact every evicted layer; returns the first request's keep indices per layer."""
+    def policy_for(self, config: CompressionConfig):
+        """The budget policy of a (possibly per-request) config, one object per method."""
+        policy = self._policies.get(config.method)
+        if policy is None:
+            policy = self._policies[config.method] = make_policy(config)
+        return policy
+
+    def _compact(self, plans, scores, prompt_lens, pages, select_keep_indices, compact_kv_) -> dict:
+        """Select and compact every evicted (layer, request) row in one launch each.
+
+        `scores` and `pages` are layer-major [L * R, ...]; returns the first
+        request's keep indices per layer (for the self-check).
+        """
         cfg, bs, dev = self.config, self.block_size, self.device
-        keep_of_first = {}
+        R = len(plans)
+        flat, domain_host, keep_host, req_of_row = [], [], [], []
         for layer in range(self.num_layers):
-            rows = [r for r, plan in enumerate(plans) if plan is not None and plan.evicted_layers[layer]]
-            if not rows:
-                continue
-            rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
-            layer_scores = scores[layer].index_select(0, rows_t)
-            domain = torch.tensor([plans[r].full_blocks * bs for r in rows], dtype=torch.int32, device=dev)
-            keep_host = [int(plans[r].compact_pages[layer]) * bs for r in rows]
-            keep = torch.tensor(keep_host, dtype=torch.int32, device=dev)
-            layer_scores = selection_scores(
-                layer_scores,
-                prompt_lens.index_select(0, rows_t),
-                domain,
-                num_sinks=cfg.num_sinks,
-                num_recent=cfg.num_recent,
-                force_keep=self.verifier.force_keep,  # oracle scorer (tests): keep the planted needle
-            )
-            # No host-side validation (it syncs): plan_eviction guarantees keep <= domain
-            # and budgets >= sinks + recent, so the forced tokens always fit.
-            keep_idx = select_keep_indices(layer_scores, domain, keep, 0, 0, max_keep=max(keep_host), validate=False)
-            pages = block_rows.index_select(0, rows_t) + layer * self.blocks_per_layer
-            compact_kv_(self.pool, pages, keep_idx, keep)
-            if rows[0] == 0:
-                keep_of_first[layer] = keep_idx[0, :, : keep_host[0]]
-        return keep_of_first
+            for r, plan in enumerate(plans):
+                if plan is not None and plan.evicted_layers[layer]:
+                    flat.append(layer * R + r)
+                    domain_host.append(plan.full_blocks * bs)
+                    keep_host.append(int(plan.compact_pages[layer]) * bs)
+                    req_of_row.append(r)
+        if not flat:
+            return {}
+        host = torch.from_numpy(np.array([flat, domain_host, keep_host, req_of_row], dtype=np.int64)).to(dev)
+        rows_t, domain, keep = host[0], host[1].to(torch.int32), host[2].to(torch.int32)
+        row_scores = selection_scores(
+            scores.index_select(0, rows_t),
+            prompt_lens.index_select(0, host[3]),
+            domain,
+            num_sinks=cfg.num_sinks,
+            num_recent=cfg.num_recent,
+            force_keep=self.verifier.force_keep,  # oracle scorer (tests): keep the planted needle
+        )
+        # No host-side validation (it syncs): plan_eviction guarantees keep <= domain
+        # and budgets >= sinks + recent, so the forced tokens always fit.
+        keep_idx = select_keep_indices(row_scores, domain, keep, 0, 0, max_keep=max(keep_host), validate=False)
+        del row_scores
+        compact_kv_(self.pool, pages.index_select(0, rows_t), keep_idx, keep)
+        return {
+            flat[k] // R: keep_idx[k, :, : keep_host[k]] for k in range(len(flat)) if req_of_row[k] == 0
+        }
 
     def _relocate_and_publish(self, reqs, plans, copy_pages_) -> None:
         N, dev = self.blocks_per_layer, self.device

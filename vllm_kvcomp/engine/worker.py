@@ -18,7 +18,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheTensor
 from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-from vllm_kvcomp.config import CompressionConfigError, from_additional_config
+from vllm_kvcomp.config import CompressionConfigError, from_additional_config, request_config
 from vllm_kvcomp.engine.kv_cache import CompressedAttentionSpec
 from vllm_kvcomp.engine.runtime import CompressionRuntime, set_runtime
 
@@ -53,7 +53,10 @@ class CompressionModelRunner(GPUModelRunner):
         prefill_len = self.req_states.prefill_len.np
         for new in scheduler_output.scheduled_new_reqs:
             index = self.req_states.req_id_to_index[new.req_id]
-            self.kvcomp.add_request(new.req_id, index, new.block_ids[0], int(prefill_len[index]))
+            params = new.sampling_params
+            # Per-request method/budget; validated by the front end (vllm_adapter).
+            config = request_config(self.kvcomp.config, params.extra_args if params is not None else None)
+            self.kvcomp.add_request(new.req_id, index, new.block_ids[0], int(prefill_len[index]), config)
 
     def update_requests(self, scheduler_output) -> None:
         super().update_requests(scheduler_output)

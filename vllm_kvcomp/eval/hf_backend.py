@@ -233,6 +233,7 @@ def run_suite(evaluator: HFEvaluator, samples, configs: dict[str, CompressionCon
                         "context_len": sample.context_len,
                         "prompt_tokens": pre.prompt_len,
                         "depth": sample.depth,
+                        "sample": sample.meta.get("index", 0),
                         "protocol": protocol,
                         "kept_fraction": kept,
                         "score": sample.score(output),

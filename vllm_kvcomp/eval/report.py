@@ -122,3 +122,57 @@ def plot_score_vs_budget(rows: list[dict], protocol: str, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_needle_heatmaps(rows: list[dict], protocol: str, path) -> None:
+    """Score by needle depth x context length, one panel per (method, budget); full KV first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["protocol"] == protocol]
+    if not rows:
+        return
+    depths = sorted({r["depth"] for r in rows})
+    lengths = sorted({r["context_len"] for r in rows})
+    methods = ["none"] + sorted({r["method"] for r in rows} - {"none"})
+    budgets = sorted({r["budget"] for r in rows if r["method"] != "none"}, reverse=True) or [1.0]
+    fig, axes = plt.subplots(
+        len(methods), len(budgets), figsize=(1.2 + 2.2 * len(budgets), 0.6 + 1.9 * len(methods)), squeeze=False
+    )
+    image = None
+    for i, method in enumerate(methods):
+        for j, budget in enumerate(budgets):
+            ax = axes[i][j]
+            if method == "none" and j > 0:
+                ax.axis("off")
+                continue
+            grid = np.full((len(depths), len(lengths)), np.nan)
+            for di, d in enumerate(depths):
+                for li, n in enumerate(lengths):
+                    vals = [
+                        r["score"]
+                        for r in rows
+                        if r["method"] == method and (method == "none" or r["budget"] == budget)
+                        and r["depth"] == d and r["context_len"] == n
+                    ]
+                    if vals:
+                        grid[di, li] = np.mean(vals)
+            image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            for di in range(len(depths)):
+                for li in range(len(lengths)):
+                    if not np.isnan(grid[di, li]):
+                        ax.text(li, di, f"{grid[di, li]:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_title("full KV" if method == "none" else f"{method} @ {budget:g}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("needle depth", fontsize=7)
+            if i == len(methods) - 1:
+                ax.set_xlabel("context length", fontsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="exact-match score")
+    fig.suptitle(f"needle heatmaps ({protocol}; mean over tasks)", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -101,7 +101,7 @@ class TaskGenerator:
             depths = [depth] + [rng.uniform(0.05, 0.95) for _ in needles[1:]]
             document = self._insert(filler, needles, depths)
             question = f"What is the special magic number for {keys[0]} mentioned in the document? Answer with the number only."
-            return Sample(task, context_len, depth, document, question, (values[0],), {"keys": keys})
+            return Sample(task, context_len, depth, document, question, (values[0],), {"keys": keys, "index": index})
         if task == "vt":
             value = str(rng.randrange(10_000, 100_000))
             names = ["".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5)) for _ in range(4)]
@@ -114,7 +114,7 @@ class TaskGenerator:
                 f"Find all variables that are assigned the value {value} in the document, directly or through "
                 "other variables. Answer with the variable names only."
             )
-            return Sample(task, context_len, depth, document, question, tuple(names), {"value": value})
+            return Sample(task, context_len, depth, document, question, tuple(names), {"value": value, "index": index})
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
     def suite(self, tasks, lengths, depths, per_cell: int = 1) -> list[Sample]:

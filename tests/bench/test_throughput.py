@@ -1,0 +1,76 @@
+"""The throughput harness's bookkeeping (the GPU runs themselves are in bench/results)."""
+
+import json
+
+import pytest
+
+from vllm_kvcomp.bench import throughput
+from vllm_kvcomp.bench.offline import _counter_delta, make_prompts
+
+
+def _measured(label, case, budget, tok_s, running, extra=None):
+    return {
+        "workload": {"label": label, "case": case, "budget": budget, "prompt_len": 16384, "output_len": 1024},
+        "num_prompts": 256, "output_tok_s": tok_s, "req_s": tok_s / 1024, "max_running": running, "elapsed_s": 1.0,
+        "ttft_s": {"p50": 2.0, "p99": 9.0}, "tpot_s": {"p50": 0.01, "p99": 0.02}, **(extra or {}),
+    }
+
+
+def test_workload_plan_covers_every_case_and_budget_with_the_same_prompts():
+    stock = throughput.plan_workloads(["decode_heavy", "prefill_heavy"], None, {"prefill_heavy": 8})
+    plugin = throughput.plan_workloads(["decode_heavy"], [0.2, 1.0], {})
+    assert [w["label"] for w in stock] == ["decode_heavy@stock", "prefill_heavy@stock"]
+    assert stock[1]["num_prompts"] == 8 and stock[0]["num_prompts"] == 256
+    assert [w["extra_args"] for w in plugin] == [{"kv_budget": 0.2}, {"kv_budget": 1.0}]
+    assert [w["return_tokens"] for w in plugin] == [False, True]
+    small = {**plugin[0], "num_prompts": 3, "prompt_len": 50}
+    assert make_prompts(small) == make_prompts({**stock[0], "num_prompts": 3, "prompt_len": 50})
+
+
+def test_summary_ratios_are_against_stock_of_the_same_case(tmp_path):
+    raw = {
+        "stock": {"workloads": [_measured("decode_heavy@stock", "decode_heavy", None, 1000.0, 7)]},
+        "plugin": {
+            "compression": {"method": "zigzag"},
+            "workloads": [
+                _measured("decode_heavy@0.2", "decode_heavy", 0.2, 2500.0, 35, {"plugin_metrics": {
+                    "vllm_kvcomp_eviction_seconds_sum": 2.56, "vllm_kvcomp_eviction_seconds_count": 256.0,
+                    "vllm_kvcomp_blocks_freed_total": 1000.0}}),
+                _measured("decode_heavy@1", "decode_heavy", 1.0, 980.0, 7, {"identical_to_stock": 1.0}),
+            ],
+        },
+    }
+    meta = {"device": "H100", "date": "d", "command": "c", "model": "m", "kv_cache_memory_bytes": 4 << 30}
+    summary = throughput.summarize(raw, meta)
+    by_budget = {c["budget"]: c for c in summary["cases"]}
+    assert by_budget[0.2]["ratio_output_tok_s"] == pytest.approx(2.5)
+    assert by_budget[1.0]["ratio_output_tok_s"] == pytest.approx(0.98)
+    assert by_budget[0.2]["eviction_ms_mean"] == pytest.approx(10.0)
+    assert by_budget[0.2]["stock_max_running"] == 7
+    for key in ("case", "method", "budget", "output_tok_s", "stock_output_tok_s", "ratio_output_tok_s",
+                "ttft_p50", "tpot_p50", "max_running"):
+        assert key in by_budget[0.2]
+    text = throughput.markdown(summary)
+    assert "| decode_heavy | zigzag | 0.2 | 2500 | 1000 | 2.50 |" in text
+    assert "decode_heavy 100% of requests" in text
+    throughput.plot(summary, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 5000
+    json.dumps(summary)
+
+
+def test_merge_replaces_a_remeasured_workload_and_keeps_the_others():
+    raw = {"plugin": {"workloads": [_measured("a@0.2", "a", 0.2, 1.0, 1), _measured("a@1", "a", 1.0, 1.0, 1)]}}
+    throughput._merge(raw, "plugin", {"compression": {}, "workloads": [_measured("a@0.2", "a", 0.2, 5.0, 1)]})
+    labels = {w["workload"]["label"]: w["output_tok_s"] for w in raw["plugin"]["workloads"]}
+    assert labels == {"a@1": 1.0, "a@0.2": 5.0}
+
+
+def test_counter_deltas_leave_gauges_alone():
+    before = {"vllm_kvcomp_blocks_freed_total": 10.0, "vllm_kvcomp_info{budget=0.2,method=zigzag}": 1.0,
+              "vllm_kvcomp_eviction_seconds_bucket{le=0.1}": 3.0}
+    after = {"vllm_kvcomp_blocks_freed_total": 25.0, "vllm_kvcomp_info{budget=0.2,method=zigzag}": 1.0,
+             "vllm_kvcomp_eviction_seconds_bucket{le=0.1}": 4.0}
+    delta = _counter_delta(after, before)
+    assert delta["vllm_kvcomp_blocks_freed_total"] == 15.0
+    assert delta["vllm_kvcomp_info{budget=0.2,method=zigzag}"] == 1.0
+    assert delta["vllm_kvcomp_eviction_seconds_bucket{le=0.1}"] == 1.0

@@ -1,0 +1,264 @@
+"""Throughput of vLLM + plugin against stock vLLM: same GPU, same run, same KV memory.
+
+    vllm-kvcomp bench throughput --out bench/results
+
+Two engine processes, one after the other on the same GPU, each with the same
+`--kv-cache-memory-bytes`, the same model and the same token-id prompts:
+
+  * stock vLLM (no compression config: the plugin stays out of the way), and
+  * vLLM + plugin (`--method`, default zigzag), which runs every budget on one
+    warm engine through the per-request override (SamplingParams.extra_args
+    `kv_budget`): budget 1.0 measures the plugin's overhead, lower budgets its gain.
+
+Cases (both 16k-token prompts; sizes from issue #5): decode_heavy (1024 output
+tokens) and prefill_heavy (128 output tokens). The model is a random-weight
+Llama of a real shape (default 1B: 16 layers, 8 KV heads of 64) with the KV
+memory capped (default 4 GiB, about 7 requests of 17k tokens), so that KV
+capacity, not compute, limits the batch; throughput of a random model is the
+real model's (same shapes, same kernels, greedy with ignore_eos).
+
+Every workload's result is written as soon as it is measured
+(`throughput_raw.json`); `throughput.json`, `throughput.md` and
+`throughput_vs_budget.png` are rebuilt from whatever the raw file holds, so a
+run can be split across invocations (`--runs stock` then `--runs plugin`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+CASES = {
+    "decode_heavy": {"prompt_len": 16384, "output_len": 1024, "num_prompts": 256},
+    "prefill_heavy": {"prompt_len": 16384, "output_len": 128, "num_prompts": 128},
+}
+
+
+def label(case: str, budget: float | None) -> str:
+    return f"{case}@stock" if budget is None else f"{case}@{budget:g}"
+
+
+def plan_workloads(cases: list[str], budgets: list[float] | None, num_prompts: dict[str, int]) -> list[dict]:
+    """Workloads of one process; budgets None = stock. Budget 1.0 returns its tokens."""
+    workloads = []
+    for case in cases:
+        shape = {**CASES[case], "num_prompts": num_prompts.get(case, CASES[case]["num_prompts"])}
+        for budget in budgets if budgets is not None else [None]:
+            workload = {**shape, "seed": 1, "label": label(case, budget), "case": case, "budget": budget}
+            if budget is not None:
+                workload["extra_args"] = {"kv_budget": budget}
+            workload["return_tokens"] = budget is None or budget == 1.0
+            workloads.append(workload)
+    return workloads
+
+
+def _merge(raw: dict, run: str, result: dict) -> None:
+    previous = raw.get(run)
+    if previous and "workloads" in previous:
+        fresh = {w["workload"]["label"] for w in result["workloads"]}
+        kept = [w for w in previous["workloads"] if w["workload"]["label"] not in fresh]
+        result = {**result, "workloads": kept + result["workloads"]}
+    raw[run] = result
+
+
+def _identical_share(a: list[list[int]], b: list[list[int]]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
+
+
+def summarize(raw: dict, meta: dict) -> dict:
+    """throughput.json (issue #5 schema, plus extra fields) from the raw results."""
+    stock = {w["workload"]["label"].split("@")[0]: w for w in raw.get("stock", {}).get("workloads", [])}
+    plugin = raw.get("plugin", {})
+    cases = []
+    for w in plugin.get("workloads", []):
+        wl = w["workload"]
+        base = stock.get(wl["case"])
+        metrics = w.get("plugin_metrics", {})
+        evictions = metrics.get("vllm_kvcomp_eviction_seconds_count", 0.0)
+        entry = {
+            "case": wl["case"],
+            "method": plugin["compression"]["method"],
+            "budget": wl["budget"],
+            "num_prompts": w["num_prompts"],
+            "prompt_len": wl["prompt_len"],
+            "output_len": wl["output_len"],
+            "output_tok_s": w["output_tok_s"],
+            "stock_output_tok_s": base["output_tok_s"] if base else None,
+            "ratio_output_tok_s": w["output_tok_s"] / base["output_tok_s"] if base else None,
+            "req_s": w["req_s"],
+            "stock_req_s": base["req_s"] if base else None,
+            "ttft_p50": w["ttft_s"].get("p50"),
+            "ttft_p99": w["ttft_s"].get("p99"),
+            "tpot_p50": w["tpot_s"].get("p50"),
+            "tpot_p99": w["tpot_s"].get("p99"),
+            "stock_ttft_p50": base["ttft_s"].get("p50") if base else None,
+            "stock_tpot_p50": base["tpot_s"].get("p50") if base else None,
+            "max_running": w["max_running"],
+            "stock_max_running": base["max_running"] if base else None,
+            "elapsed_s": w["elapsed_s"],
+            "stock_elapsed_s": base["elapsed_s"] if base else None,
+            "requests_compressed": metrics.get("vllm_kvcomp_requests_compressed_total"),
+            "blocks_freed": metrics.get("vllm_kvcomp_blocks_freed_total"),
+            "eviction_ms_mean": 1000 * metrics.get("vllm_kvcomp_eviction_seconds_sum", 0.0) / evictions if evictions else None,
+        }
+        if "identical_to_stock" in w:
+            entry["identical_to_stock"] = w["identical_to_stock"]
+        cases.append(entry)
+    return {**meta, "cases": cases}
+
+
+def markdown(summary: dict) -> str:
+    lines = [
+        "# Throughput: vLLM + vllm-kvcomp vs stock vLLM (same run, same GPU, same KV memory)",
+        "",
+        f"Command: `{summary['command']}` ({summary['date']}). Device: {summary['device']}; "
+        f"vLLM {summary.get('vllm')}, torch {summary.get('torch')}.",
+        f"Model: {summary['model']}. KV cache memory {summary['kv_cache_memory_bytes'] / 2**30:g} GiB "
+        "(`--kv-cache-memory-bytes`) for both engines: KV capacity, not compute, limits the batch.",
+        "Greedy, ignore_eos, random token-id prompts, prefix caching off; all requests submitted at once "
+        "(TTFT includes queueing). Budgets are per-request overrides on one plugin engine.",
+        "",
+        "| case | method | budget | out tok/s | stock | ratio | req/s | TTFT p50 / p99 s | TPOT p50 / p99 ms "
+        "| max running (stock) | eviction ms/req |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def fmt(x, spec=".0f"):
+        return "" if x is None else format(x, spec)
+
+    for c in summary["cases"]:
+        lines.append(
+            f"| {c['case']} | {c['method']} | {c['budget']:g} | {fmt(c['output_tok_s'])} | {fmt(c['stock_output_tok_s'])} "
+            f"| {fmt(c['ratio_output_tok_s'], '.2f')} | {fmt(c['req_s'], '.2f')} "
+            f"| {fmt(c['ttft_p50'], '.1f')} / {fmt(c['ttft_p99'], '.1f')} "
+            f"| {fmt(c['tpot_p50'] and 1000 * c['tpot_p50'], '.1f')} / {fmt(c['tpot_p99'] and 1000 * c['tpot_p99'], '.1f')} "
+            f"| {fmt(c['max_running'])} ({fmt(c['stock_max_running'])}) | {fmt(c['eviction_ms_mean'], '.1f')} |"
+        )
+    identical = [c for c in summary["cases"] if "identical_to_stock" in c]
+    if identical:
+        lines += ["", "Greedy outputs identical to stock at budget 1.0: " + ", ".join(
+            f"{c['case']} {c['identical_to_stock']:.0%} of requests" for c in identical
+        )]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for case in sorted({c["case"] for c in summary["cases"]}):
+        pts = sorted((c["budget"], c["ratio_output_tok_s"]) for c in summary["cases"] if c["case"] == case and c["ratio_output_tok_s"])
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=case)
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="stock vLLM")
+    ax.set_xlabel("KV budget (fraction of prompt per layer)")
+    ax.set_ylabel("output tok/s, ratio to stock")
+    ax.set_title("throughput vs budget (same KV memory)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from vllm_kvcomp.bench.offline import run_in_subprocess
+
+    def csv(kind):
+        return lambda text: [kind(x) for x in text.split(",") if x]
+
+    parser = argparse.ArgumentParser(prog="vllm-kvcomp bench throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder; default: a random-weight Llama of --shape")
+    parser.add_argument("--shape", default="llama-1b", help="llama-1b | llama-8b | llama-tiny (random weights)")
+    parser.add_argument("--method", default="zigzag")
+    parser.add_argument("--budgets", type=csv(float), default=[0.2, 1.0, 0.1, 0.5])
+    parser.add_argument("--cases", type=csv(str), default=list(CASES))
+    parser.add_argument("--num-prompts", type=csv(int), default=None, help="per case, in --cases order")
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=4 << 30)
+    parser.add_argument("--runs", type=csv(str), default=["stock", "plugin"])
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per engine process")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--work", default="/tmp/kvcomp-throughput")
+    args = parser.parse_args(argv)
+    for case in args.cases:
+        if case not in CASES:
+            parser.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+    for budget in args.budgets:
+        if not 0 < budget <= 1:
+            parser.error(f"--budgets are fractions in (0, 1], got {budget}")
+
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    model = args.model
+    if model is None:
+        from vllm_kvcomp.bench.random_model import make_random_model
+
+        model = str(make_random_model(work / args.shape, args.shape))
+    num_prompts = dict(zip(args.cases, args.num_prompts or []))
+    max_len = max(CASES[c]["prompt_len"] + CASES[c]["output_len"] for c in args.cases) + 64
+    base_spec = {"model": model, "kv_cache_memory_bytes": args.kv_cache_memory_bytes, "max_model_len": max_len,
+                 "max_num_seqs": 256}
+    raw_path = out / "throughput_raw.json"
+    raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
+    tokens: dict[str, dict[str, list]] = {}
+    for run in args.runs:
+        spec = {**base_spec, "name": f"throughput_{run}", "return_tokens": False}
+        if run == "stock":
+            spec["workloads"] = plan_workloads(args.cases, None, num_prompts)
+        elif run == "plugin":
+            # Fixed server budget: requests override it, and the same engine config
+            # (hence vLLM's compile cache) serves every invocation.
+            spec["compression"] = {"method": args.method, "budget": 0.2}
+            spec["workloads"] = plan_workloads(args.cases, args.budgets, num_prompts)
+        else:
+            parser.error(f"unknown run {run!r}; choose stock or plugin")
+        print(f"[throughput] {run}: {len(spec['workloads'])} workloads", flush=True)
+        result = run_in_subprocess(spec, work / "logs", timeout=args.timeout, partial_ok=True)
+        for w in result["workloads"]:
+            if "tokens" in w:
+                tokens.setdefault(w["workload"]["case"], {})[run] = w.pop("tokens")
+            print(f"[throughput] {run} {w['workload']['label']}: {w['output_tok_s']:.0f} tok/s, "
+                  f"max running {w['max_running']:.0f}, {w['elapsed_s']:.1f} s", flush=True)
+        _merge(raw, run, result)
+        raw_path.write_text(json.dumps(raw, indent=1))
+    for case, by_run in tokens.items():
+        if "stock" in by_run and "plugin" in by_run:
+            for w in raw["plugin"]["workloads"]:
+                if w["workload"]["label"] == label(case, 1.0):
+                    w["identical_to_stock"] = _identical_share(by_run["plugin"], by_run["stock"])
+    raw_path.write_text(json.dumps(raw, indent=1))
+
+    first = raw.get("plugin") or raw.get("stock") or {}
+    meta = {
+        "device": first.get("device"),
+        "vllm": first.get("vllm"),
+        "torch": first.get("torch"),
+        "date": datetime.date.today().isoformat(),
+        "command": "vllm-kvcomp bench throughput " + " ".join(argv if argv is not None else sys.argv[2:]),
+        "model": args.model or f"random-weight {args.shape} ({_shape_text(args.shape)})",
+        "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+    }
+    summary = summarize(raw, meta)
+    (out / "throughput.json").write_text(json.dumps(summary, indent=1))
+    (out / "throughput.md").write_text(markdown(summary))
+    plot(summary, out / "throughput_vs_budget.png")
+    print(markdown(summary))
+    return 0
+
+
+def _shape_text(shape: str) -> str:
+    from vllm_kvcomp.bench.random_model import SHAPES
+
+    s = SHAPES[shape]
+    return (f"{s['num_hidden_layers']} layers, hidden {s['hidden_size']}, {s['num_attention_heads']} q / "
+            f"{s['num_key_value_heads']} kv heads, head_dim {s['hidden_size'] // s['num_attention_heads']}, bf16")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
