@@ -81,7 +81,7 @@ def evaluate(args) -> int:
         rows, seconds = run_suite_vllm(evaluator, samples, configs, args.max_new_tokens)
         import vllm
 
-        device = torch.cuda.get_device_name()
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         backend = (
             f"vLLM {vllm.__version__} + vllm-kvcomp engine (offline LLM, per-request method/budget), "
             f"torch {torch.__version__}; {len(rows)} requests in {seconds:.0f} s, engine start {evaluator.startup_s:.0f} s"

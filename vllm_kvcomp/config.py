@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("none", "uniform", "pyramid", "zigzag", "simlayer")
+METHODS = ("none", "uniform", "pyramid", "zigzag", "simlayer", "profile")
 ADDITIONAL_CONFIG_KEY = "kv_compression"
 
 
@@ -54,10 +54,51 @@ class SimLayerOptions(_Section):
     recent: int = Field(1024, ge=1)
 
 
+class ProfileOptions(_Section):
+    # Static per-layer budgets from `vllm-kvcomp calibrate` (ZigZagKV's Eq. 6 with
+    # the uncertainty measured offline): w = layer_weights / sum(layer_weights),
+    # B_l = B_min + (B_avg - B_min) * L * w_l. Only the ratios matter; calibrate
+    # writes them with mean 1.0 (1.0 = an average layer, 1.5 = half again as
+    # much of the flexible share). One weight per model layer, each >= 0.
+    layer_weights: list[float] | None = None
+    # B_min = min_budget_ratio * B_avg, as for zigzag.
+    min_budget_ratio: float = Field(0.2, ge=0.0, le=1.0)
+    # Informational: the model the profile was calibrated on, and the command.
+    model: str | None = None
+    source: str | None = None
+
+    @field_validator("layer_weights")
+    @classmethod
+    def _weights(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("must hold one weight per model layer, got an empty list")
+        for layer, weight in enumerate(value):
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"weights must be finite and >= 0, got {weight} for layer {layer}")
+        if sum(value) <= 0:
+            raise ValueError("at least one weight must be > 0")
+        return value
+
+    def normalized_weights(self) -> list[float]:
+        """The weights scaled to sum 1 (the u_l of ZigZagKV's Eq. 6)."""
+        if self.layer_weights is None:
+            raise CompressionConfigError(PROFILE_MISSING)
+        total = float(sum(self.layer_weights))
+        return [w / total for w in self.layer_weights]
+
+
+PROFILE_MISSING = (
+    "method profile needs profile.layer_weights (one weight per model layer): run "
+    "`vllm-kvcomp calibrate MODEL_DIR` and pass the YAML it writes with --kv-compression-config"
+)
+
+
 class CompressionConfig(_Section):
     """Everything the scorer, the budget policy and the eviction engine read."""
 
-    method: Literal["none", "uniform", "pyramid", "zigzag", "simlayer"] = "none"
+    method: Literal["none", "uniform", "pyramid", "zigzag", "simlayer", "profile"] = "none"
     # <= 1: fraction of the prompt kept per layer on average; integer > 1: tokens.
     budget: float = Field(0.2, description="fraction of the prompt in (0, 1], or an integer token count > 1")
     # SnapKV observation window: the last `window` prompt queries score the prompt.
@@ -82,6 +123,7 @@ class CompressionConfig(_Section):
     pyramid: PyramidOptions = PyramidOptions()
     zigzag: ZigZagOptions = ZigZagOptions()
     simlayer: SimLayerOptions = SimLayerOptions()
+    profile: ProfileOptions = ProfileOptions()
 
     @field_validator("budget")
     @classmethod
@@ -113,6 +155,8 @@ class CompressionConfig(_Section):
                 f"budget ({int(self.budget)} tokens) is smaller than the always-kept "
                 f"num_sinks + num_recent ({self.protected_tokens})"
             )
+        if self.method == "profile" and self.profile.layer_weights is None:
+            raise ValueError(PROFILE_MISSING)
         return self
 
     # --- derived values -------------------------------------------------

@@ -4,23 +4,26 @@
 #   OUT=/some/dir bash bench/device/session.sh install smoke kernels engine serve
 #   OUT=... bash bench/device/session.sh tput_stock tput_plugin_decode tput_plugin_rest   (one per call)
 #   OUT=... bash bench/device/session.sh gguf quality      (after the GGUF parts arrived, one per call)
-# Every stage logs under $OUT and is time-limited; a failing stage does not stop the next.
-# Results that build up over several calls live in $RESULTS (/tmp: kept while the machine
-# stays up) and are copied to $OUT after every stage.
+# Every stage is time-limited and a failing stage does not stop the next. Logs go to $LOGS and
+# results to $RESULTS (both in /tmp: kept while the machine stays up, so results can build up
+# over several calls); after every stage both are packed into ONE file, $OUT/kvcomp.tgz
+# (the device returns at most 8 files from $OUT). Unpack here with
+#   tar xzf <files_at>/kvcomp.tgz -C bench/results   (results/ and logs/ inside)
 set -uo pipefail
 export PYTHONPATH=/tmp/kvc:/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvcomp-out}
 WORK=/tmp/kvcomp-work
-RESULTS=/tmp/kvcomp-results
+RESULTS=/tmp/kvcomp-pack/results
+LOGS=/tmp/kvcomp-pack/logs
 REPO=$(pwd)
-mkdir -p "$OUT" "$WORK" "$RESULTS"
+mkdir -p "$OUT" "$WORK" "$RESULTS" "$LOGS"
 # -P: never import the source tree from the cwd (kernels/ is installed as vllm_kvcomp.kernels)
 PY="python3 -P"
 
 stage_install() {
   rm -rf /tmp/kvc && mkdir -p /tmp/kvc
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/kvc . > "$OUT/install.log" 2>&1 \
-    || { echo "pip install failed"; tail -20 "$OUT/install.log"; return 1; }
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/kvc . > "$LOGS/install.log" 2>&1 \
+    || { echo "pip install failed"; tail -20 "$LOGS/install.log"; return 1; }
   python3 -c "import gguf" 2>&1 | tail -1; python3 -c "import numpy, yaml, tqdm, transformers; print('deps ok')"
   (cd "$WORK" && $PY -c "import vllm, torch, triton, vllm_kvcomp.kernels; from importlib.metadata import entry_points; \
 print('vllm', vllm.__version__, 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name()); \
@@ -28,44 +31,44 @@ print([e.value for e in entry_points(group='vllm.general_plugins')])")
 }
 
 stage_smoke() {
-  (cd "$WORK" && timeout 300 $PY "$REPO/bench/device/smoke.py" 2>&1 | tee "$OUT/smoke.log" | grep -E "SMOKE|Error|error|Traceback" | tail -30)
+  (cd "$WORK" && timeout 300 $PY "$REPO/bench/device/smoke.py" 2>&1 | tee "$LOGS/smoke.log" | grep -E "SMOKE|Error|error|Traceback" | tail -30)
 }
 
 stage_kernel_tests() {
-  timeout 300 $PY -m pytest -m gpu tests/kernels tests/engine/test_page_tables.py -q -p no:cacheprovider 2>&1 | tee "$OUT/kernels_gpu_tests.log" | tail -8
+  timeout 300 $PY -m pytest -m gpu tests/kernels tests/engine/test_page_tables.py -q -p no:cacheprovider 2>&1 | tee "$LOGS/kernels_gpu_tests.log" | tail -8
 }
 stage_kernel_bench() {
-  timeout 240 $PY bench/kernels_bench.py --out "$OUT" 2>&1 | tee "$OUT/kernels_bench.log" | tail -25
+  timeout 240 $PY bench/kernels_bench.py --out "$RESULTS" 2>&1 | tee "$LOGS/kernels_bench.log" | tail -25
 }
 stage_kernels() { stage_kernel_tests; stage_kernel_bench; }
 
 stage_engine() {
-  KVCOMP_RESULTS_DIR="$OUT" KVCOMP_WORK_DIR="$WORK" timeout 560 $PY -m pytest -m gpu tests/engine/test_engine_gpu.py \
-    -q -p no:cacheprovider 2>&1 | tee "$OUT/engine_gpu_tests.log" | tail -30
-  cp "$WORK"/logs/*.log "$OUT/" 2>/dev/null || true
+  KVCOMP_RESULTS_DIR="$RESULTS" KVCOMP_WORK_DIR="$WORK" timeout 560 $PY -m pytest -m gpu tests/engine/test_engine_gpu.py \
+    -q -p no:cacheprovider 2>&1 | tee "$LOGS/engine_gpu_tests.log" | tail -30
+  cp "$WORK"/logs/*.log "$LOGS/" 2>/dev/null || true
 }
 
 stage_serve() {
-  (cd "$WORK" && vllm serve --help 2>&1 | grep -- "--kv-compression" > "$OUT/serve_help.txt"; cat "$OUT/serve_help.txt")
-  KVCOMP_RESULTS_DIR="$OUT" KVCOMP_WORK_DIR="$WORK" timeout 500 $PY -m pytest -m gpu tests/engine/test_serve_gpu.py \
-    -q -p no:cacheprovider 2>&1 | tee "$OUT/serve_gpu_tests.log" | tail -30
-  cp "$WORK/serve.log" "$OUT/" 2>/dev/null || true
+  (cd "$WORK" && python3 -P -m vllm.entrypoints.cli.main serve --help=KVCompression 2>&1 | grep -- "--kv-" > "$LOGS/serve_help.txt"; cat "$LOGS/serve_help.txt")
+  KVCOMP_RESULTS_DIR="$RESULTS" KVCOMP_WORK_DIR="$WORK" timeout 500 $PY -m pytest -m gpu tests/engine/test_serve_gpu.py \
+    -q -p no:cacheprovider 2>&1 | tee "$LOGS/serve_gpu_tests.log" | tail -30
+  cp "$WORK/serve.log" "$LOGS/" 2>/dev/null || true
 }
 
 # --- issue #5: throughput (stock and plugin in the same machine session, same KV memory)
 TPUT="$PY -m vllm_kvcomp.cli bench throughput --out $RESULTS --work /tmp/kvcomp-throughput"
 stage_tput_stock() {
-  (cd "$WORK" && timeout 560 $TPUT --runs stock 2>&1 | tee "$OUT/tput_stock.log" | grep -E "^\[throughput\]|Error|error" | tail -20)
+  (cd "$WORK" && timeout 560 $TPUT --runs stock 2>&1 | tee "$LOGS/tput_stock.log" | grep -E "^\[throughput\]|Error|error" | tail -20)
 }
 stage_tput_plugin_decode() {
   (cd "$WORK" && timeout 560 $TPUT --runs plugin --cases decode_heavy --budgets 0.2,1.0 2>&1 \
-    | tee "$OUT/tput_plugin_decode.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
+    | tee "$LOGS/tput_plugin_decode.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
 }
 stage_tput_plugin_rest() {
   (cd "$WORK" && timeout 300 $TPUT --runs plugin --cases decode_heavy --budgets 0.1,0.5 2>&1 \
-    | tee "$OUT/tput_plugin_rest1.log" | grep -E "^\[throughput\]|Error|error" | tail -20)
+    | tee "$LOGS/tput_plugin_rest1.log" | grep -E "^\[throughput\]|Error|error" | tail -20)
   (cd "$WORK" && timeout 250 $TPUT --runs plugin --cases prefill_heavy --budgets 0.2,1.0,0.1,0.5 2>&1 \
-    | tee "$OUT/tput_plugin_rest2.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
+    | tee "$LOGS/tput_plugin_rest2.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
 }
 
 # --- issue #5: quality on Qwen2.5-Coder-0.5B-Instruct (GGUF parts carried in .device/q/)
@@ -79,13 +82,13 @@ stage_quality() {
   (cd "$WORK" && timeout 420 $PY -m vllm_kvcomp.cli eval --backend vllm --model "$MODEL" \
     --model-name "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF -> bf16)" --protocols aware \
     --lengths 4096,8192,16384 --depths 0.1,0.3,0.5,0.7,0.9 --budgets 0.5,0.25,0.2,0.1 \
-    --out "$RESULTS" --name quality 2>&1 | tee "$OUT/quality.log" | grep -vE "it/s|s/it|^INFO|^\(EngineCore" | tail -40)
+    --out "$RESULTS" --name quality 2>&1 | tee "$LOGS/quality.log" | grep -vE "it/s|s/it|^INFO|^\(EngineCore" | tail -40)
 }
 
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   "stage_$stage"
-  cp -r "$RESULTS"/. "$OUT/" 2>/dev/null || true
-  cp /tmp/kvcomp-throughput/logs/*.log "$OUT/" 2>/dev/null || true
+  cp /tmp/kvcomp-throughput/logs/*.log "$LOGS/" 2>/dev/null || true
+  tar czf "$OUT/kvcomp.tgz" -C /tmp/kvcomp-pack results logs
 done
 echo "=== done $(date +%T)"

@@ -74,3 +74,69 @@ def test_counter_deltas_leave_gauges_alone():
     assert delta["vllm_kvcomp_blocks_freed_total"] == 15.0
     assert delta["vllm_kvcomp_info{budget=0.2,method=zigzag}"] == 1.0
     assert delta["vllm_kvcomp_eviction_seconds_bucket{le=0.1}"] == 1.0
+
+
+def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkeypatch):
+    """`vllm-kvcomp bench throughput` end to end with the engine processes faked.
+
+    Checks the specs handed to the engine processes (same model, KV memory and
+    prompts; plugin budgets as per-request overrides), the stock-vs-1.0 token
+    comparison, and that a later invocation merges into the same results.
+    """
+    from vllm_kvcomp.bench import offline
+    from vllm_kvcomp.cli import main
+
+    specs = []
+
+    def fake_run(spec, workdir, timeout=900, partial_ok=False):
+        specs.append(spec)
+        plugin = spec.get("compression") is not None
+        workloads = []
+        for w in spec["workloads"]:
+            budget = w["budget"] or 1.0
+            tok_s = 1000.0 / budget if plugin else 1000.0
+            m = _measured(w["label"], w["case"], w["budget"], tok_s, 7 / budget)
+            m["workload"] = w
+            if w["return_tokens"]:
+                m["tokens"] = [[1, 2, 3], [4, 5, 6]] if not plugin else [[1, 2, 3], [4, 5, 7]]
+            if plugin:
+                m["plugin_metrics"] = {"vllm_kvcomp_eviction_seconds_sum": 0.5, "vllm_kvcomp_eviction_seconds_count": 10.0}
+            workloads.append(m)
+        return {"name": spec["name"], "compression": spec.get("compression"), "device": "FakeGPU",
+                "vllm": "0.25.1", "torch": "2.11.0", "workloads": workloads}
+
+    monkeypatch.setattr(offline, "run_in_subprocess", fake_run)
+    common = ["--model", "/m", "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--kv-cache-memory-bytes", "1024"]
+    assert main(["bench", "throughput", *common, "--runs", "stock,plugin", "--cases", "decode_heavy",
+                 "--budgets", "0.2,1.0"]) == 0
+    stock_spec, plugin_spec = specs
+    for key in ("model", "kv_cache_memory_bytes", "max_model_len"):
+        assert stock_spec[key] == plugin_spec[key]
+    assert stock_spec.get("compression") is None
+    assert plugin_spec["compression"]["method"] == "zigzag"
+    assert [w["extra_args"] for w in plugin_spec["workloads"]] == [{"kv_budget": 0.2}, {"kv_budget": 1.0}]
+    assert plugin_spec["workloads"][0]["seed"] == stock_spec["workloads"][0]["seed"]
+
+    # a second invocation (another case) merges into the same raw results
+    assert main(["bench", "throughput", *common, "--runs", "stock,plugin", "--cases", "prefill_heavy",
+                 "--budgets", "0.5"]) == 0
+    summary = json.loads((tmp_path / "throughput.json").read_text())
+    assert summary["device"] == "FakeGPU" and summary["kv_cache_memory_bytes"] == 1024
+    got = {(c["case"], c["budget"]): c for c in summary["cases"]}
+    assert set(got) == {("decode_heavy", 0.2), ("decode_heavy", 1.0), ("prefill_heavy", 0.5)}
+    assert got[("decode_heavy", 0.2)]["ratio_output_tok_s"] == pytest.approx(5.0)
+    assert got[("prefill_heavy", 0.5)]["ratio_output_tok_s"] == pytest.approx(2.0)
+    assert got[("decode_heavy", 1.0)]["identical_to_stock"] == 0.5
+    assert got[("decode_heavy", 0.2)]["eviction_ms_mean"] == pytest.approx(50.0)
+    raw = json.loads((tmp_path / "throughput_raw.json").read_text())
+    assert all("tokens" not in w for run in raw.values() for w in run["workloads"])
+    assert (tmp_path / "throughput.md").exists() and (tmp_path / "throughput_vs_budget.png").exists()
+
+
+def test_bad_arguments_are_refused():
+    from vllm_kvcomp.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "throughput", "--cases", "decode_heavy,chat"])
+    with pytest.raises(SystemExit):
+        main(["bench", "throughput", "--budgets", "0.2,1.5"])

@@ -233,3 +233,34 @@ def test_per_request_none_is_served_uncompressed():
     assert not runtime.requests["r"].compress
     runtime.add_request("s", index=2, block_ids=list(range(20, 39)), prompt_len=300)
     assert runtime.requests["s"].compress
+
+
+def test_model_runner_hands_each_request_its_own_config(monkeypatch):
+    """CompressionModelRunner.add_requests: SamplingParams.extra_args -> runtime config."""
+    from types import SimpleNamespace
+
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    from vllm_kvcomp.engine.worker import CompressionModelRunner
+
+    monkeypatch.setattr(GPUModelRunner, "add_requests", lambda self, scheduler_output: None)
+    runtime, _ = make_runtime("zigzag", budget="0.25")
+    runner = object.__new__(CompressionModelRunner)
+    runner.kvcomp = runtime
+    runner.req_states = SimpleNamespace(
+        req_id_to_index={"a": 1, "b": 2, "c": 3}, prefill_len=SimpleNamespace(np=np.array([0, 400, 400, 400]))
+    )
+    new = [
+        SimpleNamespace(req_id="a", block_ids=([1, 2],), sampling_params=SamplingParams()),
+        SimpleNamespace(req_id="b", block_ids=([3, 4],), sampling_params=SamplingParams(
+            extra_args={"kv_compression": "uniform", "kv_budget": 0.5})),
+        SimpleNamespace(req_id="c", block_ids=([5, 6],), sampling_params=SamplingParams(
+            extra_args={"kv_compression": "none"})),
+    ]
+    runner.add_requests(SimpleNamespace(scheduled_new_reqs=new))
+    a, b, c = (runtime.requests[k] for k in "abc")
+    assert (a.config.method, a.config.budget, a.compress) == ("zigzag", 0.25, True)
+    assert (b.config.method, b.config.budget, b.compress) == ("uniform", 0.5, True)
+    assert (c.config.method, c.compress) == ("none", False)
+    assert a.index == 1 and b.block_ids == [3, 4] and a.prompt_len == 400

@@ -188,3 +188,61 @@ def test_heatmap_cells_are_the_mean_score(tmp_path, monkeypatch):
     (full, zig) = grids.values()
     assert np.allclose(full, 1.0)
     assert zig[0, 0] == pytest.approx(1 / 3) and zig[1, 1] == 0.0
+
+
+def test_vllm_backend_sends_every_config_as_a_per_request_override(tiny_model, tmp_path, monkeypatch):
+    """`eval --backend vllm` with the engine faked: one request per (sample, config),
+    the method/budget in SamplingParams.extra_args, rows scored against the answers."""
+    import json
+
+    import vllm
+
+    from vllm_kvcomp.cli import main
+    from vllm_kvcomp.config import from_additional_config, request_config
+
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            seen["kwargs"] = kwargs
+
+        def generate(self, prompts, params, use_tqdm=True):
+            seen["requests"] = list(zip(prompts, params))
+            server = from_additional_config(seen["kwargs"]["additional_config"])
+            outs = []
+            for prompt, p in zip(prompts, params):
+                config = request_config(server, p.extra_args)  # what the worker will do
+                answer = seen["answers"][tuple(prompt["prompt_token_ids"])]
+                text = answer if (not config.enabled or config.budget >= 0.5) else "no idea"
+                outs.append(type("O", (), {"outputs": [type("C", (), {"text": text})()]})())
+            return outs
+
+    import vllm_kvcomp.eval.tasks as tasks
+    original_suite = tasks.TaskGenerator.suite
+
+    def recording_suite(self, *args, **kwargs):
+        samples = original_suite(self, *args, **kwargs)
+        seen["answers"] = {}
+        for s in samples:
+            head, question = tasks.chat_prompt(self.tokenizer, s)
+            ids = self.tokenizer(head + question, add_special_tokens=False)["input_ids"]
+            seen["answers"][tuple(ids)] = " ".join(s.answers)
+        return samples
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setattr(tasks.TaskGenerator, "suite", recording_suite)
+    rc = main(["eval", "--backend", "vllm", "--model", tiny_model, "--tasks", "niah_noise,vt", "--lengths", "192",
+               "--depths", "0.5", "--methods", "uniform,zigzag", "--budgets", "0.5,0.1", "--protocols", "aware",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    assert seen["kwargs"]["additional_config"]["kv_compression"]["method"] == "uniform"
+    assert seen["kwargs"]["enable_prefix_caching"] is False
+    extras = [p.extra_args for _, p in seen["requests"]]
+    assert len(extras) == 2 * 5  # 2 samples x (none + 2 methods x 2 budgets)
+    assert {"kv_compression": "none"} in extras and {"kv_compression": "zigzag", "kv_budget": 0.1} in extras
+    data = json.loads((tmp_path / "quality.json").read_text())
+    scores = {(r["method"], r["budget"], r["task"]): r["score"] for r in data["results"]}
+    assert scores[("none", 1.0, "vt")] == 1.0 and scores[("zigzag", 0.5, "niah_noise")] == 1.0
+    assert scores[("uniform", 0.1, "vt")] == 0.0
+    assert all(r["full_score"] == 1.0 for r in data["results"])
+    assert (tmp_path / "quality_aware_heatmap.png").exists()

@@ -2,6 +2,7 @@
 
 from vllm_kvcomp.config import CompressionConfig
 from vllm_kvcomp.policies.base import BudgetPolicy, BudgetRequest, LayerStats, allocate
+from vllm_kvcomp.policies.profile import ProfilePolicy
 from vllm_kvcomp.policies.pyramid import PyramidPolicy
 from vllm_kvcomp.policies.simlayer import SimLayerPolicy
 from vllm_kvcomp.policies.uniform import UniformPolicy
@@ -13,6 +14,7 @@ __all__ = [
     "LayerStats",
     "allocate",
     "make_policy",
+    "ProfilePolicy",
     "PyramidPolicy",
     "SimLayerPolicy",
     "UniformPolicy",
@@ -30,4 +32,6 @@ def make_policy(config: CompressionConfig) -> BudgetPolicy:
         return ZigZagPolicy(config.zigzag)
     if config.method == "simlayer":
         return SimLayerPolicy(config.simlayer, num_sinks=config.num_sinks)
+    if config.method == "profile":
+        return ProfilePolicy(config.profile)
     raise ValueError(f"no budget policy for method {config.method!r}")
