@@ -88,6 +88,16 @@ class ProfileOptions(_Section):
         total = float(sum(self.layer_weights))
         return [w / total for w in self.layer_weights]
 
+    def check_num_layers(self, num_layers: int) -> None:
+        """Refuse weights measured on a model with another number of layers."""
+        if self.layer_weights is not None and len(self.layer_weights) != num_layers:
+            calibrated = f" ({self.model})" if self.model else ""
+            raise CompressionConfigError(
+                f"kv-compression config: profile.layer_weights: the profile was calibrated for "
+                f"{len(self.layer_weights)} layers{calibrated} and the model has {num_layers}; "
+                "run `vllm-kvcomp calibrate MODEL_DIR` for this model"
+            )
+
 
 PROFILE_MISSING = (
     "method profile needs profile.layer_weights (one weight per model layer): run "

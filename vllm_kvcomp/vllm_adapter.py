@@ -85,7 +85,9 @@ def add_compression_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=None,
         help="Per-layer budget method: none (stock vLLM), uniform (SnapKV), pyramid "
         "(PyramidKV), zigzag (ZigZagKV layer uncertainty), simlayer (SimLayerKV lazy "
-        "layers). Default: none, or the method of --kv-compression-config.",
+        "layers), profile (static per-layer budgets from `vllm-kvcomp calibrate`: pass "
+        "its YAML with --kv-compression-config). Default: none, or the method of "
+        "--kv-compression-config.",
     )
     group.add_argument(
         "--kv-budget",
@@ -99,7 +101,8 @@ def add_compression_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         metavar="PATH",
         help="YAML file with every other compression option (observation window, "
         "pooling, sink and recent tokens, zigzag tau, simlayer threshold, metrics port...); "
-        "see configs/*.yaml. Flags override the file.",
+        "see configs/*.yaml, and configs/profiles/*.yaml for calibrated profiles. Flags "
+        "override the file.",
     )
     return parser
 

@@ -122,6 +122,50 @@ def test_openai_api_unchanged_and_compressing(server):
     )
 
 
+def _kept_share(metrics_text: str) -> tuple[float, float, float]:
+    """(requests compressed, kept tokens / prompt tokens summed over layers) from the exporter."""
+    requests = kept = prompt = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("vllm_kvcomp_requests_compressed_total"):
+            requests = float(line.split()[-1])
+        elif line.startswith("vllm_kvcomp_tokens_kept_total"):
+            kept += float(line.split()[-1])
+        elif line.startswith("vllm_kvcomp_prompt_tokens_total"):
+            prompt = float(line.split()[-1])
+    return requests, kept, prompt
+
+
+def test_per_request_budget_through_vllm_xargs(server):
+    """OpenAI clients choose method/budget per request; bad values are a 400, not a crash."""
+    import openai
+    from openai import OpenAI
+
+    proc, transcript, _ = server
+    client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="none")
+    before = _kept_share(_get(f"http://127.0.0.1:{METRICS_PORT}/metrics"))
+    client.completions.create(model="random-llama", prompt=_long_prompt(6000), max_tokens=4,
+                              extra_body={"vllm_xargs": {"kv_compression": "uniform", "kv_budget": 0.5}})
+    after = _kept_share(_get(f"http://127.0.0.1:{METRICS_PORT}/metrics"))
+    assert after[0] == before[0] + 1
+    layers = 16
+    share = (after[1] - before[1]) / (after[2] - before[2]) / layers
+    assert 0.48 <= share <= 0.56, share  # budget 0.5, rounded up to whole pages
+
+    client.completions.create(model="random-llama", prompt=_long_prompt(6000), max_tokens=4,
+                              extra_body={"vllm_xargs": {"kv_compression": "none"}})
+    assert _kept_share(_get(f"http://127.0.0.1:{METRICS_PORT}/metrics"))[0] == after[0]  # served with full KV
+
+    errors = {}
+    for bad in ({"kv_budget": 1.5}, {"kv_compression": "snapkv"}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="random-llama", prompt="w1 w2", max_tokens=2, extra_body={"vllm_xargs": bad})
+        errors[json.dumps(bad)] = str(err.value)[:300]
+    assert "budget" in errors[json.dumps({"kv_budget": 1.5})]
+    assert "snapkv" in errors[json.dumps({"kv_compression": "snapkv"})]
+    assert client.completions.create(model="random-llama", prompt="w1 w2", max_tokens=2).choices  # still serving
+    transcript.update(per_request_kept_share=share, per_request_errors=errors)
+
+
 def test_clean_shutdown(server):
     proc, transcript, log_path = server
     proc.send_signal(signal.SIGINT)

@@ -105,6 +105,12 @@ def check_vllm_config(vllm_config, config: CompressionConfig) -> None:
             f"kv-compression config: num_recent ({config.num_recent}) must be >= the KV block size "
             f"({block_size}): the block holding the last prompt token is always kept whole"
         )
+    # A calibrated profile (method profile, or available to per-request
+    # kv_compression=profile) must match the model's depth: refuse at startup,
+    # not at the first request's eviction.
+    get_layers = getattr(model_config, "get_total_num_hidden_layers", None)
+    if config.profile.layer_weights is not None and callable(get_layers):
+        config.profile.check_num_layers(get_layers())
 
 
 def _has_layer_types(model_config, markers: tuple[str, ...]) -> bool:

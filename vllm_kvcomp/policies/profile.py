@@ -9,7 +9,7 @@ makes them integers in [floor, P]. No observation statistics are read.
 
 import numpy as np
 
-from vllm_kvcomp.config import CompressionConfigError, ProfileOptions
+from vllm_kvcomp.config import ProfileOptions
 from vllm_kvcomp.policies.base import BudgetPolicy, BudgetRequest
 
 
@@ -17,22 +17,13 @@ class ProfilePolicy(BudgetPolicy):
     name = "profile"
 
     def __init__(self, options: ProfileOptions):
+        self.options = options
         self.weights = np.asarray(options.normalized_weights(), dtype=np.float64)
         self.min_budget_ratio = options.min_budget_ratio
-        self.model = options.model
-
-    def check_layers(self, num_layers: int) -> None:
-        """Refuse a profile measured on a model with another number of layers."""
-        if len(self.weights) != num_layers:
-            calibrated = f" ({self.model})" if self.model else ""
-            raise CompressionConfigError(
-                f"kv-compression config: profile.layer_weights: the profile was calibrated for "
-                f"{len(self.weights)} layers{calibrated} and the model has {num_layers}; run "
-                "`vllm-kvcomp calibrate MODEL_DIR` for this model"
-            )
 
     def raw_budgets(self, request: BudgetRequest) -> np.ndarray:
-        self.check_layers(request.num_layers)
+        # CompressionConfigError (a ValueError) if the profile is for another model.
+        self.options.check_num_layers(request.num_layers)
         n = request.num_layers
         b_avg = float(request.avg_budget)
         b_min = max(self.min_budget_ratio * b_avg, float(request.floor))

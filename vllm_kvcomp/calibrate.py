@@ -1,0 +1,294 @@
+"""`vllm-kvcomp calibrate MODEL_DIR`: static per-layer budget weights (method "profile").
+
+Runs sample prompts (the RULER-style documents of `eval/tasks.py`, chat-formatted,
+document + question as `vllm serve` sees them) through transformers on CPU,
+captures each layer's observation-window queries (`eval/hf_backend.py`), and
+measures ZigZagKV's layer uncertainty exactly as the engine does per request:
+the window attention mass per KV head (`kernels/reference.py`), MBA per head
+(`scoring.head_statistics`: fewest tokens holding `tau` of the mass), LMBA_l =
+mean over KV heads. Per sample u_l = LMBA_l / sum_l LMBA_l (ZigZagKV's
+normalization, so long and short prompts count the same); the profile's weight
+of layer l is the mean over samples of L * u_l (mean 1.0 over layers).
+
+The YAML written (default configs/profiles/<model folder>.yaml) is a complete
+`--kv-compression-config`: method profile, budget, the weights, and a header
+with the per-layer spread and the standard deviation of each weight across
+samples. A large spread across samples means the layers' needs depend on the
+prompt: per-request zigzag then adapts better than a static profile.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vllm_kvcomp.config import CompressionConfig, CompressionConfigError, build_config, parse_budget
+
+DEFAULT_TASKS = ("niah_text", "niah_noise")
+PROFILES_DIR = Path("configs") / "profiles"
+# Heuristic thresholds on the mean relative stddev of the weights across samples.
+STABLE_BELOW = 0.10
+UNSTABLE_ABOVE = 0.25
+
+
+@dataclass
+class Calibration:
+    """Per-sample layer uncertainty of one model; weights have mean 1.0 over layers."""
+
+    model: str
+    per_sample: np.ndarray  # [S, L], each row L * u_l (mean 1.0)
+    prompt_tokens: list[int] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.per_sample.shape[1])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.per_sample.shape[0])
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Mean over samples of L * u_l (mean 1.0, since every row has mean 1.0)."""
+        return self.per_sample.mean(axis=0)
+
+    @property
+    def stddev(self) -> np.ndarray:
+        """Standard deviation of each layer's weight across samples (0 for one sample)."""
+        if self.num_samples < 2:
+            return np.zeros(self.num_layers)
+        return self.per_sample.std(axis=0, ddof=1)
+
+    @property
+    def relative_stddev(self) -> float:
+        """Mean over layers of stddev / weight: how much a layer's share moves between prompts."""
+        w = self.weights
+        return float(np.mean(self.stddev / np.maximum(w, 1e-12)))
+
+    @property
+    def budget_moved(self) -> float:
+        """Mean over samples of the share of the flexible budget (B_avg - B_min per layer)
+        that per-request zigzag would place on other layers than the profile:
+        0.5 * sum_l |u_l(sample) - u_l(profile)|."""
+        shares = self.per_sample / self.num_layers
+        return float(np.mean(0.5 * np.abs(shares - self.weights / self.num_layers).sum(axis=1)))
+
+    def verdict(self) -> str:
+        r = self.relative_stddev
+        if self.num_samples < 2:
+            return "one sample only: stability unknown, calibrate with more --samples"
+        if r < STABLE_BELOW:
+            return "stable across prompts: a static profile is a good fit"
+        if r > UNSTABLE_ABOVE:
+            return "varies a lot across prompts: per-request zigzag is likely better than a static profile"
+        return "moderately stable: a profile fits one workload; compare with zigzag (vllm-kvcomp eval)"
+
+
+def layer_uncertainty(mass: list[torch.Tensor], prompt_len: int, tau: float) -> np.ndarray:
+    """LMBA_l: mean over KV heads of the MBA of each layer's window mass [Hkv, P]."""
+    from vllm_kvcomp.scoring import head_statistics
+
+    lens = torch.tensor([prompt_len])
+    out = []
+    for layer_mass in mass:
+        mba, _ = head_statistics(layer_mass[None], lens, tau=tau, num_sinks=0, local_recent=1)
+        out.append(float(mba[0].mean()))
+    return np.asarray(out, dtype=np.float64)
+
+
+def normalized_weights(lmba: np.ndarray) -> np.ndarray:
+    """ZigZagKV's u_l = LMBA_l / sum LMBA, scaled by L (mean 1.0)."""
+    lmba = np.maximum(np.asarray(lmba, dtype=np.float64), 0.0)
+    total = lmba.sum()
+    if total <= 0:
+        return np.ones_like(lmba)
+    return len(lmba) * lmba / total
+
+
+def sample_prompts(tokenizer, tasks, lengths, samples: int, seed: int = 0) -> list[tuple[str, int, str]]:
+    """(task, context length, chat prompt) for `samples` prompts: tasks and lengths
+    cycle, needle depths spread evenly over (0, 1)."""
+    from vllm_kvcomp.eval.tasks import TaskGenerator, chat_prompt
+
+    gen = TaskGenerator(tokenizer, seed=seed)
+    prompts = []
+    for i in range(samples):
+        task = tasks[i % len(tasks)]
+        length = lengths[(i // len(tasks)) % len(lengths)]
+        depth = round((i + 0.5) / samples, 4)
+        sample = gen.sample(task, length, depth, index=i)
+        head, question = chat_prompt(tokenizer, sample)
+        prompts.append((task, length, head + question))
+    return prompts
+
+
+def calibrate(
+    model_dir: str,
+    *,
+    tasks=DEFAULT_TASKS,
+    lengths=(4096,),
+    samples: int = 8,
+    tau: float = 0.9,
+    window: int = 32,
+    threads: int | None = None,
+    seed: int = 0,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """Prefill the sample prompts and measure every layer's uncertainty."""
+    from tqdm import tqdm
+
+    from vllm_kvcomp.eval.hf_backend import HFEvaluator
+
+    scorer = build_config(
+        method="zigzag",
+        overrides={"window": window, "num_recent": max(64, window), "zigzag": {"tau": tau}, "metrics_port": None},
+    )
+    t0 = time.time()
+    evaluator = HFEvaluator(model_dir, threads=threads)
+    prompts = sample_prompts(evaluator.tokenizer, list(tasks), list(lengths), samples, seed)
+    rows, tokens, names = [], [], []
+    bar = tqdm(prompts, desc="calibrate", unit="prompt", disable=not progress, file=sys.stderr)
+    for task, _length, text in bar:
+        _cache, pre = evaluator.prefill(text, scorer)
+        del _cache
+        lmba = layer_uncertainty(pre.mass, pre.prompt_len, scorer.zigzag.tau)
+        rows.append(normalized_weights(lmba))
+        tokens.append(pre.prompt_len)
+        names.append(task)
+        bar.set_postfix(tokens=pre.prompt_len, task=task)
+    bar.close()
+    return Calibration(
+        model=model_name or Path(model_dir).name,
+        per_sample=np.stack(rows),
+        prompt_tokens=tokens,
+        tasks=names,
+        seconds=time.time() - t0,
+    )
+
+
+def _fmt(values, digits: int = 3) -> str:
+    return "[" + ", ".join(f"{v:.{digits}f}" for v in values) + "]"
+
+
+def render_profile(
+    cal: Calibration,
+    *,
+    budget: float = 0.2,
+    min_budget_ratio: float = 0.2,
+    source: str,
+    settings: str = "",
+) -> str:
+    """The profile YAML: a commented header, then a complete compression config."""
+    w, sd = cal.weights, cal.stddev
+    lo, hi = int(np.argmin(w)), int(np.argmax(w))
+    lines = [
+        f"# vllm-kvcomp calibration profile for {cal.model} (method: profile).",
+        f"# Written by `{source}`",
+        f"# on {datetime.date.today().isoformat()}: {cal.num_samples} sample prompt(s) "
+        f"({', '.join(sorted(set(cal.tasks)))}; {min(cal.prompt_tokens)}-{max(cal.prompt_tokens)} tokens)"
+        f"{'; ' + settings if settings else ''}; {cal.seconds:.0f} s on CPU.",
+        "#",
+        "# layer_weights: ZigZagKV layer uncertainty (MBA over the observation window),",
+        "# normalized per sample to mean 1.0 over the layers and averaged over samples.",
+        "# Layer l keeps B_min + (B_avg - B_min) * L * w_l / sum(w) tokens, B_min = min_budget_ratio * B_avg.",
+        f"# Spread: min {w[lo]:.3f} (layer {lo}), max {w[hi]:.3f} (layer {hi}), max/min {w[hi] / max(w[lo], 1e-12):.2f}.",
+        f"# Stddev of each weight across samples: {_fmt(sd)}",
+        f"# Stability: mean stddev/weight {cal.relative_stddev:.3f}; per-request zigzag would move "
+        f"{100 * cal.budget_moved:.1f}% of the flexible budget to other layers on average.",
+        f"# Verdict: {cal.verdict()}.",
+        "# Use: vllm serve MODEL --kv-compression-config THIS_FILE [--kv-budget B]",
+        "method: profile",
+        f"budget: {budget:g}",
+        "profile:",
+        "  layer_weights:",
+    ]
+    lines += [f"    - {v:.4f}  # layer {i}, stddev {s:.3f}" for i, (v, s) in enumerate(zip(w, sd))]
+    lines += [
+        f"  min_budget_ratio: {min_budget_ratio:g}",
+        f"  model: {json.dumps(cal.model)}",
+        f"  source: {json.dumps(source)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_profile(path: str | Path, text: str) -> CompressionConfig:
+    """Write the profile and load it back the way `--kv-compression-config` will."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return build_config(config_path=path)
+
+
+def main(args) -> int:
+    """The `calibrate` subcommand (argparse namespace from cli.py)."""
+    from vllm_kvcomp.eval.tasks import TASKS
+
+    unknown = [t for t in args.tasks if t not in TASKS]
+    if unknown:
+        print(f"vllm-kvcomp calibrate: --tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+    if args.samples < 1 or not args.lengths or min(args.lengths) < 256:
+        print("vllm-kvcomp calibrate: need --samples >= 1 and --lengths of at least 256 tokens", file=sys.stderr)
+        return 2
+    if not (0 < args.tau < 1) or args.window < 1:
+        print("vllm-kvcomp calibrate: need 0 < --tau < 1 and --window >= 1", file=sys.stderr)
+        return 2
+    if not Path(args.model_dir, "config.json").is_file():
+        print(f"vllm-kvcomp calibrate: {args.model_dir} is not a Hugging Face model folder (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        budget = parse_budget(args.budget)
+        # Fail on a bad budget / ratio before the (slow) prefills.
+        build_config(
+            method="uniform",
+            budget=budget,
+            overrides={"profile": {"min_budget_ratio": args.min_budget_ratio}, "metrics_port": None},
+        )
+    except CompressionConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    model_name = args.model_name or Path(args.model_dir.rstrip("/")).name
+    out = Path(args.out) if args.out else PROFILES_DIR / f"{model_name}.yaml"
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    source = "vllm-kvcomp " + shlex.join(argv)
+
+    cal = calibrate(
+        args.model_dir,
+        tasks=args.tasks,
+        lengths=args.lengths,
+        samples=args.samples,
+        tau=args.tau,
+        window=args.window,
+        threads=args.threads,
+        seed=args.seed,
+        model_name=model_name,
+    )
+    settings = f"tau {args.tau:g}, window {args.window}, seed {args.seed}"
+    text = render_profile(cal, budget=budget, min_budget_ratio=args.min_budget_ratio, source=source, settings=settings)
+    try:
+        config = write_profile(out, text)
+    except CompressionConfigError as err:
+        print(f"vllm-kvcomp calibrate: wrote {out} but it does not load: {err}", file=sys.stderr)
+        return 1
+    w = np.asarray(config.profile.layer_weights)
+    assert len(w) == cal.num_layers and math.isclose(float(w.mean()), 1.0, abs_tol=1e-3)
+    print(
+        f"wrote {out}: {cal.num_layers} layers, weights {w.min():.3f}-{w.max():.3f} "
+        f"(mean stddev/weight across {cal.num_samples} samples {cal.relative_stddev:.3f}: {cal.verdict()}); "
+        f"{cal.seconds:.0f} s"
+    )
+    print(f"use it with: vllm serve {args.model_dir} --kv-compression-config {out}")
+    return 0
