@@ -3,6 +3,7 @@
   vllm-kvcomp check-config configs/zigzag.yaml [--kv-compression M] [--kv-budget B]
   vllm-kvcomp bench throughput [...]                 plugin vs stock vLLM at the same KV memory (GPU)
   vllm-kvcomp eval --backend hf|vllm --model DIR [...]  quality vs full KV on RULER-style tasks
+  vllm-kvcomp calibrate MODEL_DIR [...]              static per-layer budgets (method profile), CPU
 """
 
 from __future__ import annotations
@@ -117,6 +118,12 @@ def evaluate(args) -> int:
     return 0
 
 
+def calibrate(args) -> int:
+    from vllm_kvcomp import calibrate as calibration
+
+    return calibration.main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-kvcomp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +158,26 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", default=None, help="file stem (default: quality for vllm, quality_cpu for hf)")
     p.set_defaults(func=evaluate)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="measure per-layer uncertainty on sample prompts (CPU) and write a profile YAML for "
+        "--kv-compression-config (method profile: static per-layer budgets)",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="HF model folder")
+    p.add_argument("--lengths", type=_csv(int), default=[4096], help="prompt lengths in tokens (default 4096)")
+    p.add_argument("--samples", type=int, default=8, help="sample prompts (default 8)")
+    p.add_argument("--tasks", type=_csv(str), default=["niah_text", "niah_noise"],
+                   help="documents of `eval` tasks, cycled over the samples (default niah_text,niah_noise)")
+    p.add_argument("--tau", type=float, default=0.9, help="ZigZagKV attention-mass threshold (default 0.9)")
+    p.add_argument("--window", type=int, default=32, help="observation window, last prompt queries (default 32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", default="0.2", help="budget written to the profile (default 0.2)")
+    p.add_argument("--min-budget-ratio", type=float, default=0.2, help="profile.min_budget_ratio (default 0.2)")
+    p.add_argument("--model-name", default=None, help="name in the profile (default: the folder name)")
+    p.add_argument("--out", default=None, help="default configs/profiles/<model folder name>.yaml")
+    p.set_defaults(func=calibrate)
 
     args = parser.parse_args(argv)
     args.argv = argv

@@ -96,19 +96,32 @@ class EvictionPlan:
     def _relocation_map(self) -> dict[tuple[int, int], tuple[int, int]]:
         return {(l, j): (i, s) for l, j, i, s in self.relocations}
 
-    def entries(self) -> list[tuple[int, int, int, int]]:
-        """(entry block index, entry slot, page block index, page slot) per compacted page.
+    @cached_property
+    def relocation_array(self) -> np.ndarray:
+        """int64 [n, 4]: (layer, page j, block index i, layer slot s) per overflow page."""
+        return np.asarray(self.relocations, dtype=np.int64).reshape(-1, 4)
 
-        Entry q = C_l + j of layer l stores where its page j lives.
+    @cached_property
+    def entry_array(self) -> np.ndarray:
+        """int64 [sum c_l, 4]: (entry block, entry slot, page block, page slot) per compacted page.
+
+        Entry q = C_l + j of layer l stores where its page j lives. Vectorised
+        `entries()`: overflow pages are enumerated layer-major, page-ascending,
+        the same order as `relocations`.
         """
-        out = []
-        offsets = self.entry_offsets
-        for layer in range(self.num_layers):
-            for page in range(int(self.compact_pages[layer])):
-                q = int(offsets[layer]) + page
-                block, slot = self.page_location(layer, page)
-                out.append((q // self.num_layers, q % self.num_layers, block, slot))
-        return out
+        L = self.num_layers
+        layer = np.repeat(np.arange(L, dtype=np.int64), self.compact_pages)
+        page = np.arange(len(layer), dtype=np.int64) - np.repeat(self.entry_offsets, self.compact_pages)
+        q = np.arange(len(layer), dtype=np.int64)  # C_l + j, by construction
+        block, slot = page.copy(), layer.copy()
+        overflow = page >= self.kept_blocks
+        rel = self.relocation_array
+        block[overflow], slot[overflow] = rel[:, 2], rel[:, 3]
+        return np.stack([q // L, q % L, block, slot], axis=1)
+
+    def entries(self) -> list[tuple[int, int, int, int]]:
+        """`entry_array` as tuples (tests, reference page tables)."""
+        return [tuple(int(x) for x in row) for row in self.entry_array]
 
 
 def plan_eviction(budgets: np.ndarray, prompt_len: int, block_size: int) -> EvictionPlan | None:
@@ -124,10 +137,18 @@ def plan_eviction(budgets: np.ndarray, prompt_len: int, block_size: int) -> Evic
     kept_blocks = cdiv(int(compact.sum()), num_layers)
     if kept_blocks >= full:
         return None
-    overflow = [(l, j) for l in range(num_layers) for j in range(kept_blocks, int(compact[l]))]
-    free = [(i, s) for s in range(num_layers) for i in range(int(compact[s]), kept_blocks)]
-    assert len(free) >= len(overflow), "retained blocks cannot hold the survivors"
-    relocations = tuple((l, j, i, s) for (l, j), (i, s) in zip(overflow, free))
+    # Overflow pages (layer-major, page-ascending) go to free slots (slot-major,
+    # block-ascending), pairwise in these orders.
+    layers = np.arange(num_layers, dtype=np.int64)
+    n_over = np.maximum(compact - kept_blocks, 0)
+    over_l = np.repeat(layers, n_over)
+    over_j = kept_blocks + np.arange(len(over_l)) - np.repeat(np.cumsum(n_over) - n_over, n_over)
+    n_free = np.maximum(kept_blocks - compact, 0)
+    free_s = np.repeat(layers, n_free)
+    free_i = np.repeat(compact, n_free) + np.arange(len(free_s)) - np.repeat(np.cumsum(n_free) - n_free, n_free)
+    assert len(free_s) >= len(over_l), "retained blocks cannot hold the survivors"
+    n = len(over_l)
+    relocations = tuple(zip(over_l.tolist(), over_j.tolist(), free_i[:n].tolist(), free_s[:n].tolist()))
     return EvictionPlan(
         prompt_len=prompt_len,
         block_size=block_size,

@@ -573,6 +573,7 @@ class CompressionRuntime:
         }
 
     def _relocate_and_publish(self, reqs, plans, copy_pages_) -> None:
+        """Copy overflow pages, write the entry tables, publish (c, C, d) per request slot."""
         N, dev = self.blocks_per_layer, self.device
         src, dst, entry_at, entry_page = [], [], [], []
         state = np.zeros((3, len(reqs), self.num_layers), dtype=np.int32)
@@ -580,28 +581,26 @@ class CompressionRuntime:
         for r, (req, plan) in enumerate(zip(reqs, plans)):
             if plan is None:
                 continue
-            row = req.block_ids
-            for layer, j, i, s in plan.relocations:
-                src.append(layer * N + row[j])
-                dst.append(s * N + row[i])
-            for eb, es, pb, ps in plan.entries():
-                entry_at.append(es * N + row[eb])
-                entry_page.append(ps * N + row[pb])
+            row = np.asarray(req.block_ids, dtype=np.int64)
+            rel = plan.relocation_array  # (layer, page j, block i, slot s)
+            src.append(rel[:, 0] * N + row[rel[:, 1]])
+            dst.append(rel[:, 3] * N + row[rel[:, 2]])
+            ent = plan.entry_array  # (entry block, entry slot, page block, page slot)
+            entry_at.append(ent[:, 1] * N + row[ent[:, 0]])
+            entry_page.append(ent[:, 3] * N + row[ent[:, 2]])
             state[0, r] = plan.compact_pages
             state[1, r] = plan.entry_offsets
             state[2, r] = plan.shift_pages
             indices.append((r, req.index))
-        if src:
-            copy_pages_(
-                self.pool,
-                torch.tensor(src, dtype=torch.int64, device=dev),
-                torch.tensor(dst, dtype=torch.int64, device=dev),
-            )
-        if entry_at:
+        src_t, dst_t = np.concatenate(src or [np.zeros(0, np.int64)]), np.concatenate(dst or [np.zeros(0, np.int64)])
+        if len(src_t):
+            copy_pages_(self.pool, torch.from_numpy(src_t).to(dev), torch.from_numpy(dst_t).to(dev))
+        entry_at_t = np.concatenate(entry_at or [np.zeros(0, np.int64)])
+        if len(entry_at_t):
             self.entries.index_copy_(
                 0,
-                torch.tensor(entry_at, dtype=torch.int64, device=dev),
-                torch.tensor(entry_page, dtype=torch.int32, device=dev),
+                torch.from_numpy(entry_at_t).to(dev),
+                torch.from_numpy(np.concatenate(entry_page).astype(np.int32)).to(dev),
             )
         if indices:
             self._apply_resets()
