@@ -103,7 +103,8 @@ def test_serve_help_lists_the_flags():
     assert "--kv-compression METHOD" in out and "--kv-budget" in out and "--kv-compression-config" in out
     code_group = code.replace("'--help'", "'--help=KVCompression'")
     out = subprocess.run([sys.executable, "-c", code_group], capture_output=True, text=True, timeout=300).stdout
-    assert "{none,uniform,pyramid,zigzag,simlayer}" in out
+    assert "{none,uniform,pyramid,zigzag,simlayer,profile}" in out
+    assert "profile (static per-layer budgets from `vllm-kvcomp calibrate`" in " ".join(out.split())
 
 
 def engine_args(**kwargs):

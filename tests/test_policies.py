@@ -5,10 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_kvcomp.config import PyramidOptions, SimLayerOptions, ZigZagOptions, build_config
+from vllm_kvcomp.config import ProfileOptions, PyramidOptions, SimLayerOptions, ZigZagOptions, build_config
 from vllm_kvcomp.policies import (
     BudgetRequest,
     LayerStats,
+    ProfilePolicy,
     PyramidPolicy,
     SimLayerPolicy,
     UniformPolicy,
@@ -85,6 +86,8 @@ def test_policy_needs_stats():
 def test_make_policy_per_method():
     assert isinstance(make_policy(build_config(method="zigzag")), ZigZagPolicy)
     assert isinstance(make_policy(build_config(method="simlayer")), SimLayerPolicy)
+    profile = build_config(method="profile", overrides={"profile": {"layer_weights": [1.0, 2.0]}})
+    assert isinstance(make_policy(profile), ProfilePolicy)
     with pytest.raises(ValueError):
         make_policy(build_config(method="none"))
 
@@ -107,6 +110,24 @@ POLICIES = [UniformPolicy(), PyramidPolicy(), ZigZagPolicy(), SimLayerPolicy(Sim
 @given(budget_requests(), st.sampled_from(range(len(POLICIES))))
 def test_budget_invariants(req, which):
     policy = POLICIES[which]
+    budgets = policy.budgets(req)
+    assert budgets.dtype == np.int64 and budgets.shape == (req.num_layers,)
+    assert budgets.sum() == req.total
+    assert budgets.min() >= req.floor
+    assert budgets.max() <= req.seq_len
+    assert np.array_equal(budgets, policy.budgets(req))  # deterministic
+
+
+@settings(max_examples=300, deadline=None)
+@given(budget_requests(), st.floats(0, 1), st.data())
+def test_profile_budget_invariants(req, min_budget_ratio, data):
+    # A static profile (one weight per layer, >= 0, not all 0) obeys the same invariants.
+    weights = data.draw(
+        st.lists(st.floats(0, 1e5, allow_nan=False), min_size=req.num_layers, max_size=req.num_layers).filter(
+            lambda w: sum(w) > 0
+        )
+    )
+    policy = ProfilePolicy(ProfileOptions(layer_weights=weights, min_budget_ratio=min_budget_ratio))
     budgets = policy.budgets(req)
     assert budgets.dtype == np.int64 and budgets.shape == (req.num_layers,)
     assert budgets.sum() == req.total

@@ -1,9 +1,9 @@
 """`vllm-kvcomp calibrate MODEL_DIR`: static per-layer budget weights (method "profile").
 
 Runs sample prompts (the RULER-style documents of `eval/tasks.py`, chat-formatted,
-document + question as `vllm serve` sees them) through transformers on CPU,
-captures each layer's observation-window queries (`eval/hf_backend.py`), and
-measures ZigZagKV's layer uncertainty exactly as the engine does per request:
+document + question as `vllm serve` sees them; or your own, `--prompts FILE.jsonl`)
+through transformers on CPU, captures each layer's observation-window queries
+(`eval/hf_backend.py`), and measures ZigZagKV's layer uncertainty exactly as the engine does per request:
 the window attention mass per KV head (`kernels/reference.py`), MBA per head
 (`scoring.head_statistics`: fewest tokens holding `tau` of the mass), LMBA_l =
 mean over KV heads. Per sample u_l = LMBA_l / sum_l LMBA_l (ZigZagKV's
@@ -14,7 +14,10 @@ The YAML written (default configs/profiles/<model folder>.yaml) is a complete
 `--kv-compression-config`: method profile, budget, the weights, and a header
 with the per-layer spread and the standard deviation of each weight across
 samples. A large spread across samples means the layers' needs depend on the
-prompt: per-request zigzag then adapts better than a static profile.
+prompt: per-request zigzag then adapts better than a static profile. The header
+says how much of the flexible budget (B_avg - B_min per layer) per-request zigzag
+would place on other layers than the profile (< 10%: stable, > 25%: use zigzag;
+heuristic thresholds), next to how far the profile is from uniform budgets.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from vllm_kvcomp.config import CompressionConfig, CompressionConfigError, build_
 
 DEFAULT_TASKS = ("niah_text", "niah_noise")
 PROFILES_DIR = Path("configs") / "profiles"
-# Heuristic thresholds on the mean relative stddev of the weights across samples.
+# Heuristic thresholds on `Calibration.budget_moved`, the share of the flexible
+# budget that per-request zigzag would place differently from the profile.
 STABLE_BELOW = 0.10
 UNSTABLE_ABOVE = 0.25
 
@@ -78,21 +82,42 @@ class Calibration:
 
     @property
     def budget_moved(self) -> float:
-        """Mean over samples of the share of the flexible budget (B_avg - B_min per layer)
+        """Mean over samples of the share of the flexible budget (L * (B_avg - B_min))
         that per-request zigzag would place on other layers than the profile:
-        0.5 * sum_l |u_l(sample) - u_l(profile)|."""
+        0.5 * sum_l |u_l(sample) - u_l(profile)|, with u = w / L."""
         shares = self.per_sample / self.num_layers
         return float(np.mean(0.5 * np.abs(shares - self.weights / self.num_layers).sum(axis=1)))
 
+    @property
+    def uniform_moved(self) -> float:
+        """The same distance between the profile and uniform budgets (how far from flat it is)."""
+        return float(0.5 * np.abs(self.weights / self.num_layers - 1 / self.num_layers).sum())
+
+    def by_task(self) -> dict[str, tuple[int, float, float]]:
+        """Per task: (samples, zigzag's moved share within the task vs the task's own mean
+        profile, distance of that task profile from the overall one). Small within-task
+        and large between-task numbers mean: calibrate on your own workload."""
+        out = {}
+        for task in sorted(set(self.tasks)):
+            rows = self.per_sample[[i for i, t in enumerate(self.tasks) if t == task]]
+            mean = rows.mean(axis=0)
+            within = float(np.mean(0.5 * np.abs(rows - mean).sum(axis=1))) / self.num_layers
+            between = float(0.5 * np.abs(mean - self.weights).sum()) / self.num_layers
+            out[task] = (len(rows), within, between)
+        return out
+
     def verdict(self) -> str:
-        r = self.relative_stddev
         if self.num_samples < 2:
             return "one sample only: stability unknown, calibrate with more --samples"
-        if r < STABLE_BELOW:
+        moved = self.budget_moved
+        if moved < STABLE_BELOW:
             return "stable across prompts: a static profile is a good fit"
-        if r > UNSTABLE_ABOVE:
+        if moved > UNSTABLE_ABOVE:
             return "varies a lot across prompts: per-request zigzag is likely better than a static profile"
-        return "moderately stable: a profile fits one workload; compare with zigzag (vllm-kvcomp eval)"
+        return (
+            "moderately stable: a profile fits one model and one workload; compare it with zigzag "
+            "on your prompts (vllm-kvcomp eval)"
+        )
 
 
 def layer_uncertainty(mass: list[torch.Tensor], prompt_len: int, tau: float) -> np.ndarray:
@@ -133,12 +158,43 @@ def sample_prompts(tokenizer, tasks, lengths, samples: int, seed: int = 0) -> li
     return prompts
 
 
+class PromptsFileError(ValueError):
+    """A `--prompts` file that cannot be read (one line naming the file and line)."""
+
+
+def load_prompts(path: str | Path, tokenizer) -> list[tuple[str, int, str]]:
+    """Your own workload: a JSONL file, one object per line, with "prompt" (raw text,
+    used as is) or "messages" (OpenAI chat messages; the model's chat template is
+    applied), and optionally "task" (a label for the per-task stability; default: the
+    file name)."""
+    path = Path(path)
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptsFileError(f"--prompts: {path}:{number}: not JSON ({exc.msg})") from None
+        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            text = item["prompt"]
+        elif isinstance(item, dict) and isinstance(item.get("messages"), list):
+            text = tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True, tokenize=False)
+        else:
+            raise PromptsFileError(f'--prompts: {path}:{number}: expected an object with "prompt" or "messages"')
+        prompts.append((str(item.get("task", path.stem)), 0, text))
+    if not prompts:
+        raise PromptsFileError(f"--prompts: {path} holds no prompts")
+    return prompts
+
+
 def calibrate(
     model_dir: str,
     *,
+    prompts_file: str | Path | None = None,
     tasks=DEFAULT_TASKS,
     lengths=(4096,),
-    samples: int = 8,
+    samples: int | None = None,
     tau: float = 0.9,
     window: int = 32,
     threads: int | None = None,
@@ -146,7 +202,12 @@ def calibrate(
     model_name: str | None = None,
     progress: bool = True,
 ) -> Calibration:
-    """Prefill the sample prompts and measure every layer's uncertainty."""
+    """Prefill the sample prompts and measure every layer's uncertainty.
+
+    With `prompts_file` the prompts are read from it (`load_prompts`; the first
+    `samples` of them, all if `samples` is None); otherwise `samples` generated
+    task prompts (default 8) of the given `lengths`.
+    """
     from tqdm import tqdm
 
     from vllm_kvcomp.eval.hf_backend import HFEvaluator
@@ -157,7 +218,10 @@ def calibrate(
     )
     t0 = time.time()
     evaluator = HFEvaluator(model_dir, threads=threads)
-    prompts = sample_prompts(evaluator.tokenizer, list(tasks), list(lengths), samples, seed)
+    if prompts_file is not None:
+        prompts = load_prompts(prompts_file, evaluator.tokenizer)[:samples]
+    else:
+        prompts = sample_prompts(evaluator.tokenizer, list(tasks), list(lengths), samples or 8, seed)
     rows, tokens, names = [], [], []
     bar = tqdm(prompts, desc="calibrate", unit="prompt", disable=not progress, file=sys.stderr)
     for task, _length, text in bar:
@@ -191,7 +255,7 @@ def render_profile(
     settings: str = "",
 ) -> str:
     """The profile YAML: a commented header, then a complete compression config."""
-    w, sd = cal.weights, cal.stddev
+    w, sd, tasks = cal.weights, cal.stddev, cal.by_task()
     lo, hi = int(np.argmin(w)), int(np.argmax(w))
     lines = [
         f"# vllm-kvcomp calibration profile for {cal.model} (method: profile).",
@@ -205,8 +269,15 @@ def render_profile(
         "# Layer l keeps B_min + (B_avg - B_min) * L * w_l / sum(w) tokens, B_min = min_budget_ratio * B_avg.",
         f"# Spread: min {w[lo]:.3f} (layer {lo}), max {w[hi]:.3f} (layer {hi}), max/min {w[hi] / max(w[lo], 1e-12):.2f}.",
         f"# Stddev of each weight across samples: {_fmt(sd)}",
-        f"# Stability: mean stddev/weight {cal.relative_stddev:.3f}; per-request zigzag would move "
-        f"{100 * cal.budget_moved:.1f}% of the flexible budget to other layers on average.",
+        f"# Stability: per-request zigzag would place {100 * cal.budget_moved:.1f}% of the flexible budget "
+        "(B_avg - B_min per layer)",
+        f"# on other layers than this profile (mean over samples); uniform budgets differ from it by "
+        f"{100 * cal.uniform_moved:.1f}%. Mean stddev/weight {cal.relative_stddev:.3f}.",
+        *(
+            f"# Task {task} ({n} samples): zigzag would move {100 * within:.1f}% within the task; "
+            f"its own profile is {100 * between:.1f}% from this one."
+            for task, (n, within, between) in (tasks.items() if len(tasks) > 1 else ())
+        ),
         f"# Verdict: {cal.verdict()}.",
         "# Use: vllm serve MODEL --kv-compression-config THIS_FILE [--kv-budget B]",
         "method: profile",
@@ -240,8 +311,11 @@ def main(args) -> int:
     if unknown:
         print(f"vllm-kvcomp calibrate: --tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}", file=sys.stderr)
         return 2
-    if args.samples < 1 or not args.lengths or min(args.lengths) < 256:
+    if (args.samples is not None and args.samples < 1) or not args.lengths or min(args.lengths) < 256:
         print("vllm-kvcomp calibrate: need --samples >= 1 and --lengths of at least 256 tokens", file=sys.stderr)
+        return 2
+    if args.prompts is not None and not Path(args.prompts).is_file():
+        print(f"vllm-kvcomp calibrate: --prompts: no such file: {args.prompts}", file=sys.stderr)
         return 2
     if not (0 < args.tau < 1) or args.window < 1:
         print("vllm-kvcomp calibrate: need 0 < --tau < 1 and --window >= 1", file=sys.stderr)
@@ -265,17 +339,22 @@ def main(args) -> int:
     argv = sys.argv[1:] if args.argv is None else args.argv
     source = "vllm-kvcomp " + shlex.join(argv)
 
-    cal = calibrate(
-        args.model_dir,
-        tasks=args.tasks,
-        lengths=args.lengths,
-        samples=args.samples,
-        tau=args.tau,
-        window=args.window,
-        threads=args.threads,
-        seed=args.seed,
-        model_name=model_name,
-    )
+    try:
+        cal = calibrate(
+            args.model_dir,
+            prompts_file=args.prompts,
+            tasks=args.tasks,
+            lengths=args.lengths,
+            samples=args.samples,
+            tau=args.tau,
+            window=args.window,
+            threads=args.threads,
+            seed=args.seed,
+            model_name=model_name,
+        )
+    except PromptsFileError as err:
+        print(f"vllm-kvcomp calibrate: {err}", file=sys.stderr)
+        return 2
     settings = f"tau {args.tau:g}, window {args.window}, seed {args.seed}"
     text = render_profile(cal, budget=budget, min_budget_ratio=args.min_budget_ratio, source=source, settings=settings)
     try:
@@ -287,7 +366,8 @@ def main(args) -> int:
     assert len(w) == cal.num_layers and math.isclose(float(w.mean()), 1.0, abs_tol=1e-3)
     print(
         f"wrote {out}: {cal.num_layers} layers, weights {w.min():.3f}-{w.max():.3f} "
-        f"(mean stddev/weight across {cal.num_samples} samples {cal.relative_stddev:.3f}: {cal.verdict()}); "
+        f"(across {cal.num_samples} samples zigzag would move {100 * cal.budget_moved:.1f}% of the flexible "
+        f"budget, uniform {100 * cal.uniform_moved:.1f}%: {cal.verdict()}); "
         f"{cal.seconds:.0f} s"
     )
     print(f"use it with: vllm serve {args.model_dir} --kv-compression-config {out}")

@@ -166,7 +166,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="HF model folder")
     p.add_argument("--lengths", type=_csv(int), default=[4096], help="prompt lengths in tokens (default 4096)")
-    p.add_argument("--samples", type=int, default=8, help="sample prompts (default 8)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="sample prompts (default 8; with --prompts: the first N, default all)")
+    p.add_argument("--prompts", default=None, metavar="JSONL",
+                   help='your own workload instead of --tasks/--lengths: one {"prompt": "..."} or '
+                   '{"messages": [...]} object per line, optional "task" label')
     p.add_argument("--tasks", type=_csv(str), default=["niah_text", "niah_noise"],
                    help="documents of `eval` tasks, cycled over the samples (default niah_text,niah_noise)")
     p.add_argument("--tau", type=float, default=0.9, help="ZigZagKV attention-mass threshold (default 0.9)")

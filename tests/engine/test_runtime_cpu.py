@@ -29,6 +29,8 @@ SCALE = D**-0.5
 
 def make_runtime(method="uniform", budget="0.35", **overrides):
     options = dict(window=8, num_recent=16, num_sinks=2, pool_kernel=3, max_pending_requests=4, metrics_port=None)
+    if method == "profile":  # a calibrated profile of this 3-layer model
+        options["profile"] = {"layer_weights": [3.0, 1.0, 2.0]}
     options.update(overrides)
     config = build_config(method=method, budget=budget, overrides=options)
     runtime = CompressionRuntime(config, vllm_config=None)
@@ -76,7 +78,7 @@ def positions_of(read, snapshot_tokens):
     return eq.float().argmax(1)
 
 
-@pytest.mark.parametrize("method", ["uniform", "zigzag", "pyramid"])
+@pytest.mark.parametrize("method", ["uniform", "zigzag", "pyramid", "profile"])
 def test_eviction_path_reads_back_the_survivors(method):
     runtime, pool = make_runtime(method)
     prompts, decode = [150, 97, 300], [21, 0, 5]
@@ -87,6 +89,9 @@ def test_eviction_path_reads_back_the_survivors(method):
     records = runtime._evict(reqs)
     assert [r.req_id for r in records] == ["req0", "req1", "req2"]
     assert sorted(runtime.free_slots) == [0, 1, 2, 3]  # capture slots released
+    if method == "profile":  # weights [3, 1, 2]: the layers keep in that order (whole pages)
+        kept = records[2].kept_tokens
+        assert kept[0] > kept[2] > kept[1]
     # Decode after compression: vLLM writes new tokens through the stock slot
     # mapping into each layer's own region (page l*N + block).
     new_tokens = {}
