@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from config_errors import config_error
 from vllm_kvcomp.config import CompressionConfigError, ProfileOptions, build_config, packaged_defaults
 from vllm_kvcomp.policies import BudgetRequest, ProfilePolicy, make_policy
 
@@ -35,12 +36,6 @@ def profile_config(weights, **profile):
     return build_config(method="profile", overrides={"profile": {"layer_weights": weights, **profile}})
 
 
-def _error(**kwargs) -> str:
-    with pytest.raises(CompressionConfigError) as info:
-        build_config(**kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 # --- the policy ---------------------------------------------------------------------------
@@ -110,7 +105,7 @@ def test_engine_startup_refuses_a_profile_of_another_depth():
 # --- the config -------------------------------------------------------------------------
 
 def test_profile_without_weights_is_refused():
-    msg = _error(method="profile")
+    msg = config_error(method="profile")
     assert "profile.layer_weights" in msg and "vllm-kvcomp calibrate" in msg
     assert packaged_defaults("profile")["profile"]["layer_weights"] is None
     assert packaged_defaults("profile")["method"] == "profile"
@@ -136,15 +131,15 @@ def test_per_request_profile_needs_a_calibrated_server():
     ],
 )
 def test_bad_weights_name_the_field(weights, needle):
-    msg = _error(method="profile", overrides={"profile": {"layer_weights": weights}})
+    msg = config_error(method="profile", overrides={"profile": {"layer_weights": weights}})
     assert "profile.layer_weights" in msg and needle in msg
 
 
 def test_bad_profile_options_name_the_field():
-    assert "profile.min_budget_ratio" in _error(
+    assert "profile.min_budget_ratio" in config_error(
         method="profile", overrides={"profile": {"layer_weights": [1.0], "min_budget_ratio": 1.5}}
     )
-    assert "profile.typo" in _error(method="profile", overrides={"profile": {"layer_weights": [1.0], "typo": 1}})
+    assert "profile.typo" in config_error(method="profile", overrides={"profile": {"layer_weights": [1.0], "typo": 1}})
 
 
 def test_profile_yaml_loads(tmp_path):

@@ -4,6 +4,7 @@ import textwrap
 
 import pytest
 
+from config_errors import config_error
 from vllm_kvcomp.config import (
     CompressionConfig,
     CompressionConfigError,
@@ -44,38 +45,32 @@ def test_precedence_defaults_yaml_flags(tmp_path):
     assert flags.is_absolute_budget
 
 
-def _error(**kwargs) -> str:
-    with pytest.raises(CompressionConfigError) as info:
-        build_config(**kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 def test_unknown_method_is_one_line():
-    msg = _error(method="h2o")
+    msg = config_error(method="h2o")
     assert "unknown method 'h2o'" in msg and "zigzag" in msg
 
 
 @pytest.mark.parametrize("budget", ["0", "-0.1", "1.5", "nan", "abc"])
 def test_bad_budget_names_the_field_and_range(budget):
-    msg = _error(method="zigzag", budget=budget)
+    msg = config_error(method="zigzag", budget=budget)
     assert "budget" in msg
     assert "(0, 1]" in msg
 
 
 def test_budget_without_method_is_refused():
-    msg = _error(budget="0.2")
+    msg = config_error(budget="0.2")
     assert "--kv-budget" in msg and "--kv-compression" in msg
 
 
 def test_window_larger_than_recent_is_refused():
-    msg = _error(method="uniform", overrides={"window": 128, "num_recent": 64})
+    msg = config_error(method="uniform", overrides={"window": 128, "num_recent": 64})
     assert "window" in msg and "num_recent" in msg
 
 
 def test_absolute_budget_below_protected_tokens_is_refused():
-    msg = _error(method="uniform", budget="32")
+    msg = config_error(method="uniform", budget="32")
     assert "budget" in msg and "num_sinks + num_recent" in msg
 
 
@@ -90,15 +85,15 @@ def test_absolute_budget_below_protected_tokens_is_refused():
     ],
 )
 def test_bad_options_name_the_field(overrides, field):
-    msg = _error(method="zigzag", overrides=overrides)
+    msg = config_error(method="zigzag", overrides=overrides)
     assert field in msg
 
 
 def test_missing_and_invalid_yaml(tmp_path):
-    assert "no such file" in _error(config_path=tmp_path / "nope.yaml")
+    assert "no such file" in config_error(config_path=tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a list\n- not a mapping\n")
-    assert "mapping" in _error(config_path=bad)
+    assert "mapping" in config_error(config_path=bad)
 
 
 def test_additional_config_forms():
@@ -172,7 +167,7 @@ def test_request_cannot_turn_compression_on():
             request_config(stock, extra)
 
 
-def test_front_end_rejects_bad_override_as_value_error():
+def test_front_end_rejects_bad_override_as_valueconfig_error():
     """The wrapped InputProcessor validation: a ValueError is vLLM's HTTP 400."""
     from types import SimpleNamespace
 

@@ -106,16 +106,19 @@ def budget_requests(draw):
 POLICIES = [UniformPolicy(), PyramidPolicy(), ZigZagPolicy(), SimLayerPolicy(SimLayerOptions(recent=256))]
 
 
-@settings(max_examples=300, deadline=None)
-@given(budget_requests(), st.sampled_from(range(len(POLICIES))))
-def test_budget_invariants(req, which):
-    policy = POLICIES[which]
+def assert_budget_invariants(policy, req):
     budgets = policy.budgets(req)
     assert budgets.dtype == np.int64 and budgets.shape == (req.num_layers,)
     assert budgets.sum() == req.total
     assert budgets.min() >= req.floor
     assert budgets.max() <= req.seq_len
     assert np.array_equal(budgets, policy.budgets(req))  # deterministic
+
+
+@settings(max_examples=300, deadline=None)
+@given(budget_requests(), st.sampled_from(range(len(POLICIES))))
+def test_budget_invariants(req, which):
+    assert_budget_invariants(POLICIES[which], req)
 
 
 @settings(max_examples=300, deadline=None)
@@ -127,13 +130,7 @@ def test_profile_budget_invariants(req, min_budget_ratio, data):
             lambda w: sum(w) > 0
         )
     )
-    policy = ProfilePolicy(ProfileOptions(layer_weights=weights, min_budget_ratio=min_budget_ratio))
-    budgets = policy.budgets(req)
-    assert budgets.dtype == np.int64 and budgets.shape == (req.num_layers,)
-    assert budgets.sum() == req.total
-    assert budgets.min() >= req.floor
-    assert budgets.max() <= req.seq_len
-    assert np.array_equal(budgets, policy.budgets(req))  # deterministic
+    assert_budget_invariants(ProfilePolicy(ProfileOptions(layer_weights=weights, min_budget_ratio=min_budget_ratio)), req)
 
 
 @settings(max_examples=300, deadline=None)
