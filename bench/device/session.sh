@@ -82,6 +82,8 @@ stage_quality() {
   (cd "$WORK" && timeout 420 $PY -m vllm_kvcomp.cli eval --backend vllm --model "$MODEL" \
     --model-name "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF -> bf16)" --protocols aware \
     --lengths 4096,8192,16384 --depths 0.1,0.3,0.5,0.7,0.9 --budgets 0.5,0.25,0.2,0.1 \
+    --methods uniform,pyramid,zigzag,simlayer,profile \
+    --kv-compression-config "$REPO/configs/profiles/qwen2.5-coder-0.5b-instruct.yaml" \
     --out "$RESULTS" --name quality 2>&1 | tee "$LOGS/quality.log" | grep -vE "it/s|s/it|^INFO|^\(EngineCore" | tail -40)
 }
 

@@ -139,7 +139,11 @@ def plot_needle_heatmaps(rows: list[dict], protocol: str, path) -> None:
     methods = ["none"] + sorted({r["method"] for r in rows} - {"none"})
     budgets = sorted({r["budget"] for r in rows if r["method"] != "none"}, reverse=True) or [1.0]
     fig, axes = plt.subplots(
-        len(methods), len(budgets), figsize=(1.2 + 2.2 * len(budgets), 0.6 + 1.9 * len(methods)), squeeze=False
+        len(methods),
+        len(budgets),
+        figsize=(1.6 + 2.2 * len(budgets), 0.8 + 2.0 * len(methods)),
+        squeeze=False,
+        layout="constrained",
     )
     image = None
     for i, method in enumerate(methods):
