@@ -29,14 +29,15 @@ def test_workload_plan_covers_every_case_and_budget_with_the_same_prompts():
 
 def test_summary_ratios_are_against_stock_of_the_same_case(tmp_path):
     raw = {
-        "stock": {"workloads": [_measured("decode_heavy@stock", "decode_heavy", None, 1000.0, 7)]},
+        "stock": {"workloads": [_measured("decode_heavy@stock", "decode_heavy", None, 1000.0, 7,
+                                          {"token_digests": ["a", "b"]})]},
         "plugin": {
             "compression": {"method": "zigzag"},
             "workloads": [
                 _measured("decode_heavy@0.2", "decode_heavy", 0.2, 2500.0, 35, {"plugin_metrics": {
                     "vllm_kvcomp_eviction_seconds_sum": 2.56, "vllm_kvcomp_eviction_seconds_count": 256.0,
                     "vllm_kvcomp_blocks_freed_total": 1000.0}}),
-                _measured("decode_heavy@1", "decode_heavy", 1.0, 980.0, 7, {"identical_to_stock": 1.0}),
+                _measured("decode_heavy@1", "decode_heavy", 1.0, 980.0, 7, {"token_digests": ["a", "b"]}),
             ],
         },
     }
@@ -117,6 +118,8 @@ def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkey
     assert [w["extra_args"] for w in plugin_spec["workloads"]] == [{"kv_budget": 0.2}, {"kv_budget": 1.0}]
     assert plugin_spec["workloads"][0]["seed"] == stock_spec["workloads"][0]["seed"]
 
+    # stock and plugin measured in separate invocations still compare their tokens
+    assert main(["bench", "throughput", *common, "--runs", "plugin", "--cases", "decode_heavy", "--budgets", "1.0"]) == 0
     # a second invocation (another case) merges into the same raw results
     assert main(["bench", "throughput", *common, "--runs", "stock,plugin", "--cases", "prefill_heavy",
                  "--budgets", "0.5"]) == 0
@@ -130,6 +133,7 @@ def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkey
     assert got[("decode_heavy", 0.2)]["eviction_ms_mean"] == pytest.approx(50.0)
     raw = json.loads((tmp_path / "throughput_raw.json").read_text())
     assert all("tokens" not in w for run in raw.values() for w in run["workloads"])
+    assert len(raw["stock"]["workloads"][0]["token_digests"]) == 2
     assert (tmp_path / "throughput.md").exists() and (tmp_path / "throughput_vs_budget.png").exists()
 
 
