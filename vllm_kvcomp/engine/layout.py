@@ -48,8 +48,8 @@ class EvictionPlan:
     num_layers: int
     compact_pages: np.ndarray  # c_l, int64 [L]
     kept_blocks: int  # K: leading prompt blocks retained
-    # (layer, page j) -> (block index i, layer slot s) for overflow pages.
-    relocations: tuple[tuple[int, int, int, int], ...]
+    # int64 [n, 4]: (layer, page j, block index i, layer slot s) per overflow page.
+    relocation_array: np.ndarray
 
     @property
     def full_blocks(self) -> int:
@@ -96,10 +96,10 @@ class EvictionPlan:
     def _relocation_map(self) -> dict[tuple[int, int], tuple[int, int]]:
         return {(l, j): (i, s) for l, j, i, s in self.relocations}
 
-    @cached_property
-    def relocation_array(self) -> np.ndarray:
-        """int64 [n, 4]: (layer, page j, block index i, layer slot s) per overflow page."""
-        return np.asarray(self.relocations, dtype=np.int64).reshape(-1, 4)
+    @property
+    def relocations(self) -> list[tuple[int, int, int, int]]:
+        """`relocation_array` as tuples: (layer, page j) -> (block index i, layer slot s)."""
+        return [tuple(int(x) for x in row) for row in self.relocation_array]
 
     @cached_property
     def entry_array(self) -> np.ndarray:
@@ -148,14 +148,14 @@ def plan_eviction(budgets: np.ndarray, prompt_len: int, block_size: int) -> Evic
     free_i = np.repeat(compact, n_free) + np.arange(len(free_s)) - np.repeat(np.cumsum(n_free) - n_free, n_free)
     assert len(free_s) >= len(over_l), "retained blocks cannot hold the survivors"
     n = len(over_l)
-    relocations = tuple(zip(over_l.tolist(), over_j.tolist(), free_i[:n].tolist(), free_s[:n].tolist()))
+    relocation_array = np.stack([over_l, over_j, free_i[:n], free_s[:n]], axis=1).astype(np.int64)
     return EvictionPlan(
         prompt_len=prompt_len,
         block_size=block_size,
         num_layers=num_layers,
         compact_pages=compact,
         kept_blocks=kept_blocks,
-        relocations=relocations,
+        relocation_array=relocation_array,
     )
 
 
