@@ -212,12 +212,16 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"kv-compression config ({source}): {field}: {msg}"
 
 
+def check_method(method: Any, source: str = "kv-compression") -> str:
+    """`method` if it is one of METHODS, else a one-line error naming `source`."""
+    if method not in METHODS:
+        raise CompressionConfigError(f"{source}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
 def packaged_defaults(method: str) -> dict[str, Any]:
     """The documented defaults of one method, from configs/<method>.yaml."""
-    if method not in METHODS:
-        raise CompressionConfigError(
-            f"kv-compression: unknown method {method!r}; choose one of {', '.join(METHODS)}"
-        )
+    check_method(method)
     text = resources.files("vllm_kvcomp.configs").joinpath(f"{method}.yaml").read_text()
     return yaml.safe_load(text) or {}
 
@@ -271,11 +275,7 @@ def build_config(
         user["method"] = method
     if budget is not None:
         user["budget"] = parse_budget(budget)
-    chosen = user.get("method", "none")
-    if chosen not in METHODS:
-        raise CompressionConfigError(
-            f"kv-compression: unknown method {chosen!r}; choose one of {', '.join(METHODS)}"
-        )
+    chosen = check_method(user.get("method", "none"))
     if chosen == "none" and ("budget" in user) and method is None and config_path is None:
         raise CompressionConfigError(
             "--kv-budget was given without --kv-compression METHOD; "
@@ -332,12 +332,7 @@ def request_config(server: CompressionConfig, extra_args: dict[str, Any] | None)
     extra_args = extra_args or {}
     update: dict[str, Any] = {}
     if "kv_compression" in extra_args:
-        method = extra_args["kv_compression"]
-        if method not in METHODS:
-            raise CompressionConfigError(
-                f"kv_compression (request): unknown method {method!r}; choose one of {', '.join(METHODS)}"
-            )
-        update["method"] = method
+        update["method"] = check_method(extra_args["kv_compression"], "kv_compression (request)")
     if "kv_budget" in extra_args:
         try:
             update["budget"] = parse_budget(extra_args["kv_budget"])
