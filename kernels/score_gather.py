@@ -116,23 +116,17 @@ def _load_key_tile(
 
 
 @triton.jit
-def _qk(q, k, DOT_F32: tl.constexpr):
-    # The CPU interpreter mis-handles bf16 tl.dot (it multiplies the raw uint16
-    # storage); DOT_F32 upcasts there. Products of bf16/fp16 values are exact in
-    # fp32, so this matches the GPU's fp32-accumulating bf16 MMA.
-    if DOT_F32:
-        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-    else:
-        return tl.dot(q, tl.trans(k))
+def _dot_t(a, b, DOT_F32: tl.constexpr):
+    """a @ b^T (logits Q K^T, or K Q^T for the transposed tile).
 
-
-@triton.jit
-def _kq(k, q, DOT_F32: tl.constexpr):
-    """Transposed logits K @ Q^T: [BT, BM]."""
+    The CPU interpreter mis-handles bf16 tl.dot (it multiplies the raw uint16
+    storage); DOT_F32 upcasts there. Products of bf16/fp16 values are exact in
+    fp32, so this matches the GPU's fp32-accumulating bf16 MMA.
+    """
     if DOT_F32:
-        return tl.dot(k.to(tl.float32), tl.trans(q.to(tl.float32)))
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)))
     else:
-        return tl.dot(k, tl.trans(q))
+        return tl.dot(a, tl.trans(b))
 
 
 # --------------------------------------------------------------------------- #
@@ -170,7 +164,7 @@ def _lse_partial_kernel(
         t0 = start + tt * BT
         t = t0 + tl.arange(0, BT)
         k = _load_key_tile(kv_ptr, stride_kp, stride_ks, stride_kh, stride_kd, pages, tt, t, L, g, TPS, PAGE, D, BD)
-        x = _qk(q, k, DOT_F32) * scale_log2e
+        x = _dot_t(q, k, DOT_F32) * scale_log2e
         if t0 + BT > free_end:  # tile reaches the window: causal mask (also masks t >= L)
             x = tl.where(t[None, :] <= pos[:, None], x, float("-inf"))
         # (padding rows hold garbage sums; they are never used)
@@ -234,7 +228,7 @@ def _window_sum_kernel(
             t0 = chunk_start + tt * BT
             t = t0 + tl.arange(0, BT)
             k = _load_key_tile(kv_ptr, stride_kp, stride_ks, stride_kh, stride_kd, pages, tt, t, L, g, TPP, PAGE, D, BD)
-            x = _kq(k, q, DOT_F32) * scale_log2e - lse2[None, :]  # [BT, BM]
+            x = _dot_t(k, q, DOT_F32) * scale_log2e - lse2[None, :]  # [BT, BM]
             if t0 + BT > free_end:  # tile reaches the window: causal mask (also masks t >= L)
                 x = tl.where(t[:, None] <= pos[None, :], x, float("-inf"))
             p = tl.exp2(x)
@@ -401,7 +395,7 @@ def score_gather(
     seq_lens = seq_lens.to(device=dev, dtype=torch.int32).contiguous()
     page_table = page_table.to(torch.int32)
     interp = _interpreting()
-    dot_f32 = interp  # see _qk
+    dot_f32 = interp  # see _dot_t
     BT = int(block_t or WINDOW_SUM_CONFIG["block_t"])
     BT_LSE = int(block_t or LSE_CONFIG["block_t"])
     for bt in (BT, BT_LSE):
