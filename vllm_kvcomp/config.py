@@ -20,95 +20,43 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("none", "uniform", "pyramid", "zigzag", "simlayer", "profile")
+from vllm_kvcomp.errors import CompressionConfigError
+
+__all__ = ["CompressionConfig", "CompressionConfigError", "build_config", "from_additional_config", "request_config"]
+
 ADDITIONAL_CONFIG_KEY = "kv_compression"
 
 
-class CompressionConfigError(ValueError):
-    """A compression option is invalid or cannot be honoured (one readable line)."""
+def method_names() -> tuple[str, ...]:
+    """Every method `--kv-compression` accepts ("none" first), from the registry."""
+    from vllm_kvcomp.policies import method_names as registered
+
+    return registered()
+
+
+def _policy_classes() -> dict[str, Any]:
+    from vllm_kvcomp.policies import policy_classes
+
+    return policy_classes()
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PyramidOptions(_Section):
-    # PyramidKV (Cai et al. 2024): budgets fall linearly with depth from
-    # 2*avg - avg/beta to avg/beta; the paper and its code use beta = 20.
-    beta: float = Field(20.0, gt=1.0, le=1000.0)
-
-
-class ZigZagOptions(_Section):
-    # ZigZagKV (Zhong et al. 2024, Eq. 6): MBA = fewest tokens holding `tau` of a
-    # head's window attention; B_l = B_min + (B_avg - B_min) * L * u_l.
-    tau: float = Field(0.9, gt=0.0, lt=1.0)
-    # B_min = min_budget_ratio * B_avg (the kvpress port used 0.1-0.2).
-    min_budget_ratio: float = Field(0.2, ge=0.0, le=1.0)
-
-
-class SimLayerOptions(_Section):
-    # SimLayerKV (Zhang et al. 2024): a layer is lazy when the attention mass of
-    # the observation window on the sinks + the last `recent` tokens exceeds the
-    # threshold (0.9 reported for Llama-3); lazy layers keep only those tokens.
-    threshold: float = Field(0.9, gt=0.0, le=1.0)
-    recent: int = Field(1024, ge=1)
-
-
-class ProfileOptions(_Section):
-    # Static per-layer budgets from `vllm-kvcomp calibrate` (ZigZagKV's Eq. 6 with
-    # the uncertainty measured offline): w = layer_weights / sum(layer_weights),
-    # B_l = B_min + (B_avg - B_min) * L * w_l. Only the ratios matter; calibrate
-    # writes them with mean 1.0 (1.0 = an average layer, 1.5 = half again as
-    # much of the flexible share). One weight per model layer, each >= 0.
-    layer_weights: list[float] | None = None
-    # B_min = min_budget_ratio * B_avg, as for zigzag.
-    min_budget_ratio: float = Field(0.2, ge=0.0, le=1.0)
-    # Informational: the model the profile was calibrated on, and the command.
-    model: str | None = None
-    source: str | None = None
-
-    @field_validator("layer_weights")
-    @classmethod
-    def _weights(cls, value: list[float] | None) -> list[float] | None:
-        if value is None:
-            return value
-        if not value:
-            raise ValueError("must hold one weight per model layer, got an empty list")
-        for layer, weight in enumerate(value):
-            if not math.isfinite(weight) or weight < 0:
-                raise ValueError(f"weights must be finite and >= 0, got {weight} for layer {layer}")
-        if sum(value) <= 0:
-            raise ValueError("at least one weight must be > 0")
-        return value
-
-    def normalized_weights(self) -> list[float]:
-        """The weights scaled to sum 1 (the u_l of ZigZagKV's Eq. 6)."""
-        if self.layer_weights is None:
-            raise CompressionConfigError(PROFILE_MISSING)
-        total = float(sum(self.layer_weights))
-        return [w / total for w in self.layer_weights]
-
-    def check_num_layers(self, num_layers: int) -> None:
-        """Refuse weights measured on a model with another number of layers."""
-        if self.layer_weights is not None and len(self.layer_weights) != num_layers:
-            calibrated = f" ({self.model})" if self.model else ""
-            raise CompressionConfigError(
-                f"kv-compression config: profile.layer_weights: the profile was calibrated for "
-                f"{len(self.layer_weights)} layers{calibrated} and the model has {num_layers}; "
-                "run `vllm-kvcomp calibrate MODEL_DIR` for this model"
-            )
-
-
-PROFILE_MISSING = (
-    "method profile needs profile.layer_weights (one weight per model layer): run "
-    "`vllm-kvcomp calibrate MODEL_DIR` and pass the YAML it writes with --kv-compression-config"
-)
-
-
 class CompressionConfig(_Section):
-    """Everything the scorer, the budget policy and the eviction engine read."""
+    """Everything the scorer, the budget policy and the eviction engine read.
 
-    method: Literal["none", "uniform", "pyramid", "zigzag", "simlayer", "profile"] = "none"
+    Besides the shared fields below, the config holds one option section per
+    registered method that declares options (`zigzag: {tau: ...}`), validated by
+    that method's own `Options` model; read one with `config.section("zigzag")`
+    (or `config.zigzag`).
+    """
+
+    # Extra keys are allowed only as method sections (checked in `_method_sections`).
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    method: str = "none"
     # <= 1: fraction of the prompt kept per layer on average; integer > 1: tokens.
     budget: float = Field(0.2, description="fraction of the prompt in (0, 1], or an integer token count > 1")
     # SnapKV observation window: the last `window` prompt queries score the prompt.
@@ -124,16 +72,40 @@ class CompressionConfig(_Section):
     num_recent: int = Field(64, ge=1, le=65536)
     # Prompts shorter than this are never compressed (0: whenever the budget is smaller).
     min_prompt_len: int = Field(0, ge=0)
-    # Token eviction (each KV head keeps its own tokens, compacted), or whole blocks.
-    granularity: Literal["token"] = "token"
     # Requests whose observation window is being captured at one time (GPU buffer slots).
     max_pending_requests: int = Field(16, ge=1, le=1024)
     # Port of the plugin's Prometheus exporter in the engine process (None: off).
     metrics_port: int | None = Field(9464, ge=1, le=65535)
-    pyramid: PyramidOptions = PyramidOptions()
-    zigzag: ZigZagOptions = ZigZagOptions()
-    simlayer: SimLayerOptions = SimLayerOptions()
-    profile: ProfileOptions = ProfileOptions()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_sections(cls, data: Any) -> Any:
+        """Validate each method's section with its own model; default the missing ones."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        sections = {name: policy.Options for name, policy in _policy_classes().items() if policy.Options}
+        for key in data:
+            if key not in cls.model_fields and key not in sections:
+                raise ValueError(f"{key}: unknown option")
+        for name, options_model in sections.items():
+            value = data.get(name)
+            if isinstance(value, BaseModel):
+                value = value.model_dump()
+            try:
+                data[name] = options_model.model_validate(value if value is not None else {})
+            except ValidationError as err:
+                raise ValueError(_section_error(name, err)) from None
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return check_method(value)
+
+    def section(self, method: str) -> Any:
+        """The option section of `method` (its policy's `Options` model)."""
+        return getattr(self, method)
 
     @field_validator("budget")
     @classmethod
@@ -165,8 +137,9 @@ class CompressionConfig(_Section):
                 f"budget ({int(self.budget)} tokens) is smaller than the always-kept "
                 f"num_sinks + num_recent ({self.protected_tokens})"
             )
-        if self.method == "profile" and self.profile.layer_weights is None:
-            raise ValueError(PROFILE_MISSING)
+        policy = _policy_classes().get(self.method)
+        if policy is not None:
+            policy.check_config(self)
         return self
 
     # --- derived values -------------------------------------------------
@@ -201,21 +174,34 @@ class CompressionConfig(_Section):
 
 # --- loading ------------------------------------------------------------------
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "config"
+def _error_text(first: Any) -> tuple[str, str]:
+    """(dotted field, message) of one pydantic error."""
+    field = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown option"
     elif first["type"] == "literal_error":
         msg = f"{msg}, got {first.get('input')!r}"
-    return f"kv-compression config ({source}): {field}: {msg}"
+    return field, msg
+
+
+def _section_error(section: str, err: ValidationError) -> str:
+    field, msg = _error_text(err.errors()[0])
+    return f"{section}.{field}: {msg}" if field else f"{section}: {msg}"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    field, msg = _error_text(err.errors()[0])
+    # Errors raised by the model validators carry their own "field: message".
+    text = f"{field}: {msg}" if field else msg
+    return f"kv-compression config ({source}): {text}"
 
 
 def check_method(method: Any, source: str = "kv-compression") -> str:
-    """`method` if it is one of METHODS, else a one-line error naming `source`."""
-    if method not in METHODS:
-        raise CompressionConfigError(f"{source}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    """`method` if it is a registered method (or "none"), else a one-line error naming `source`."""
+    names = method_names()
+    if method not in names:
+        raise CompressionConfigError(f"{source}: unknown method {method!r}; choose one of {', '.join(names)}")
     return method
 
 
@@ -279,7 +265,7 @@ def build_config(
     if chosen == "none" and ("budget" in user) and method is None and config_path is None:
         raise CompressionConfigError(
             "--kv-budget was given without --kv-compression METHOD; "
-            f"choose one of {', '.join(m for m in METHODS if m != 'none')}"
+            f"choose one of {', '.join(method_names()[1:])}"
         )
     merged = _deep_merge(packaged_defaults(chosen), user)
     source = str(config_path) if config_path else "flags"

@@ -1,37 +1,29 @@
-"""Budget policies: one small class per method, all behind `BudgetPolicy`."""
+"""Budget policies: one small module per method, all behind `BudgetPolicy`.
 
-from vllm_kvcomp.config import CompressionConfig
-from vllm_kvcomp.policies.base import BudgetPolicy, BudgetRequest, LayerStats, allocate
-from vllm_kvcomp.policies.profile import ProfilePolicy
-from vllm_kvcomp.policies.pyramid import PyramidPolicy
-from vllm_kvcomp.policies.simlayer import SimLayerPolicy
-from vllm_kvcomp.policies.uniform import UniformPolicy
-from vllm_kvcomp.policies.zigzag import ZigZagPolicy
+Every module of this package is imported here, so each `@register_method`
+class registers itself (policies/registry.py); nothing else lists the methods.
+"""
+
+import importlib
+import pkgutil
+
+from vllm_kvcomp.policies.base import BudgetPolicy, BudgetRequest, LayerStats, MethodOptions, allocate
+from vllm_kvcomp.policies.registry import NO_COMPRESSION, make_policy, method_names, policy_classes, register_method
+
+_INFRASTRUCTURE = {"base", "registry"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _INFRASTRUCTURE:
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "NO_COMPRESSION",
     "BudgetPolicy",
     "BudgetRequest",
     "LayerStats",
+    "MethodOptions",
     "allocate",
     "make_policy",
-    "ProfilePolicy",
-    "PyramidPolicy",
-    "SimLayerPolicy",
-    "UniformPolicy",
-    "ZigZagPolicy",
+    "method_names",
+    "policy_classes",
+    "register_method",
 ]
-
-
-def make_policy(config: CompressionConfig) -> BudgetPolicy:
-    """The policy of `config.method` with its options."""
-    if config.method == "uniform":
-        return UniformPolicy()
-    if config.method == "pyramid":
-        return PyramidPolicy(config.pyramid)
-    if config.method == "zigzag":
-        return ZigZagPolicy(config.zigzag)
-    if config.method == "simlayer":
-        return SimLayerPolicy(config.simlayer, num_sinks=config.num_sinks)
-    if config.method == "profile":
-        return ProfilePolicy(config.profile)
-    raise ValueError(f"no budget policy for method {config.method!r}")

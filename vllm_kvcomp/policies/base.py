@@ -12,8 +12,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from vllm_kvcomp.config import CompressionConfig
+
+
+class MethodOptions(BaseModel):
+    """A method's own options: the YAML section named after the method (e.g. `zigzag:`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True)
@@ -59,11 +70,32 @@ class BudgetRequest:
 
 
 class BudgetPolicy(ABC):
-    """One way of splitting L * B_avg tokens over the layers."""
+    """One way of splitting L * B_avg tokens over the layers.
 
-    name: str = ""
+    A method is one module in `vllm_kvcomp/policies/` with one subclass decorated
+    by `@register_method` (policies/registry.py). The class declares:
+      * `name`: the value of `--kv-compression` and of a request's `kv_compression`;
+      * `Options`: its option section (a `MethodOptions` model, YAML key `name`), or None;
+      * `summary` and `source`: the README's methods table (a test compares them);
+      * `from_config`: how to build it from a validated config (default: `cls(options)`).
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[MethodOptions] | None] = None
+    summary: ClassVar[str] = ""
+    source: ClassVar[str] = ""
     #: Whether the policy reads `BudgetRequest.stats` (the engine then computes them).
-    needs_stats: bool = False
+    needs_stats: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, config: CompressionConfig) -> BudgetPolicy:
+        if cls.Options is None:
+            return cls()
+        return cls(config.section(cls.name))  # type: ignore[call-arg]
+
+    @classmethod
+    def check_config(cls, config: CompressionConfig) -> None:
+        """Refuse a config this method cannot run with (raise ValueError, one line)."""
 
     def budgets(self, request: BudgetRequest) -> np.ndarray:
         """Integer budgets per layer (int64, length L) honouring the invariants above."""

@@ -5,13 +5,23 @@ so the arithmetic sequence max, ..., min sums to L * B_avg.
 """
 
 import numpy as np
+from pydantic import Field
 
-from vllm_kvcomp.config import PyramidOptions
-from vllm_kvcomp.policies.base import BudgetPolicy, BudgetRequest
+from vllm_kvcomp.policies.base import BudgetPolicy, BudgetRequest, MethodOptions
+from vllm_kvcomp.policies.registry import register_method
 
 
+class PyramidOptions(MethodOptions):
+    # The paper and its code use beta = 20.
+    beta: float = Field(20.0, gt=1.0, le=1000.0)
+
+
+@register_method
 class PyramidPolicy(BudgetPolicy):
     name = "pyramid"
+    Options = PyramidOptions
+    summary = "linear from 2 B_avg - B_avg/beta down to B_avg/beta"
+    source = "PyramidKV (Cai et al. 2024)"
 
     def __init__(self, options: PyramidOptions = PyramidOptions()):
         self.beta = options.beta

@@ -6,19 +6,42 @@ those (num_sinks + simlayer.recent tokens); the other layers share what is left
 of the request's L * B_avg tokens equally.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
+from pydantic import Field
 
-from vllm_kvcomp.config import SimLayerOptions
-from vllm_kvcomp.policies.base import BudgetPolicy, BudgetRequest
+from vllm_kvcomp.policies.base import BudgetPolicy, BudgetRequest, MethodOptions
+from vllm_kvcomp.policies.registry import register_method
+
+if TYPE_CHECKING:
+    from vllm_kvcomp.config import CompressionConfig
 
 
+class SimLayerOptions(MethodOptions):
+    # Lazy: the window's attention mass on the sinks + the last `recent` tokens
+    # exceeds `threshold` (0.9 reported for Llama-3).
+    threshold: float = Field(0.9, gt=0.0, le=1.0)
+    recent: int = Field(1024, ge=1)
+
+
+@register_method
 class SimLayerPolicy(BudgetPolicy):
     name = "simlayer"
+    Options = SimLayerOptions
+    summary = "lazy layers keep sinks + recent, the rest share the remainder"
+    source = "SimLayerKV (Zhang et al. 2024)"
     needs_stats = True
 
     def __init__(self, options: SimLayerOptions = SimLayerOptions(), num_sinks: int = 4):
         self.threshold = options.threshold
         self.lazy_tokens = num_sinks + options.recent
+
+    @classmethod
+    def from_config(cls, config: CompressionConfig) -> SimLayerPolicy:
+        return cls(config.section(cls.name), num_sinks=config.num_sinks)
 
     def lazy_layers(self, request: BudgetRequest) -> np.ndarray:
         assert request.stats is not None

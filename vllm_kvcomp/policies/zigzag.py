@@ -7,13 +7,25 @@ L * B_avg by construction.
 """
 
 import numpy as np
+from pydantic import Field
 
-from vllm_kvcomp.config import ZigZagOptions
-from vllm_kvcomp.policies.base import BudgetPolicy, BudgetRequest
+from vllm_kvcomp.policies.base import BudgetPolicy, BudgetRequest, MethodOptions
+from vllm_kvcomp.policies.registry import register_method
 
 
+class ZigZagOptions(MethodOptions):
+    # MBA = fewest tokens holding `tau` of a head's window attention.
+    tau: float = Field(0.9, gt=0.0, lt=1.0)
+    # B_min = min_budget_ratio * B_avg (the kvpress port used 0.1-0.2).
+    min_budget_ratio: float = Field(0.2, ge=0.0, le=1.0)
+
+
+@register_method
 class ZigZagPolicy(BudgetPolicy):
     name = "zigzag"
+    Options = ZigZagOptions
+    summary = "B_l = B_min + (B_avg - B_min) L u_l, u_l = LMBA_l / sum LMBA"
+    source = "ZigZagKV Eq. 6 (Zhong et al. 2024)"
     needs_stats = True
 
     def __init__(self, options: ZigZagOptions = ZigZagOptions()):
