@@ -76,6 +76,13 @@ class CompressionConfig(_Section):
     max_pending_requests: int = Field(16, ge=1, le=1024)
     # Port of the plugin's Prometheus exporter in the engine process (None: off).
     metrics_port: int | None = Field(9464, ge=1, le=65535)
+    # What a request may change through SamplingParams.extra_args / vllm_xargs
+    # (request_options.py): "allow" method and budget, "budget" only the budget
+    # (compression cannot be switched off), "deny" nothing.
+    request_overrides: Literal["allow", "budget", "deny"] = "allow"
+    # The smallest budget a request may ask for: as a fraction of its prompt, and as tokens.
+    min_request_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    min_request_tokens: int = Field(0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -190,7 +197,7 @@ def _section_error(section: str, err: ValidationError) -> str:
     return f"{section}.{field}: {msg}" if field else f"{section}: {msg}"
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
     field, msg = _error_text(err.errors()[0])
     # Errors raised by the model validators carry their own "field: message".
     text = f"{field}: {msg}" if field else msg
@@ -208,8 +215,10 @@ def check_method(method: Any, source: str = "kv-compression") -> str:
 def packaged_defaults(method: str) -> dict[str, Any]:
     """The documented defaults of one method, from configs/<method>.yaml."""
     check_method(method)
-    text = resources.files("vllm_kvcomp.configs").joinpath(f"{method}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+    path = resources.files("vllm_kvcomp.configs").joinpath(f"{method}.yaml")
+    if not path.is_file():  # a method without a documented YAML: the models' own defaults
+        return {"method": method}
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -262,7 +271,8 @@ def build_config(
     if budget is not None:
         user["budget"] = parse_budget(budget)
     chosen = check_method(user.get("method", "none"))
-    if chosen == "none" and ("budget" in user) and method is None and config_path is None:
+    # A budget flag alone means the user forgot the method (a YAML or config may say "none").
+    if chosen == "none" and budget is not None and method is None and config_path is None:
         raise CompressionConfigError(
             "--kv-budget was given without --kv-compression METHOD; "
             f"choose one of {', '.join(method_names()[1:])}"
@@ -272,7 +282,7 @@ def build_config(
     try:
         return CompressionConfig.model_validate(merged)
     except ValidationError as err:
-        raise CompressionConfigError(_format_validation_error(err, source)) from None
+        raise CompressionConfigError(format_validation_error(err, source)) from None
 
 
 def from_additional_config(additional_config: dict[str, Any] | None) -> CompressionConfig:
@@ -300,46 +310,5 @@ def from_additional_config(additional_config: dict[str, Any] | None) -> Compress
     )
 
 
-# --- per-request overrides ------------------------------------------------------
-
-# Keys of SamplingParams.extra_args (OpenAI API: "vllm_xargs") a request may set;
-# they mirror the server flags --kv-compression and --kv-budget.
-REQUEST_KEYS = ("kv_compression", "kv_budget")
-
-
-def request_config(server: CompressionConfig, extra_args: dict[str, Any] | None) -> CompressionConfig:
-    """The config one request runs with: the server's, or its method/budget overridden.
-
-    Only the method and the budget can change per request: the scorer options
-    (window, pooling, protected tokens) size GPU buffers and are the server's.
-    A request can ask for "none" (full KV) on a compressing server; it cannot
-    ask for compression from a server started without --kv-compression.
-    """
-    extra_args = extra_args or {}
-    update: dict[str, Any] = {}
-    if "kv_compression" in extra_args:
-        update["method"] = check_method(extra_args["kv_compression"], "kv_compression (request)")
-    if "kv_budget" in extra_args:
-        try:
-            update["budget"] = parse_budget(extra_args["kv_budget"])
-        except CompressionConfigError:
-            raise CompressionConfigError(
-                f"kv_budget (request): expected a fraction in (0, 1] or an integer token count, "
-                f"got {extra_args['kv_budget']!r}"
-            ) from None
-    if not update:
-        return server
-    if not server.enabled and update.get("method", "none") != "none":
-        raise CompressionConfigError(
-            "kv_compression (request): this server was started without --kv-compression, "
-            "so its KV cache cannot be compressed per request; start it with --kv-compression METHOD"
-        )
-    if not server.enabled and "budget" in update and "method" not in update:
-        raise CompressionConfigError(
-            "kv_budget (request): this server was started without --kv-compression; "
-            "a per-request budget needs a compressing server"
-        )
-    try:
-        return CompressionConfig.model_validate({**server.model_dump(), **update})
-    except ValidationError as err:
-        raise CompressionConfigError(_format_validation_error(err, "per-request kv_compression/kv_budget")) from None
+# Per-request overrides live in vllm_kvcomp/request_options.py (re-exported here).
+from vllm_kvcomp.request_options import REQUEST_KEYS, request_config  # noqa: E402

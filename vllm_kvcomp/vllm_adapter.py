@@ -29,23 +29,22 @@ from typing import Any
 from vllm_kvcomp import SUPPORTED_VLLM_VERSION
 from vllm_kvcomp.config import (
     ADDITIONAL_CONFIG_KEY,
-    METHODS,
     CompressionConfig,
-    REQUEST_KEYS,
     CompressionConfigError,
     build_config,
     from_additional_config,
+    method_names,
     request_config,
 )
+from vllm_kvcomp.policies import policy_classes
+from vllm_kvcomp.request_options import has_request_keys
+from vllm_kvcomp.engine import requirements
+from vllm_kvcomp.engine.requirements import ATTENTION_BACKEND_PATH
 
 logger = logging.getLogger("vllm.kvcomp")
 
-ATTENTION_BACKEND_PATH = "vllm_kvcomp.engine.attention.CompressedFlashAttentionBackend"
-WORKER_CLS = "vllm_kvcomp.engine.worker.CompressionWorker"
-SCHEDULER_CLS = "vllm_kvcomp.engine.scheduler.CompressionScheduler"
-ASYNC_SCHEDULER_CLS = "vllm_kvcomp.engine.scheduler.AsyncCompressionScheduler"
-
 _WRAPPED_MARK = "_vllm_kvcomp_wrapped"
+_FLAG_DESTS = ("kv_compression", "kv_budget", "kv_compression_config")
 
 
 def check_vllm_version() -> str:
@@ -61,11 +60,55 @@ def check_vllm_version() -> str:
 
 
 def install() -> None:
-    check_vllm_version()
+    """Hook the plugin into vLLM (every process; idempotent).
+
+    On another vLLM version the plugin stays inert: one warning, nothing of
+    vLLM is touched except that its flags (and an `additional_config`
+    asking for compression) are refused with the version error, so unrelated
+    vLLM processes on the same machine keep working.
+    """
+    try:
+        check_vllm_version()
+    except RuntimeError as mismatch:
+        logger.warning("%s; the plugin stays off", mismatch)
+        _refuse_compression_requests(str(mismatch))
+        return
     _wrap_engine_args()
     _wrap_request_validation()
     _register_attention_backend()
     _register_kv_cache_spec()
+
+
+def _refuse_compression_requests(reason: str) -> None:
+    """On an unsupported vLLM: accept the flags only to refuse them with `reason`."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+
+        if getattr(EngineArgs, _WRAPPED_MARK, False):
+            return
+        original_add_cli_args = EngineArgs.add_cli_args
+        original_from_cli_args = EngineArgs.from_cli_args.__func__
+        original_create_engine_config = EngineArgs.create_engine_config
+
+        def add_cli_args(parser, *args, **kwargs):
+            return add_compression_args(original_add_cli_args(parser, *args, **kwargs))
+
+        def from_cli_args(cls, args, *rest, **kwargs):
+            if any(getattr(args, name, None) is not None for name in _FLAG_DESTS):
+                raise CompressionConfigError(reason)
+            return original_from_cli_args(cls, args, *rest, **kwargs)
+
+        def create_engine_config(self, *args, **kwargs):
+            if (getattr(self, "additional_config", None) or {}).get(ADDITIONAL_CONFIG_KEY):
+                raise CompressionConfigError(reason)
+            return original_create_engine_config(self, *args, **kwargs)
+
+        EngineArgs.add_cli_args = staticmethod(add_cli_args)
+        EngineArgs.from_cli_args = classmethod(from_cli_args)
+        EngineArgs.create_engine_config = create_engine_config
+        setattr(EngineArgs, _WRAPPED_MARK, True)
+    except Exception as exc:  # an unknown vLLM must never fail because the plugin is installed
+        logger.warning("vllm-kvcomp: could not add its flags to this vLLM (%s); they are unavailable", exc)
 
 
 # --- command line ---------------------------------------------------------------
@@ -81,13 +124,12 @@ def add_compression_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )
     group.add_argument(
         "--kv-compression",
-        choices=METHODS,
+        choices=method_names(),
         default=None,
-        help="Per-layer budget method: none (stock vLLM), uniform (SnapKV), pyramid "
-        "(PyramidKV), zigzag (ZigZagKV layer uncertainty), simlayer (SimLayerKV lazy "
-        "layers), profile (static per-layer budgets from `vllm-kvcomp calibrate`: pass "
-        "its YAML with --kv-compression-config). Default: none, or the method of "
-        "--kv-compression-config.",
+        help="Per-layer budget method (README's methods table): "
+        + "; ".join(f"{name}: {cls.source}" for name, cls in policy_classes().items())
+        + ". none: stock vLLM (the default, or the method of --kv-compression-config). profile "
+        "needs the YAML of `vllm-kvcomp calibrate` (--kv-compression-config).",
     )
     group.add_argument(
         "--kv-budget",
@@ -136,10 +178,7 @@ def _wrap_engine_args() -> None:
 
     def from_cli_args(cls, args: argparse.Namespace):
         engine_args = original_from_cli_args(cls, args)
-        flags_given = any(
-            getattr(args, name, None) is not None
-            for name in ("kv_compression", "kv_budget", "kv_compression_config")
-        )
+        flags_given = any(getattr(args, name, None) is not None for name in _FLAG_DESTS)
         if flags_given:
             config = config_from_cli_args(args, engine_args.additional_config)
             engine_args.additional_config = {
@@ -154,8 +193,6 @@ def _wrap_engine_args() -> None:
             return original_create_engine_config(self, *args, **kwargs)
         # Store the resolved config so engine core and workers read the same values.
         self.additional_config = {**(self.additional_config or {}), ADDITIONAL_CONFIG_KEY: config.model_dump()}
-        from vllm_kvcomp.engine import requirements
-
         requirements.prepare_engine_args(self, config)
         vllm_config = original_create_engine_config(self, *args, **kwargs)
         requirements.check_vllm_config(vllm_config, config)
@@ -177,11 +214,19 @@ def _wrap_engine_args() -> None:
 
 
 def validate_request(vllm_config, params) -> None:
-    """Raise ValueError (the front end's 400) for a bad per-request override."""
+    """Raise VLLMValidationError (HTTP 400, logged without a traceback) for a bad per-request override."""
     extra_args = getattr(params, "extra_args", None)
-    if not extra_args or not any(key in extra_args for key in REQUEST_KEYS):
+    if not has_request_keys(extra_args):
         return
-    request_config(_server_config(vllm_config), extra_args)  # CompressionConfigError is a ValueError
+    model_config = getattr(vllm_config, "model_config", None)
+    try:
+        request_config(_server_config(vllm_config), extra_args, getattr(model_config, "max_model_len", None))
+    except CompressionConfigError as err:
+        from vllm.exceptions import VLLMValidationError
+
+        # vLLM's handler for VLLMValidationError answers 400 without the
+        # "Exception in ASGI application" traceback a plain ValueError gets.
+        raise VLLMValidationError(str(err), parameter="vllm_xargs") from None
 
 
 def _server_config(vllm_config) -> CompressionConfig:

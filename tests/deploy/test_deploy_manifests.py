@@ -25,9 +25,10 @@ from deploy_common import (
     SERVER_TARGETS,
 )
 
+from vllm_kvcomp.config import method_names  # noqa: E402  (the registry of methods)
+
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
-KV_METHODS = ("none", "uniform", "pyramid", "zigzag", "simlayer")
 
 
 # --- helpers over rendered objects --------------------------------------------------
@@ -239,7 +240,7 @@ def test_server_is_vllm_serve_with_compression(rendered, target):
     config_path = flag(args, "--kv-compression-config")
     assert method or config_path, "neither --kv-compression nor --kv-compression-config is passed"
     if method:
-        assert method in KV_METHODS
+        assert method in method_names()
     assert flag(args, "--port") == str(API_PORT)
     assert flag(args, "--host") == "0.0.0.0"
     # The plugin refuses these (vllm_kvcomp/engine/requirements.py): the pod would crash-loop.

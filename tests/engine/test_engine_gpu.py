@@ -2,12 +2,12 @@
 
 One random-weight Llama-shaped model (16 layers, 32 query / 8 KV heads), 16k
 prompts, the same prompts and the same `--kv-cache-memory-bytes` for every run,
-each configuration in its own process (vllm_kvcomp/bench/offline.py):
+each configuration in its own process (bench/offline.py):
 
   stock         vLLM 0.25.1 with the plugin installed but off
   plugin_b1     uniform, budget 1.0: all the machinery on, nothing evicted
   plugin_b02    uniform, budget 0.2, with the in-engine self-check and an
-                oracle-kept needle (engine/verify.py)
+                oracle-kept needle (tests/engine/needle_oracle.py)
   zigzag_b02    zigzag, budget 0.2
 
 Set KVCOMP_RESULTS_DIR to write engine.json and engine.md there.
@@ -31,6 +31,7 @@ NUM_PROMPTS = 48
 KV_BYTES = 4 << 30
 BLOCK = 16
 NEEDLE = (5000, 5016)
+ORACLE = Path(__file__).with_name("needle_oracle.py")  # test-only observer, loaded by the engine
 
 
 def _specs(model: str) -> list[dict]:
@@ -50,7 +51,11 @@ def _specs(model: str) -> list[dict]:
             **base,
             "name": "plugin_b02",
             "compression": {"method": "uniform", "budget": 0.2},
-            "env": {"VLLM_KVCOMP_VERIFY": "8", "VLLM_KVCOMP_FORCE_KEEP": f"{NEEDLE[0]}:{NEEDLE[1]}"},
+            "env": {
+                "VLLM_KVCOMP_VERIFY": "8",
+                "VLLM_KVCOMP_OBSERVER": f"{ORACLE}:NeedleOracle",
+                "VLLM_KVCOMP_FORCE_KEEP": f"{NEEDLE[0]}:{NEEDLE[1]}",
+            },
         },
         {**base, "name": "zigzag_b02", "compression": {"method": "zigzag", "budget": 0.2}},
     ]
@@ -60,8 +65,8 @@ def _specs(model: str) -> list[dict]:
 def runs(tmp_path_factory):
     import torch
 
-    from vllm_kvcomp.bench.offline import run_in_subprocess
-    from vllm_kvcomp.bench.random_model import make_random_model
+    from bench.offline import run_in_subprocess
+    from evaluation.random_model import make_random_model
 
     work = Path(os.environ.get("KVCOMP_WORK_DIR", tmp_path_factory.mktemp("engine")))
     model = str(make_random_model(work / "llama-1b", "llama-1b"))

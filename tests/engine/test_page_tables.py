@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vllm_kvcomp.engine.layout import layer_page_table_reference, plan_eviction
-from vllm_kvcomp.engine.page_tables import build_layer_page_tables
+from vllm_kvcomp.engine.page_tables import RequestLayouts, build_layer_page_tables
 
 
 def _state_row(plan, num_layers):
@@ -52,7 +52,7 @@ def test_page_tables_match_layout_reference(device, block_size):
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
     build_layer_page_tables(
         to(block_table), to(seq_lens), to(np.array([slots[q] for q in batch_order], dtype=np.int32)),
-        len(batch_order), to(state), to(entries), tables, lens, N, bs,
+        len(batch_order), RequestLayouts(*to(state), to(entries)), tables, lens, N, bs,
     )
     tables, lens = tables.cpu().numpy(), lens.cpu().numpy()
     for r, req in enumerate(batch_order):

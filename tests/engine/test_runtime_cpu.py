@@ -13,17 +13,21 @@ page tables the attention backend would hand to FlashAttention, and checks:
   * freed blocks are never referenced, other requests' pages are untouched.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from vllm_kvcomp.config import build_config
 from vllm_kvcomp.engine.layout import cdiv
+from vllm_kvcomp.engine.requests import WindowRows
 from vllm_kvcomp.engine.runtime import CompressionRuntime
 from vllm_kvcomp.kernels.reference import gather_kv, window_lse_reference, window_scores_reference
 
 L, HKV, G, D, BS, N, WIDTH = 3, 2, 2, 32, 16, 48, 24
 HQ = HKV * G
+ORACLE = Path(__file__).with_name("needle_oracle.py")
 SCALE = D**-0.5
 
 
@@ -59,14 +63,14 @@ def prepare(runtime, pool, prompts, decode, seed=0):
     for i, (p, row) in enumerate(zip(prompts, rows)):
         runtime.add_request(f"req{i}", index=i + 1, block_ids=row[: cdiv(p, BS)], prompt_len=p)
         req = runtime.requests[f"req{i}"]
-        req.window = min(runtime.window, p)
-        req.slot = runtime.free_slots.pop()
-        req.captured = np.ones(req.window, dtype=bool)
+        window = min(runtime.config.window, p)
+        buffers = runtime.capture_buffers
+        req.rows = WindowRows(buffers.free_slots.pop(), window, np.ones(window, dtype=bool))
         for layer in range(L):
             keys = gather_kv(pool, stock_pages(row, layer), p, kv=0)
-            q = torch.randn(req.window, HQ, D, generator=g).to(torch.bfloat16)
-            runtime.q_buf[layer, req.slot, : req.window] = q
-            runtime.lse_buf[layer, req.slot, : req.window] = window_lse_reference(q, keys, scale=SCALE)
+            q = torch.randn(window, HQ, D, generator=g).to(torch.bfloat16)
+            buffers.queries[layer, req.rows.slot, :window] = q
+            buffers.lse[layer, req.rows.slot, :window] = window_lse_reference(q, keys, scale=SCALE)
         reqs.append(req)
     return rows, reqs
 
@@ -85,10 +89,10 @@ def test_eviction_path_reads_back_the_survivors(method):
     rows, reqs = prepare(runtime, pool, prompts, decode, seed=hash(method) % 1000)
     bystander = [b for b in range(1, N) if all(b not in r for r in rows)][:3]
     snapshot = pool.clone()
-    windows = [runtime.q_buf[:, req.slot, : req.window].clone() for req in reqs]
-    records = runtime._evict(reqs)
+    windows = [runtime.capture_buffers.queries[:, req.rows.slot, : req.rows.window].clone() for req in reqs]
+    records = runtime._evict(reqs).evictions
     assert [r.req_id for r in records] == ["req0", "req1", "req2"]
-    assert sorted(runtime.free_slots) == [0, 1, 2, 3]  # capture slots released
+    assert sorted(runtime.capture_buffers.free_slots) == [0, 1, 2, 3]  # capture slots released
     if method == "profile":  # weights [3, 1, 2]: the layers keep in that order (whole pages)
         kept = records[2].kept_tokens
         assert kept[0] > kept[2] > kept[1]
@@ -176,18 +180,19 @@ def test_request_that_cannot_free_a_block_is_left_alone():
     runtime, pool = make_runtime("uniform", budget="0.9")
     rows, reqs = prepare(runtime, pool, [40], [0])
     snapshot = pool.clone()
-    (record,) = runtime._evict(reqs)
+    (record,) = runtime._evict(reqs).evictions
     assert record.freed_block_ids == [] and record.kept_tokens == [40] * L
     assert torch.equal(pool, snapshot)
 
 
 def test_self_check_with_oracle_needle(monkeypatch):
-    """engine/verify.py, as the GPU run uses it: exact read-back and the needle kept."""
+    """engine/verify.py with the tests' needle oracle, as the GPU run uses them: exact read-back, needle kept."""
     monkeypatch.setenv("VLLM_KVCOMP_VERIFY", "1")
+    monkeypatch.setenv("VLLM_KVCOMP_OBSERVER", f"{ORACLE}:NeedleOracle")
     monkeypatch.setenv("VLLM_KVCOMP_FORCE_KEEP", "40:46")
     runtime, pool = make_runtime("zigzag", budget="0.25")
     rows, reqs = prepare(runtime, pool, [200, 120], [0, 0], seed=3)
-    records = runtime._evict(reqs)
+    records = runtime._evict(reqs).evictions
     check = records[0].verify
     assert check == {"exact": True, "needle": True, "attention_rel_err": check["attention_rel_err"]}
     assert check["attention_rel_err"] < 1e-5
@@ -198,15 +203,15 @@ def test_self_check_detects_corruption(monkeypatch):
     monkeypatch.setenv("VLLM_KVCOMP_VERIFY", "1")
     runtime, pool = make_runtime("uniform", budget="0.25")
     rows, reqs = prepare(runtime, pool, [200], [0], seed=4)
-    compact = runtime._compact
+    compact = runtime.executor.compact
 
     def corrupting_compact(*args):
         out = compact(*args)
         pool[rows[0][0]] += 1  # layer 0, first retained page: scribble after compaction
         return out
 
-    runtime._compact = corrupting_compact
-    (record,) = runtime._evict(reqs)
+    runtime.executor.compact = corrupting_compact
+    (record,) = runtime._evict(reqs).evictions
     assert record.verify["exact"] is False and record.verify["attention_rel_err"] > 1e-3
 
 
@@ -220,13 +225,13 @@ def test_per_request_method_and_budget_in_one_batch():
     overrides = [{"kv_budget": 0.2}, {}, {"kv_compression": "zigzag", "kv_budget": "0.6"}]
     for req, extra in zip(reqs, overrides):
         req.config = request_config(runtime.config, extra)
-    records = runtime._evict(reqs)
+    records = runtime._evict(reqs).evictions
     for record, budget in zip(records, [0.2, 0.35, 0.6]):
         avg_kept = sum(record.kept_tokens) / L
         # budgets are rounded up to whole pages per layer, the boundary block kept whole
         assert budget * 200 <= avg_kept <= budget * 200 + 2 * BS, (budget, record.kept_tokens)
     assert len(records[0].freed_block_ids) > len(records[1].freed_block_ids) > len(records[2].freed_block_ids)
-    assert set(runtime._policies) == {"uniform", "zigzag"}
+    assert set(runtime.policies._policies) == {"uniform", "zigzag"}
 
 
 def test_per_request_none_is_served_uncompressed():

@@ -5,18 +5,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_kvcomp.config import ProfileOptions, PyramidOptions, SimLayerOptions, ZigZagOptions, build_config
-from vllm_kvcomp.policies import (
-    BudgetRequest,
-    LayerStats,
-    ProfilePolicy,
-    PyramidPolicy,
-    SimLayerPolicy,
-    UniformPolicy,
-    ZigZagPolicy,
-    allocate,
-    make_policy,
-)
+from vllm_kvcomp.config import build_config
+from vllm_kvcomp.policies import BudgetRequest, LayerStats, allocate, make_policy
+from vllm_kvcomp.policies.profile import ProfileOptions, ProfilePolicy
+from vllm_kvcomp.policies.pyramid import PyramidOptions, PyramidPolicy
+from vllm_kvcomp.policies.simlayer import SimLayerOptions, SimLayerPolicy
+from vllm_kvcomp.policies.uniform import UniformPolicy
+from vllm_kvcomp.policies.zigzag import ZigZagOptions, ZigZagPolicy
 
 
 def stats(mba, local=None):

@@ -27,7 +27,8 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 from vllm.v1.attention.backends import fa_utils
 
-from vllm_kvcomp.engine.runtime import CapturePlan, get_runtime
+from vllm_kvcomp.engine.capture import CapturePlan
+from vllm_kvcomp.engine.runtime import get_runtime
 
 
 @dataclass

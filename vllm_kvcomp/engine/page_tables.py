@@ -15,6 +15,8 @@ per live page per layer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -71,28 +73,45 @@ def _layer_page_tables_kernel(
         tl.store(out_row + j, page, mask=valid)
 
 
+@dataclass
+class RequestLayouts:
+    """Where every compressed request's layers live (engine/layout.py), on the device.
+
+    One row per vLLM request slot (+ one all-zero row for dummy batches), one
+    column per layer; all zero for a request that was not compressed.
+    """
+
+    compact_pages: torch.Tensor  # int32 [max_reqs + 1, L]: c_l, compacted pages
+    entry_offsets: torch.Tensor  # int32 [max_reqs + 1, L]: C_l, first entry in the request's entry table
+    shift_pages: torch.Tensor  # int32 [max_reqs + 1, L]: d_l, pages removed before the boundary block
+    entries: torch.Tensor  # int32 [L * N]: entry tables (page id of each compacted page)
+
+    @classmethod
+    def zeros(cls, max_reqs: int, num_layers: int, num_pages: int, device) -> RequestLayouts:
+        state = torch.zeros(3, max_reqs + 1, num_layers, dtype=torch.int32, device=device)
+        entries = torch.zeros(num_pages, dtype=torch.int32, device=device)
+        return cls(state[0], state[1], state[2], entries)
+
+
 def build_layer_page_tables(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     idx_mapping: torch.Tensor,
     num_reqs: int,
-    state: torch.Tensor,
-    entries: torch.Tensor,
+    layouts: RequestLayouts,
     out_tables: torch.Tensor,
     out_lens: torch.Tensor,
     blocks_per_layer: int,
     block_size: int,
 ) -> None:
-    """Fill out_tables[:, :R_pad] and out_lens[:, :R_pad] (R_pad = block_table rows).
-
-    state: int32 [3, max_reqs + 1, L] holding c, C and d.
-    """
+    """Fill out_tables[:, :R_pad] and out_lens[:, :R_pad] (R_pad = block_table rows)."""
     num_rows, width = block_table.shape
     num_layers = out_tables.shape[0]
     if num_rows == 0:
         return
     assert out_tables.shape[2] >= width and out_tables.shape[1] >= num_rows
-    compact, offset, shift = state[0], state[1], state[2]
+    compact, offset, shift = layouts.compact_pages, layouts.entry_offsets, layouts.shift_pages
+    assert compact.stride(0) == offset.stride(0) == shift.stride(0)
     _layer_page_tables_kernel[(num_layers, num_rows)](
         block_table,
         block_table.stride(0),
@@ -103,7 +122,7 @@ def build_layer_page_tables(
         offset,
         shift,
         compact.stride(0),
-        entries,
+        layouts.entries,
         out_tables,
         out_tables.stride(0),
         out_tables.stride(1),

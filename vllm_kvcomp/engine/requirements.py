@@ -15,6 +15,12 @@ logger = logging.getLogger("vllm.kvcomp")
 
 FA_BLOCK_MULTIPLE = 16
 
+# The plugin's classes, installed through vLLM's extension points.
+ATTENTION_BACKEND_PATH = "vllm_kvcomp.engine.attention.CompressedFlashAttentionBackend"
+WORKER_CLS = "vllm_kvcomp.engine.worker.CompressionWorker"
+SCHEDULER_CLS = "vllm_kvcomp.engine.scheduler.CompressionScheduler"
+ASYNC_SCHEDULER_CLS = "vllm_kvcomp.engine.scheduler.AsyncCompressionScheduler"
+
 
 def _refuse(option: str, why: str) -> CompressionConfigError:
     return CompressionConfigError(f"--kv-compression cannot be combined with {option}: {why}")
@@ -109,8 +115,9 @@ def check_vllm_config(vllm_config, config: CompressionConfig) -> None:
     # kv_compression=profile) must match the model's depth: refuse at startup,
     # not at the first request's eviction.
     get_layers = getattr(model_config, "get_total_num_hidden_layers", None)
-    if config.profile.layer_weights is not None and callable(get_layers):
-        config.profile.check_num_layers(get_layers())
+    profile = config.section("profile")
+    if profile.layer_weights is not None and callable(get_layers):
+        profile.check_num_layers(get_layers())
 
 
 def _has_layer_types(model_config, markers: tuple[str, ...]) -> bool:
@@ -121,8 +128,6 @@ def _has_layer_types(model_config, markers: tuple[str, ...]) -> bool:
 
 def install_engine_classes(vllm_config) -> None:
     """Point vLLM at the plugin's worker and scheduler (extension points)."""
-    from vllm_kvcomp.vllm_adapter import ASYNC_SCHEDULER_CLS, SCHEDULER_CLS, WORKER_CLS
-
     vllm_config.parallel_config.worker_cls = WORKER_CLS
     scheduler_config = vllm_config.scheduler_config
     scheduler_config.scheduler_cls = ASYNC_SCHEDULER_CLS if scheduler_config.async_scheduling else SCHEDULER_CLS

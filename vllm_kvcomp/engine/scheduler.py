@@ -12,6 +12,8 @@ import logging
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.request import RequestStatus
 
 from vllm_kvcomp.config import from_additional_config
 from vllm_kvcomp.engine.kv_cache import CompressedAttentionManager
@@ -35,9 +37,34 @@ class CompressionSchedulerMixin:
 
     def update_from_output(self, scheduler_output, model_runner_output):
         report = getattr(model_runner_output, "kvcomp_report", None)
+        failed = []
         if report:
             self.apply_compression_report(report)
-        return super().update_from_output(scheduler_output, model_runner_output)
+            failed = self.finish_failed_requests(report.failures)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for request in failed:
+            # The client hears "error" as this request's finish reason (what vLLM
+            # itself sends for a KV load failure).
+            outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(
+                EngineCoreOutput(
+                    request_id=request.request_id,
+                    new_token_ids=[],
+                    finish_reason=request.get_finished_reason(),
+                    events=request.take_events(),
+                    trace_headers=request.trace_headers,
+                )
+            )
+        return outputs
+
+    def finish_failed_requests(self, failures) -> list:
+        """Finish requests whose eviction failed after their KV was rewritten (FINISHED_ERROR)."""
+        requests = [self.requests[f.req_id] for f in failures if f.req_id in self.requests]
+        requests = [r for r in requests if not r.is_finished()]
+        if requests:
+            self.finish_requests([r.request_id for r in requests], RequestStatus.FINISHED_ERROR)
+            for failure in failures:
+                self.kvcomp_metrics.record_failure(failure.reason)
+        return requests
 
     def apply_compression_report(self, report) -> None:
         for skip in report.skips:

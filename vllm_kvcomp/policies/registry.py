@@ -57,3 +57,14 @@ def make_policy(config: CompressionConfig) -> BudgetPolicy:
 def _load_all() -> None:
     # Importing the package imports every method module (and so registers it).
     import vllm_kvcomp.policies  # noqa: F401
+
+
+def methods_markdown() -> str:
+    """README's methods table, from the registry (tests/policies/test_registry.py compares them)."""
+    lines = [
+        "| `--kv-compression` | per-layer budgets B_l (sum = L * B_avg) | source |",
+        "| --- | --- | --- |",
+        f"| `{NO_COMPRESSION}` | stock vLLM (the plugin only adds its flags) | |",
+    ]
+    lines += [f"| `{name}` | {cls.summary} | {cls.source} |" for name, cls in policy_classes().items()]
+    return "\n".join(lines)

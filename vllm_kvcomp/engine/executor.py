@@ -1,0 +1,201 @@
+"""The eviction executor: runs the kernels of one eviction batch on the KV pool.
+
+Rows of every batched kernel are (layer, request) pairs, layer-major
+(row = layer * R + r): one score-gather launch, one statistics pass and one
+select + compact launch for the whole batch, whatever the number of layers.
+The decisions in between (budgets, block plans) are the planner's
+(vllm_kvcomp/planner.py); this class only moves data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_kvcomp.config import CompressionConfig
+from vllm_kvcomp.engine.layout import EvictionPlan
+from vllm_kvcomp.scoring import head_statistics, selection_scores, stats_for_policy
+
+# Optional rewrite of the selection scores [rows, H, S] before top-k (a test oracle hook).
+ScoreHook = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """The KV pool: L regions of N pages, [L * N, 2, block_size, Hkv, D]."""
+
+    num_layers: int
+    blocks_per_layer: int
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    num_heads: int  # query heads of this rank
+    scale: float
+
+
+class EvictionExecutor:
+    def __init__(self, pool: torch.Tensor, geometry: PoolGeometry, config: CompressionConfig, tp_size: int = 1):
+        self.pool = pool
+        self.geo = geometry
+        self.config = config
+        self.tp_size = tp_size
+        self.device = pool.device
+
+    def layer_pages(self, block_rows: torch.Tensor) -> torch.Tensor:
+        """[R, P] block ids -> [L * R, P] page ids (page of layer l: l * N + block)."""
+        L, N = self.geo.num_layers, self.geo.blocks_per_layer
+        offsets = torch.arange(L, dtype=torch.int32, device=self.device).view(L, 1, 1) * N
+        return (block_rows.unsqueeze(0) + offsets).reshape(L * block_rows.shape[0], block_rows.shape[1])
+
+    def score(self, queries, lse, window_lens, scored_lens, pages, max_len):
+        """Observation-window scores of every (layer, request) row: ScoreOutput (scores, mass)."""
+        from vllm_kvcomp.kernels import score_gather
+
+        cfg, L = self.config, self.geo.num_layers
+        return score_gather(
+            queries.reshape(-1, *queries.shape[2:]),
+            window_lens.repeat(L),
+            self.pool,
+            pages,
+            scored_lens.repeat(L),
+            scale=self.geo.scale,
+            window_lse=lse.reshape(-1, *lse.shape[2:]),
+            pool_kernel=cfg.pool_kernel,
+            pool_type=cfg.pool_type,
+            square=cfg.square,
+            max_seq_len=max_len,
+        )
+
+    def local_statistics(self, mass: torch.Tensor, scored_lens: torch.Tensor, num_reqs: int) -> torch.Tensor:
+        """[2, R, L] sums over this rank's KV heads of MBA and local mass."""
+        L = self.geo.num_layers
+        mba, local = head_statistics(mass, scored_lens.repeat(L), **stats_for_policy(self.config))
+        return torch.stack([mba.sum(-1).view(L, num_reqs).t(), local.sum(-1).view(L, num_reqs).t()])
+
+    def agree(self, local: torch.Tensor | None, num_reqs: int, failed: bool) -> np.ndarray | None:
+        """[2, R, L] host array: the mean over all KV heads of every TP rank; None if any rank failed.
+
+        The statistics are the one data-dependent input of the budgets, so they
+        are summed over the tensor-parallel group, with this rank's failure flag
+        in the same collective: every rank then plans and frees the same blocks,
+        or every rank serves the batch uncompressed (no rank is left waiting).
+        """
+        shape = (2, num_reqs, self.geo.num_layers)
+        if local is None:
+            local = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        flat = torch.cat([local.float().reshape(-1), torch.tensor([float(failed)], device=local.device)])
+        heads = self.geo.num_kv_heads
+        if self.tp_size > 1:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            flat = tensor_model_parallel_all_reduce(flat)
+            heads *= self.tp_size
+        host = flat.cpu().numpy()
+        if host[-1] > 0:
+            return None
+        return host[:-1].reshape(shape) / heads
+
+    def any_rank(self, flags: list[bool]) -> list[bool]:
+        """Element-wise OR of boolean flags over the tensor-parallel group."""
+        if self.tp_size == 1:
+            return flags
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        reduced = tensor_model_parallel_all_reduce(torch.tensor(flags, dtype=torch.float32, device=self.device))
+        return [bool(x > 0) for x in reduced.cpu().tolist()]
+
+    def compact(
+        self,
+        plans: list[EvictionPlan | None],
+        scores: torch.Tensor,
+        prompt_lens: torch.Tensor,
+        pages: torch.Tensor,
+        score_hook: ScoreHook | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Select and compact every evicted (layer, request) row, one launch each.
+
+        Returns the first request's keep indices per layer (for the self-check).
+        """
+        from vllm_kvcomp.kernels import compact_kv_, select_keep_indices
+
+        cfg, bs = self.config, self.geo.block_size
+        R = len(plans)
+        flat, domain_host, keep_host, req_of_row = [], [], [], []
+        for layer in range(self.geo.num_layers):
+            for r, plan in enumerate(plans):
+                if plan is not None and plan.evicted_layers[layer]:
+                    flat.append(layer * R + r)
+                    domain_host.append(plan.full_blocks * bs)
+                    keep_host.append(int(plan.compact_pages[layer]) * bs)
+                    req_of_row.append(r)
+        if not flat:
+            return {}
+        host = torch.from_numpy(np.array([flat, domain_host, keep_host, req_of_row], dtype=np.int64)).to(self.device)
+        rows_t, domain, keep = host[0], host[1].to(torch.int32), host[2].to(torch.int32)
+        row_scores = selection_scores(
+            scores.index_select(0, rows_t),
+            prompt_lens.index_select(0, host[3]),
+            domain,
+            num_sinks=cfg.num_sinks,
+            num_recent=cfg.num_recent,
+        )
+        if score_hook is not None:
+            row_scores = score_hook(row_scores)
+        # No host-side validation (it syncs): plan_eviction guarantees keep <= domain
+        # and budgets >= sinks + recent, so the forced tokens always fit.
+        keep_idx = select_keep_indices(row_scores, domain, keep, 0, 0, max_keep=max(keep_host), validate=False)
+        del row_scores
+        compact_kv_(self.pool, pages.index_select(0, rows_t), keep_idx, keep)
+        return {flat[k] // R: keep_idx[k, :, : keep_host[k]] for k in range(len(flat)) if req_of_row[k] == 0}
+
+    def relocate(self, compressed: list[tuple[list[int], EvictionPlan]]) -> None:
+        """Copy overflow pages into free pages of the retained blocks (engine/layout.py)."""
+        from vllm_kvcomp.kernels import copy_pages_
+
+        N = self.geo.blocks_per_layer
+        src, dst = [], []
+        for block_ids, plan in compressed:
+            row = np.asarray(block_ids, dtype=np.int64)
+            rel = plan.relocation_array  # (layer, page j, block i, slot s)
+            src.append(rel[:, 0] * N + row[rel[:, 1]])
+            dst.append(rel[:, 3] * N + row[rel[:, 2]])
+        src_all = np.concatenate(src or [np.zeros(0, np.int64)])
+        if len(src_all):
+            dst_all = np.concatenate(dst)
+            copy_pages_(self.pool, torch.from_numpy(src_all).to(self.device), torch.from_numpy(dst_all).to(self.device))
+
+    def warm_up(self, window: int) -> None:
+        """Compile the eviction kernels now, not during the first compressed request.
+
+        Runs them once on a scratch pool of two pages with the model's head shapes
+        and dtype (the KV pool itself is never touched).
+        """
+        from vllm_kvcomp.kernels import compact_kv_, copy_pages_, score_gather, select_keep_indices
+
+        g, dev, bs = self.geo, self.device, self.geo.block_size
+        pool = torch.randn(3, 2, bs, g.num_kv_heads, g.head_size, device=dev).to(self.pool.dtype)
+        pages = torch.tensor([[1, 2]], dtype=torch.int32, device=dev)
+        lens = torch.tensor([2 * bs], dtype=torch.int32, device=dev)
+        rows = min(window, bs)
+        queries = torch.randn(1, rows, g.num_heads, g.head_size, device=dev).to(self.pool.dtype)
+        out = score_gather(
+            queries,
+            torch.tensor([rows], dtype=torch.int32, device=dev),
+            pool,
+            pages,
+            lens,
+            scale=g.scale,
+            window_lse=torch.zeros(1, rows, g.num_heads, device=dev),
+            pool_kernel=self.config.pool_kernel,
+            pool_type=self.config.pool_type,
+            square=self.config.square,
+            max_seq_len=2 * bs,
+        )
+        keep = torch.tensor([bs], dtype=torch.int32, device=dev)
+        keep_idx = select_keep_indices(out.scores, lens, keep, 0, 0, max_keep=bs, validate=False)
+        compact_kv_(pool, pages, keep_idx, keep)
+        copy_pages_(pool, torch.tensor([2], device=dev), torch.tensor([0], device=dev))
+        head_statistics(out.mass, lens, **stats_for_policy(self.config))

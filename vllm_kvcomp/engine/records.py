@@ -1,0 +1,44 @@
+"""What the worker tells the scheduler after a step (plain data: it is pickled
+onto `ModelRunnerOutput.kvcomp_report` and crosses process boundaries)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class EvictionRecord:
+    """What one request's compression did."""
+
+    req_id: str
+    freed_block_ids: list[int]
+    prompt_len: int
+    kept_tokens: list[int]  # per layer
+    seconds: float
+    verify: dict[str, Any] | None = None  # the self-check's result (engine/verify.py), when on
+
+
+@dataclass
+class SkipRecord:
+    """A request served uncompressed although compression is on, and why."""
+
+    req_id: str
+    reason: str
+
+
+@dataclass
+class CompressionReport:
+    evictions: list[EvictionRecord] = field(default_factory=list)
+    # Served uncompressed (their KV is intact).
+    skips: list[SkipRecord] = field(default_factory=list)
+    # Eviction failed after their KV was rewritten: the scheduler finishes them with an error.
+    failures: list[SkipRecord] = field(default_factory=list)
+
+    def extend(self, other: CompressionReport) -> None:
+        self.evictions.extend(other.evictions)
+        self.skips.extend(other.skips)
+        self.failures.extend(other.failures)
+
+    def __bool__(self) -> bool:
+        return bool(self.evictions or self.skips or self.failures)

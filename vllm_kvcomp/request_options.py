@@ -1,0 +1,133 @@
+"""Per-request method and budget: `SamplingParams.extra_args` (OpenAI API: `vllm_xargs`).
+
+The rules (README, "Per-request method and budget"):
+  * Keys: `kv_compression` and `kv_budget`. Any other key starting with `kv_` is
+    refused, so a typo (`kv_budjet`) is never silently ignored; keys without
+    that prefix belong to other consumers and are left alone.
+  * `kv_compression`: a string naming a registered method, or "none" (full KV).
+  * `kv_budget`: a JSON number or a numeric string (form fields arrive as
+    strings), never a boolean: a fraction in (0, 1] or an integer token count
+    from num_sinks + num_recent up to the server's max_model_len.
+  * The operator's policy (server config): `request_overrides` (allow | budget |
+    deny), `min_request_fraction`, `min_request_tokens`.
+  * A server started without --kv-compression refuses requests that ask for
+    compression (it never serves them uncompressed silently).
+Every refusal is a `CompressionConfigError` (a ValueError: HTTP 400) of one short
+line that names the key; the offending value is quoted shortened.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from vllm_kvcomp.errors import CompressionConfigError
+
+if TYPE_CHECKING:
+    from vllm_kvcomp.config import CompressionConfig
+
+# Keys a request may set; they mirror the server flags --kv-compression and --kv-budget.
+REQUEST_KEYS = ("kv_compression", "kv_budget")
+KEY_PREFIX = "kv_"
+# Token budgets beyond this are refused when the model's max_model_len is unknown.
+MAX_TOKEN_BUDGET = 2**31 - 1
+_SHOWN_CHARS = 40
+
+
+def shorten(value: Any) -> str:
+    """repr(value), cut to a few dozen characters (messages never echo unbounded input)."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def _refuse(key: str, why: str) -> CompressionConfigError:
+    return CompressionConfigError(f"{key} (request): {why}")
+
+
+def has_request_keys(extra_args: dict[str, Any] | None) -> bool:
+    return bool(extra_args) and any(isinstance(k, str) and k.startswith(KEY_PREFIX) for k in extra_args or {})
+
+
+def parse_request_budget(value: Any, server: CompressionConfig, max_tokens: int | None) -> float:
+    """A request's `kv_budget` as a number, or a one-line refusal."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _refuse("kv_budget", f"expected a number, got {shorten(value)}")
+    try:
+        number = float(value.strip()) if isinstance(value, str) else float(value)
+    except (ValueError, OverflowError):
+        raise _refuse("kv_budget", f"expected a fraction in (0, 1] or a token count, got {shorten(value)}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise _refuse("kv_budget", f"must be a finite number > 0, got {shorten(value)}")
+    if number <= 1:
+        if number < server.min_request_fraction:
+            raise _refuse("kv_budget", f"this server keeps at least {server.min_request_fraction:g} of each prompt")
+        return number
+    limit = max_tokens or MAX_TOKEN_BUDGET
+    if number != int(number) or number > limit:
+        raise _refuse("kv_budget", f"a token count must be an integer <= {limit}, got {shorten(value)}")
+    if number < max(server.min_request_tokens, server.protected_tokens):
+        floor = max(server.min_request_tokens, server.protected_tokens)
+        raise _refuse("kv_budget", f"this server keeps at least {floor} tokens per layer, got {int(number)}")
+    return number
+
+
+def _method(value: Any, server: CompressionConfig) -> str:
+    from vllm_kvcomp.config import method_names
+
+    names = method_names()
+    if not isinstance(value, str) or value not in names:
+        raise _refuse("kv_compression", f"unknown method {shorten(value)}; choose one of {', '.join(names)}")
+    if server.request_overrides != "allow" and value != server.method:
+        raise _refuse("kv_compression", f"this server does not let requests change the method ({server.method})")
+    return value
+
+
+def _check_keys(extra_args: dict[str, Any], server: CompressionConfig) -> None:
+    unknown = [k for k in extra_args if isinstance(k, str) and k.startswith(KEY_PREFIX) and k not in REQUEST_KEYS]
+    if unknown:
+        raise _refuse(shorten(unknown[0]).strip("'"), f"unknown key; per-request keys are {', '.join(REQUEST_KEYS)}")
+    if server.request_overrides == "deny" and server.enabled:
+        key = next(k for k in REQUEST_KEYS if k in extra_args)
+        raise _refuse(key, "this server does not accept per-request compression settings")
+
+
+def request_config(
+    server: CompressionConfig, extra_args: dict[str, Any] | None, max_tokens: int | None = None
+) -> CompressionConfig:
+    """The config one request runs with: the server's, or its method/budget overridden.
+
+    Only the method and the budget can change per request: the scorer options
+    (window, pooling, protected tokens) size GPU buffers and are the server's.
+    `max_tokens`: the model's max_model_len (the largest meaningful token budget).
+    """
+    extra_args = extra_args or {}
+    if not has_request_keys(extra_args):
+        return server
+    _check_keys(extra_args, server)
+    update: dict[str, Any] = {}
+    if "kv_compression" in extra_args:
+        update["method"] = _method(extra_args["kv_compression"], server)
+    if "kv_budget" in extra_args:
+        update["budget"] = parse_request_budget(extra_args["kv_budget"], server, max_tokens)
+    if not update:
+        return server
+    if not server.enabled and update.get("method", "none") != "none":
+        raise _refuse(
+            "kv_compression",
+            "this server was started without --kv-compression, so its KV cache cannot be compressed per request; "
+            "start it with --kv-compression METHOD",
+        )
+    if not server.enabled and "budget" in update and "method" not in update:
+        raise _refuse("kv_budget", "this server was started without --kv-compression; a budget needs a compressing server")
+    return _validated(server, update)
+
+
+def _validated(server: CompressionConfig, update: dict[str, Any]) -> CompressionConfig:
+    from vllm_kvcomp.config import CompressionConfig, format_validation_error
+
+    try:
+        return CompressionConfig.model_validate({**server.model_dump(), **update})
+    except ValidationError as err:
+        raise CompressionConfigError(format_validation_error(err, "per-request kv_compression/kv_budget")) from None
