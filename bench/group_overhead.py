@@ -35,7 +35,9 @@ def manager(num_layers: int, per_layer_groups: bool, num_blocks: int) -> KVCache
         groups = [KVCacheGroupSpec(names, spec)]
         tensors = [KVCacheTensor(size=spec.page_size_bytes * num_blocks, shared_by=[n]) for n in names]
     config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=tensors, kv_cache_groups=groups)
-    return KVCacheManager(config, max_model_len=65536, scheduler_block_size=BS, hash_block_size=BS, enable_caching=False)
+    return KVCacheManager(
+        config, max_model_len=65536, scheduler_block_size=BS, hash_block_size=BS, enable_caching=False
+    )
 
 
 def decode_step_ms(num_layers: int, per_layer: bool, requests: int, steps: int, prompt: int) -> float:
@@ -63,8 +65,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=1000)
     args = ap.parse_args()
-    print(f"vLLM KVCacheManager.allocate_slots per decode step, {args.requests} running requests, "
-          f"{args.steps} steps, {platform.processor() or platform.machine()}, Python {platform.python_version()}\n")
+    print(
+        f"vLLM KVCacheManager.allocate_slots per decode step, {args.requests} running requests, "
+        f"{args.steps} steps, {platform.processor() or platform.machine()}, Python {platform.python_version()}\n"
+    )
     print("| layers | one group (ms/step) | one group per layer (ms/step) | ratio |")
     print("| --- | --- | --- | --- |")
     for layers in args.layers:

@@ -10,13 +10,21 @@ once against its torch version before timing. Medians from
 triton.testing.do_bench. Writes <out>/kernels.json and prints a markdown table
 last. Imports only torch, triton and this package's kernels (not vllm).
 
-    python bench/kernels_bench.py [--out bench/results] [--requests 32] [--seq-len 16384]
+score_gather's kernels run with the launch configuration autotune picks
+(kernels/score_gather_configs.py): by default the one tuned on the H100; with
+--tune, VLLM_KVCOMP_AUTOTUNE=1 makes autotune time every candidate on the first
+call at the benchmark shape, and the bench prints each candidate's time (and
+sweeps compact_kv_'s block_k, which is not autotuned). The configs used are
+printed and recorded in kernels.json ("launch_configs").
+
+    python bench/kernels_bench.py [--out bench/results] [--requests 32] [--seq-len 16384] [--tune]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -28,6 +36,8 @@ from triton.testing import do_bench
 
 try:
     from vllm_kvcomp.kernels import compact_kv_, copy_pages_, score_gather, select_keep_indices
+    from vllm_kvcomp.kernels import score_gather_kernels as sgk
+    from vllm_kvcomp.kernels.common import AUTOTUNE_ENV
 except ImportError:  # not installed: import the folder as the package
     import importlib.util
     import types
@@ -37,18 +47,16 @@ except ImportError:  # not installed: import the folder as the package
     pkg.__path__ = [os.path.join(root, "vllm_kvcomp")]
     sys.modules.setdefault("vllm_kvcomp", pkg)
     spec = importlib.util.spec_from_file_location(
-        "vllm_kvcomp.kernels", os.path.join(root, "kernels", "__init__.py"),
+        "vllm_kvcomp.kernels",
+        os.path.join(root, "kernels", "__init__.py"),
         submodule_search_locations=[os.path.join(root, "kernels")],
     )
     mod = importlib.util.module_from_spec(spec)
     sys.modules["vllm_kvcomp.kernels"] = mod
     spec.loader.exec_module(mod)
     from vllm_kvcomp.kernels import compact_kv_, copy_pages_, score_gather, select_keep_indices
-
-
-# the package exports a function named score_gather: fetch the module itself
-score_mod = sys.modules["vllm_kvcomp.kernels.score_gather"]
-comp_mod = sys.modules["vllm_kvcomp.kernels.compaction"]
+    from vllm_kvcomp.kernels import score_gather_kernels as sgk
+    from vllm_kvcomp.kernels.common import AUTOTUNE_ENV
 
 
 def median_ms(fn, warmup=25, rep=200):
@@ -114,50 +122,40 @@ def rel(a, b):
     return ((a[fin].double() - b[fin].double()).norm() / b[fin].double().norm()).item()
 
 
-def tune(args, q, wl, kv, pt, sl, lse, kw, out1):
-    """Sweep the kernels' launch configurations; prints tables (the defaults are restored)."""
-    ws0, lse0 = dict(score_mod.WINDOW_SUM_CONFIG), dict(score_mod.LSE_CONFIG)
-    print("\nwindow-sum kernel (+ pool), LSE given")
-    print("| block_t | tiles/prog | warps | stages | ms | ms pool=1 |")
-    print("|---|---|---|---|---|---|")
-    kw1 = dict(kw, pool_kernel=1)
-    for bt, tpp, nw, ns in [(64, 8, 4, 2), (64, 8, 4, 3), (64, 8, 4, 4), (64, 8, 8, 3), (64, 16, 4, 3),
-                            (64, 4, 4, 3), (32, 16, 4, 3), (32, 16, 4, 5), (128, 4, 8, 3), (64, 16, 8, 4)]:
-        score_mod.WINDOW_SUM_CONFIG.update(block_t=bt, tiles_per_program=tpp, num_warps=nw, num_stages=ns)
-        try:
-            f1 = lambda: score_gather(q, wl, kv, pt, sl, window_lse=lse, **kw)
-            f2 = lambda: score_gather(q, wl, kv, pt, sl, window_lse=lse, **kw1)
-            o = f1()
-            assert rel(o.scores, out1.scores) < 1e-3
-            print(f"| {bt} | {tpp} | {nw} | {ns} | {median_ms(f1, rep=60):.3f} | {median_ms(f2, rep=60):.3f} |", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"| {bt} | {tpp} | {nw} | {ns} | failed: {type(e).__name__}: {str(e)[:80]} | |", flush=True)
-    score_mod.WINDOW_SUM_CONFIG.clear()
-    score_mod.WINDOW_SUM_CONFIG.update(ws0)
-    print("\nLSE pass (two-pass minus LSE-given)")
-    print("| block_t | tiles/split | warps | stages | two-pass ms | LSE pass ms |")
-    print("|---|---|---|---|---|---|")
-    base = median_ms(lambda: score_gather(q, wl, kv, pt, sl, window_lse=lse, **kw), rep=60)
-    for bt, sp, nw, ns in [(64, 16, 4, 2), (64, 16, 4, 3), (64, 16, 4, 4), (64, 16, 8, 3), (64, 8, 4, 3),
-                           (64, 32, 4, 3), (128, 8, 8, 3), (32, 32, 4, 4)]:
-        score_mod.LSE_CONFIG.update(block_t=bt, tiles_per_split=sp, num_warps=nw, num_stages=ns)
-        try:
-            f = lambda: score_gather(q, wl, kv, pt, sl, window_lse=None, **kw)
-            o = f()
-            assert rel(o.scores, out1.scores) < 1e-3
-            t = median_ms(f, rep=60)
-            print(f"| {bt} | {sp} | {nw} | {ns} | {t:.3f} | {t - base:.3f} |", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"| {bt} | {sp} | {nw} | {ns} | failed: {type(e).__name__}: {str(e)[:80]} | |", flush=True)
-    score_mod.LSE_CONFIG.clear()
-    score_mod.LSE_CONFIG.update(lse0)
+AUTOTUNED = {
+    "window_sum": sgk.window_sum_kernel,
+    "lse_partial": sgk.lse_partial_kernel,
+    "pool": sgk.pool_gqa_kernel,
+}
+
+
+def report_launch_configs(tuned):
+    """The config each autotuned score_gather kernel runs with; with --tune, every candidate's time."""
+    chosen = {}
+    for name, kernel in AUTOTUNED.items():
+        if getattr(kernel, "best_config", None) is None:
+            continue  # not launched
+        chosen[name] = str(kernel.best_config)
+        print(f"\n{name}: {kernel.best_config}", flush=True)
+        timings = getattr(kernel, "configs_timings", None) or {}
+        if tuned and timings:
+            print("| config | median ms | p20 ms | p80 ms |")
+            print("|---|---|---|---|")
+            for cfg, (med, p20, p80) in sorted(timings.items(), key=lambda kv: kv[1][0]):
+                print(f"| {cfg} | {med:.3f} | {p20:.3f} | {p80:.3f} |")
+    return chosen
+
+
+def tune_compaction(args, kv, pt, sl, scores):
+    """Sweep compact_kv_'s block_k (not autotuned: the kernel works in place)."""
     print("\ncompaction block_k")
     keep = int(round(args.budget * args.seq_len))
     kc = torch.full((args.requests,), keep, dtype=torch.int32, device="cuda")
-    keep_idx = select_keep_indices(out1.scores, sl, kc, args.sinks, args.recent, max_keep=keep)
+    keep_idx = select_keep_indices(scores, sl, kc, args.sinks, args.recent, max_keep=keep)
     work = kv.clone()
     for bk in (32, 64, 128):
-        print(f"block_k={bk}: {median_ms(lambda: compact_kv_(work, pt, keep_idx, kc, block_k=bk), rep=60):.3f} ms", flush=True)
+        ms = median_ms(functools.partial(compact_kv_, work, pt, keep_idx, kc, block_k=bk), rep=60)
+        print(f"block_k={bk}: {ms:.3f} ms", flush=True)
     del work
     torch.cuda.empty_cache()
 
@@ -177,16 +175,24 @@ def main():
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--recent", type=int, default=64)
     ap.add_argument("--copy-pages", type=int, default=8192, help="pages moved by copy_pages_")
-    ap.add_argument("--tune", action="store_true", help="sweep tuning knobs first (prints a table)")
+    ap.add_argument(
+        "--tune",
+        action="store_true",
+        help=f"autotune score_gather's kernels at this shape ({AUTOTUNE_ENV}=1; prints every config's time) "
+        "and sweep compact_kv_'s block_k",
+    )
     ap.add_argument("--only-score", action="store_true", help="run score_gather once each way and exit (for ncu)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
+    if args.tune:
+        # the first score_gather call of each autotune key (the checks below, at this shape) times every candidate
+        os.environ[AUTOTUNE_ENV] = "1"
     torch.manual_seed(0)
     dev = "cuda"
-    R, S, Hkv, Hq, D, W, bs = args.requests, args.seq_len, args.hkv, args.hq, args.head_dim, args.window, args.block_size
+    R, S, Hkv, Hq = args.requests, args.seq_len, args.hkv, args.hq
+    D, W, bs = args.head_dim, args.window, args.block_size
     dtype = torch.bfloat16
     esize = 2
-    G = Hq // Hkv
     scale = D**-0.5
     results = []
 
@@ -194,7 +200,7 @@ def main():
     n = 1 << 30  # 2 GiB of bf16 each way
     src_buf = torch.randn(n, device=dev, dtype=torch.float32).to(dtype)
     dst_buf = torch.empty_like(src_buf)
-    copy_ms = median_ms(lambda: dst_buf.copy_(src_buf))
+    copy_ms = median_ms(functools.partial(dst_buf.copy_, src_buf))
     copy_gbps = 2 * n * esize / copy_ms / 1e6
     del src_buf, dst_buf
     print(f"device-to-device copy: {copy_ms:.3f} ms, {copy_gbps:.0f} GB/s (read + write)", flush=True)
@@ -211,11 +217,16 @@ def main():
     wl = torch.full((R,), W, dtype=torch.int32, device=dev)
     q = torch.randn((R, W, Hq, D), device=dev).to(dtype)
     key_bytes = R * S * Hkv * D * esize
-    print(f"cache {kv.numel() * esize / 1e9:.2f} GB; keys of the layer {key_bytes / 1e9:.3f} GB "
-          f"(L2 is {torch.cuda.get_device_properties(0).L2_cache_size / 1e6:.0f} MB: no input rotation needed)", flush=True)
+    print(
+        f"cache {kv.numel() * esize / 1e9:.2f} GB; keys of the layer {key_bytes / 1e9:.3f} GB "
+        f"(L2 is {torch.cuda.get_device_properties(0).L2_cache_size / 1e6:.0f} MB: no input rotation needed)",
+        flush=True,
+    )
 
     # ---- correctness once (fp32 torch) -----------------------------------------
-    ref_scores, ref_mass, lse = torch_scores(q, kv, pt, S, scale, args.pool, compute_dtype=torch.float32, return_lse=True)
+    ref_scores, ref_mass, lse = torch_scores(
+        q, kv, pt, S, scale, args.pool, compute_dtype=torch.float32, return_lse=True
+    )
     kw = dict(scale=scale, pool_kernel=args.pool, pool_type="max", square=False, max_seq_len=S)
     out1 = score_gather(q, wl, kv, pt, sl, window_lse=lse, **kw)
     out2 = score_gather(q, wl, kv, pt, sl, window_lse=None, **kw)
@@ -232,27 +243,41 @@ def main():
         torch.cuda.synchronize()
         return
 
-    # ---- tuning sweep (optional) ------------------------------------------------
+    # ---- launch configurations (chosen by autotune during the checks) ----------------
+    launch_configs = report_launch_configs(args.tune)
     if args.tune:
-        tune(args, q, wl, kv, pt, sl, lse, kw, out1)
+        tune_compaction(args, kv, pt, sl, out1.scores)
 
     # ---- score_gather timings -------------------------------------------------------
     t_torch = median_ms(lambda: torch_scores(q, kv, pt, S, scale, args.pool), warmup=5, rep=100)
     print(f"torch scores (bf16 matmul): {t_torch:.3f} ms", flush=True)
     shape = f"R={R} S={S} Hkv={Hkv} Hq={Hq} D={D} W={W} block={bs} bf16 pool={args.pool} max"
     for name, lse_arg in (("score_gather", lse), ("score_gather_two_pass", None)):
-        ms = median_ms(lambda: score_gather(q, wl, kv, pt, sl, window_lse=lse_arg, **kw))
+        ms = median_ms(functools.partial(score_gather, q, wl, kv, pt, sl, window_lse=lse_arg, **kw))
         gbps = key_bytes / ms / 1e6
-        results.append(dict(name=name, shape=shape, median_ms=ms, gbps=gbps, fraction_of_copy=gbps / copy_gbps,
-                            speedup_vs_torch=t_torch / ms, bytes=key_bytes, torch_ms=t_torch,
-                            rel_err_scores=errs[name][0], rel_err_mass=errs[name][1]))
+        results.append(
+            dict(
+                name=name,
+                shape=shape,
+                median_ms=ms,
+                gbps=gbps,
+                fraction_of_copy=gbps / copy_gbps,
+                speedup_vs_torch=t_torch / ms,
+                bytes=key_bytes,
+                torch_ms=t_torch,
+                rel_err_scores=errs[name][0],
+                rel_err_mass=errs[name][1],
+            )
+        )
         print(f"{name}: {ms:.3f} ms", flush=True)
 
     # ---- compaction -----------------------------------------------------------------
     keep = int(round(args.budget * S))
     kc = torch.full((R,), keep, dtype=torch.int32, device=dev)
     keep_idx = select_keep_indices(out1.scores, sl, kc, args.sinks, args.recent, max_keep=keep)
-    sel_ms = median_ms(lambda: select_keep_indices(out1.scores, sl, kc, args.sinks, args.recent, max_keep=keep, validate=False))
+    sel_ms = median_ms(
+        lambda: select_keep_indices(out1.scores, sl, kc, args.sinks, args.recent, max_keep=keep, validate=False)
+    )
     a = kv.clone()
     b = kv.clone()
     compact_kv_(a, pt, keep_idx, kc, seq_lens=sl, validate=True)
@@ -264,14 +289,24 @@ def main():
     moved = int((keep_idx[:, :, :keep] != torch.arange(keep, device=dev)).sum())
     comp_bytes = R * Hkv * keep * D * esize * 2 * 2  # kept K+V, read + written
     # in place and idempotent in cost: the same index pattern moves the same bytes each call
-    ms_c = median_ms(lambda: compact_kv_(a, pt, keep_idx, kc))
-    t_torch_c = median_ms(lambda: torch_compact(a, pt, keep_idx, [keep] * R))
+    ms_c = median_ms(functools.partial(compact_kv_, a, pt, keep_idx, kc))
+    t_torch_c = median_ms(functools.partial(torch_compact, a, pt, keep_idx, [keep] * R))
     gbps = comp_bytes / ms_c / 1e6
-    results.append(dict(name="compaction", shape=f"R={R} S={S} Hkv={Hkv} D={D} block={bs} bf16 keep={keep} "
-                        f"(budget {args.budget}, sinks {args.sinks}, recent {args.recent})",
-                        median_ms=ms_c, gbps=gbps, fraction_of_copy=gbps / copy_gbps, speedup_vs_torch=t_torch_c / ms_c,
-                        bytes=comp_bytes, torch_ms=t_torch_c, moved_fraction=moved / (R * Hkv * keep),
-                        select_keep_indices_ms=sel_ms))
+    results.append(
+        dict(
+            name="compaction",
+            shape=f"R={R} S={S} Hkv={Hkv} D={D} block={bs} bf16 keep={keep} "
+            f"(budget {args.budget}, sinks {args.sinks}, recent {args.recent})",
+            median_ms=ms_c,
+            gbps=gbps,
+            fraction_of_copy=gbps / copy_gbps,
+            speedup_vs_torch=t_torch_c / ms_c,
+            bytes=comp_bytes,
+            torch_ms=t_torch_c,
+            moved_fraction=moved / (R * Hkv * keep),
+            select_keep_indices_ms=sel_ms,
+        )
+    )
     print(f"compaction: {ms_c:.3f} ms (torch {t_torch_c:.3f} ms); select_keep_indices {sel_ms:.3f} ms", flush=True)
     del a
     torch.cuda.empty_cache()
@@ -292,9 +327,18 @@ def main():
     srcl, dstl = srcp.long(), dstp.long()
     t_torch_p = median_ms(lambda: kv.index_copy_(0, dstl, kv.index_select(0, srcl)))
     gbps = cp_bytes / ms_p / 1e6
-    results.append(dict(name="copy_pages", shape=f"{npc} pages of {page_bytes} B", median_ms=ms_p, gbps=gbps,
-                        fraction_of_copy=gbps / copy_gbps, speedup_vs_torch=t_torch_p / ms_p, bytes=cp_bytes,
-                        torch_ms=t_torch_p))
+    results.append(
+        dict(
+            name="copy_pages",
+            shape=f"{npc} pages of {page_bytes} B",
+            median_ms=ms_p,
+            gbps=gbps,
+            fraction_of_copy=gbps / copy_gbps,
+            speedup_vs_torch=t_torch_p / ms_p,
+            bytes=cp_bytes,
+            torch_ms=t_torch_p,
+        )
+    )
     print(f"copy_pages: {ms_p:.3f} ms (torch {t_torch_p:.3f} ms)", flush=True)
 
     # ---- report ------------------------------------------------------------------------------
@@ -304,6 +348,8 @@ def main():
         "triton": triton.__version__,
         "torch": torch.__version__,
         "copy_gbps": copy_gbps,
+        "autotuned": bool(args.tune),
+        "launch_configs": launch_configs,
         "kernels": results,
     }
     os.makedirs(args.out, exist_ok=True)
@@ -315,8 +361,10 @@ def main():
     print("| kernel | median ms | GB/s | of copy BW | torch ms | speedup vs torch |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['name']} | {r['median_ms']:.3f} | {r['gbps']:.0f} | {r['fraction_of_copy']:.2f} | "
-              f"{r['torch_ms']:.3f} | {r['speedup_vs_torch']:.1f}x |")
+        print(
+            f"| {r['name']} | {r['median_ms']:.3f} | {r['gbps']:.0f} | {r['fraction_of_copy']:.2f} | "
+            f"{r['torch_ms']:.3f} | {r['speedup_vs_torch']:.1f}x |"
+        )
 
 
 if __name__ == "__main__":

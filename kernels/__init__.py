@@ -5,8 +5,15 @@
 * ``copy_pages_``: whole-page copies.
 * ``select_keep_indices``: per-head top-k with forced sinks / recent window.
 * ``reference``: plain-torch oracles (also the CPU path).
+* ``forced_keep_mask``: the sinks + recent tokens eviction always keeps (``common``).
+
+Modules: ``score_gather`` (host side), ``score_gather_kernels`` (jitted,
+autotuned) and ``score_gather_configs`` (their candidates, keys, pruning),
+``compaction``, ``reference``, ``common`` (interpreter check, forced mask,
+autotune policy).
 """
 
+from .common import forced_keep_mask
 from .compaction import KEEP_IDX_SENTINEL, compact_kv_, copy_pages_, select_keep_indices
 from .reference import (
     ScoreOutput,
@@ -30,6 +37,7 @@ __all__ = [
     "compact_reference",
     "copy_pages_",
     "copy_pages_reference",
+    "forced_keep_mask",
     "gather_keys",
     "gather_kv",
     "gather_values",

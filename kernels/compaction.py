@@ -18,42 +18,37 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import forced_keep_mask, interpreting
 from .reference import compact_reference, copy_pages_reference
 
 __all__ = ["compact_kv_", "copy_pages_", "select_keep_indices", "KEEP_IDX_SENTINEL"]
 
 KEEP_IDX_SENTINEL = 2**31 - 1  # padding of keep_idx beyond keep_counts[b]
 
+# Fixed launch configurations, not autotuned (unlike score_gather's kernels):
+# * compaction works in place and is not idempotent (a second run moves the
+#   already-compacted survivors again), and autotune re-runs the kernel while it
+#   times configs; restore_value would clone the whole KV pool for each timing.
+#   block_k (default below) is swept by bench/kernels_bench.py instead.
+# * copy_pages_ is idempotent but a plain copy at ~0.9 of copy bandwidth
+#   (bench/KERNELS-NOTES.md): nothing to gain.
 DEFAULT_BLOCK_K = 128  # survivors per chunk
 DEFAULT_COPY_BLOCK = 4096  # elements per program of copy_pages_
-
-
-def _interpreting() -> bool:
-    try:
-        from triton import knobs
-
-        return bool(knobs.runtime.interpret)
-    except Exception:  # pragma: no cover
-        import os
-
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 # --------------------------------------------------------------------------- #
 # Compaction
 # --------------------------------------------------------------------------- #
-@triton.jit
+# Strides that vary with the batch (pages per row, kept tokens) are not specialized:
+# one compiled variant serves every batch, so serving never compiles (warm-up does).
+@triton.jit(do_not_specialize=["stride_ptb", "stride_ib", "stride_ig"])
 def _compact_kernel(
     kv_ptr, stride_kp, stride_kv, stride_ks, stride_kh, stride_kd,
     pt_ptr, stride_ptb,
     idx_ptr, stride_ib, stride_ig,
     cnt_ptr,
     PAGE: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
-):
+):  # fmt: skip
     b = tl.program_id(0)
     g = tl.program_id(1)
     which = tl.program_id(2)  # 0 = keys, 1 = values
@@ -120,22 +115,22 @@ def compact_kv_(
     if B == 0 or K_max == 0:
         return
     dev = kv_cache.device
-    if dev.type != "cuda" and not _interpreting():
+    if dev.type != "cuda" and not interpreting():
         kv_cache.copy_(compact_reference(kv_cache, page_table, keep_idx, keep_counts))
         return
     BK = int(block_k or DEFAULT_BLOCK_K)
-    BD = max(16, _next_pow2(D))
+    BD = max(16, triton.next_power_of_2(D))
     page_table = page_table.to(torch.int32)
     keep_counts = keep_counts.to(device=dev, dtype=torch.int32).contiguous()
     ks = kv_cache.stride()
-    launch = {} if _interpreting() else {"num_warps": 4, "num_stages": 2}
+    launch = {} if interpreting() else {"num_warps": 4, "num_stages": 2}
     _compact_kernel[(B, Hkv, 2)](
         kv_cache, ks[0], ks[1], ks[2], ks[3], ks[4],
         page_table, page_table.stride(0),
         keep_idx, keep_idx.stride(0), keep_idx.stride(1),
         keep_counts,
         PAGE=PAGE, D=D, BD=BD, BK=BK, **launch,
-    )
+    )  # fmt: skip
 
 
 def _validate_compaction(kv_cache, page_table, keep_idx, keep_counts, seq_lens):
@@ -202,13 +197,15 @@ def copy_pages_(
     if kv_cache.stride(0) != page_numel or not kv_cache[0].is_contiguous():
         raise ValueError("copy_pages_ needs contiguous pages")
     dev = kv_cache.device
-    if dev.type != "cuda" and not _interpreting():
+    if dev.type != "cuda" and not interpreting():
         kv_cache.copy_(copy_pages_reference(kv_cache, src, dst))
+        return
+    if page_numel == 0:
         return
     src = src.to(device=dev).contiguous()
     dst = dst.to(device=dev).contiguous()
-    BLOCK = min(DEFAULT_COPY_BLOCK, _next_pow2(page_numel))
-    launch = {} if _interpreting() else {"num_warps": 4}
+    BLOCK = min(DEFAULT_COPY_BLOCK, triton.next_power_of_2(page_numel))
+    launch = {} if interpreting() else {"num_warps": 4}
     _copy_pages_kernel[(n, triton.cdiv(page_numel, BLOCK))](src, dst, kv_cache, page_numel, BLOCK=BLOCK, **launch)
 
 
@@ -255,7 +252,7 @@ def select_keep_indices(
         return torch.full((B, Hkv, K_max), KEEP_IDX_SENTINEL, dtype=torch.int32, device=dev)
     t = torch.arange(S, device=dev)
     valid = t[None, :] < sl[:, None]  # [B, S]
-    forced = valid & ((t[None, :] < num_sinks) | (t[None, :] >= sl[:, None] - num_recent))
+    forced = forced_keep_mask(sl, S, num_sinks, num_recent)
     fmax = torch.finfo(torch.float32).max
     key = torch.nan_to_num(scores.to(torch.float32), nan=float("-inf"), posinf=fmax)
     key = key.masked_fill(forced[:, None, :], float("inf"))

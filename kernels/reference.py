@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .common import forced_keep_mask
+
 __all__ = [
     "ScoreOutput",
     "gather_kv",
@@ -204,11 +206,6 @@ def score_gather_reference(
 # --------------------------------------------------------------------------- #
 # Selection
 # --------------------------------------------------------------------------- #
-def _forced_mask(P: int, num_sinks: int, num_recent: int, device) -> torch.Tensor:
-    t = torch.arange(P, device=device)
-    return (t < num_sinks) | (t >= P - num_recent)
-
-
 def select_keep_indices_reference(scores: torch.Tensor, keep: int, num_sinks: int, num_recent: int) -> torch.Tensor:
     """Per KV head, the ``keep`` best positions of ``scores`` [Hkv, P], sorted ascending (int64).
 
@@ -219,7 +216,7 @@ def select_keep_indices_reference(scores: torch.Tensor, keep: int, num_sinks: in
     Hkv, P = scores.shape
     keep = int(keep)
     assert 0 <= keep <= P, f"keep={keep} outside [0, {P}]"
-    forced = _forced_mask(P, num_sinks, num_recent, scores.device)
+    forced = forced_keep_mask(torch.tensor([P], device=scores.device), P, num_sinks, num_recent)[0]
     n_forced = int(forced.sum())
     assert keep >= n_forced, f"keep={keep} < {n_forced} forced sink/recent positions"
     out = torch.empty((Hkv, keep), dtype=torch.int64, device=scores.device)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from config_errors import config_error
-from vllm_kvcomp.config import CompressionConfigError, ProfileOptions, build_config, packaged_defaults
-from vllm_kvcomp.policies import BudgetRequest, ProfilePolicy, make_policy
+
+from vllm_kvcomp.config import CompressionConfigError, build_config, packaged_defaults
+from vllm_kvcomp.policies import BudgetRequest, make_policy
+from vllm_kvcomp.policies.profile import ProfileOptions, ProfilePolicy
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,12 +22,19 @@ def tiny_model(tmp_path_factory):
     """A 3-layer random Llama + word tokenizer (as tests/eval/test_eval.py builds it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vllm_kvcomp.bench.random_model import make_tokenizer
+    from evaluation.random_model import make_tokenizer
 
     path = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     make_tokenizer(path)
     return str(path)
@@ -36,9 +44,8 @@ def profile_config(weights, **profile):
     return build_config(method="profile", overrides={"profile": {"layer_weights": weights, **profile}})
 
 
-
-
 # --- the policy ---------------------------------------------------------------------------
+
 
 def test_profile_budgets_hand_checked():
     # w = [.5, .25, .25], L=3, B_avg=100, B_min = 0.2*100 = 20:
@@ -89,12 +96,19 @@ def test_engine_startup_refuses_a_profile_of_another_depth():
     from vllm_kvcomp.engine.requirements import check_vllm_config
 
     model = SimpleNamespace(
-        runner_type="generate", use_mla=False, is_encoder_decoder=False, is_multimodal_model=False,
-        is_hybrid=False, is_attention_free=False, hf_text_config=SimpleNamespace(layer_types=None),
-        get_sliding_window=lambda: None, get_total_num_hidden_layers=lambda: 24,
+        runner_type="generate",
+        use_mla=False,
+        is_encoder_decoder=False,
+        is_multimodal_model=False,
+        is_hybrid=False,
+        is_attention_free=False,
+        hf_text_config=SimpleNamespace(layer_types=None),
+        get_sliding_window=lambda: None,
+        get_total_num_hidden_layers=lambda: 24,
     )
     vllm_config = SimpleNamespace(
-        model_config=model, use_v2_model_runner=True,
+        model_config=model,
+        use_v2_model_runner=True,
         cache_config=SimpleNamespace(enable_prefix_caching=False, cache_dtype="auto", block_size=16),
     )
     check_vllm_config(vllm_config, profile_config([1.0] * 24))
@@ -103,6 +117,7 @@ def test_engine_startup_refuses_a_profile_of_another_depth():
 
 
 # --- the config -------------------------------------------------------------------------
+
 
 def test_profile_without_weights_is_refused():
     msg = config_error(method="profile")
@@ -144,13 +159,15 @@ def test_bad_profile_options_name_the_field():
 
 def test_profile_yaml_loads(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         method: profile
         budget: 0.3
         profile:
           layer_weights: [1.2, 0.8]
           model: m
-    """))
+    """)
+    )
     config = build_config(config_path=path)
     assert (config.method, config.budget, config.profile.layer_weights) == ("profile", 0.3, [1.2, 0.8])
     assert config.profile.min_budget_ratio == 0.2  # packaged default
@@ -166,6 +183,7 @@ def test_kv_compression_profile_flag_without_a_profile_says_to_calibrate(capsys)
 
 
 # --- the calibration -------------------------------------------------------------------
+
 
 def test_normalization_is_zigzags():
     from vllm_kvcomp.calibrate import Calibration, normalized_weights
@@ -195,7 +213,9 @@ def test_per_task_stability():
     from vllm_kvcomp.calibrate import render_profile
 
     text = render_profile(cal, source="vllm-kvcomp calibrate m")
-    assert "# Task a (2 samples): zigzag would move 0.0% within the task; its own profile is 33.3% from this one." in text
+    assert (
+        "# Task a (2 samples): zigzag would move 0.0% within the task; its own profile is 33.3% from this one." in text
+    )
     assert yaml.safe_load(text)["profile"]["layer_weights"] == [1.0, 1.0, 1.0]
 
 
@@ -211,8 +231,22 @@ def test_calibrate_command_writes_a_loadable_profile(tiny_model, tmp_path, capsy
     from vllm_kvcomp.cli import main
 
     out = tmp_path / "profiles" / "tiny.yaml"
-    argv = ["calibrate", tiny_model, "--lengths", "300", "--samples", "3", "--tasks", "niah_noise,vt",
-            "--window", "8", "--threads", "1", "--out", str(out)]
+    argv = [
+        "calibrate",
+        tiny_model,
+        "--lengths",
+        "300",
+        "--samples",
+        "3",
+        "--tasks",
+        "niah_noise,vt",
+        "--window",
+        "8",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     text = out.read_text()
@@ -243,15 +277,22 @@ def test_calibrate_on_your_own_prompts(tiny_model, tmp_path, capsys):
 
     prompts = tmp_path / "workload.jsonl"
     words = lambda k: " ".join(f"w{(i * k) % 997}" for i in range(200))  # noqa: E731
-    prompts.write_text("\n".join([
-        json.dumps({"prompt": words(37), "task": "code"}),
-        "",
-        json.dumps({"messages": [{"role": "user", "content": words(11)}]}),
-        json.dumps({"prompt": words(53), "task": "code"}),
-    ]) + "\n")
+    prompts.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": words(37), "task": "code"}),
+                "",
+                json.dumps({"messages": [{"role": "user", "content": words(11)}]}),
+                json.dumps({"prompt": words(53), "task": "code"}),
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "own.yaml"
-    assert main(["calibrate", tiny_model, "--prompts", str(prompts), "--window", "8", "--threads", "1",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["calibrate", tiny_model, "--prompts", str(prompts), "--window", "8", "--threads", "1", "--out", str(out)])
+        == 0
+    )
     text = out.read_text()
     assert "3 sample prompt(s) (code, workload;" in text
     assert "# Task code (2 samples)" in text and "# Task workload (1 samples)" in text
@@ -293,4 +334,10 @@ def test_default_output_is_configs_profiles(tiny_model, tmp_path, monkeypatch):
 def test_packaged_profile_options_match_the_model():
     assert ProfileOptions().min_budget_ratio == packaged_defaults("profile")["profile"]["min_budget_ratio"]
     config = profile_config([1.0, 2.0])  # configs/profile.yaml + weights: the shared documented defaults
-    assert (config.budget, config.window, config.pool_kernel, config.num_sinks, config.num_recent) == (0.2, 32, 7, 4, 64)
+    assert (config.budget, config.window, config.pool_kernel, config.num_sinks, config.num_recent) == (
+        0.2,
+        32,
+        7,
+        4,
+        64,
+    )

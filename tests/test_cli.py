@@ -1,6 +1,5 @@
 """The plugin as vLLM loads it: entry point, flags, help text, refusals (CPU, real vLLM classes)."""
 
-import argparse
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -8,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 import vllm_kvcomp
-from vllm_kvcomp.config import CompressionConfigError, build_config
+from vllm_kvcomp.config import CompressionConfigError, build_config, method_names
 
 vllm_kvcomp.register()
 
@@ -103,8 +102,8 @@ def test_serve_help_lists_the_flags():
     assert "--kv-compression METHOD" in out and "--kv-budget" in out and "--kv-compression-config" in out
     code_group = code.replace("'--help'", "'--help=KVCompression'")
     out = subprocess.run([sys.executable, "-c", code_group], capture_output=True, text=True, timeout=300).stdout
-    assert "{none,uniform,pyramid,zigzag,simlayer,profile}" in out
-    assert "profile (static per-layer budgets from `vllm-kvcomp calibrate`" in " ".join(out.split())
+    assert "{" + ",".join(method_names()) + "}" in out  # the registry's methods
+    assert "profile: ZigZagKV Eq. 6, uncertainty measured offline" in " ".join(out.split())
 
 
 def engine_args(**kwargs):
@@ -160,8 +159,13 @@ def test_prefix_caching_is_switched_off_with_a_log_line(caplog):
 
 def fake_vllm_config(**model):
     defaults = dict(
-        runner_type="generate", use_mla=False, is_encoder_decoder=False, is_multimodal_model=False,
-        is_hybrid=False, is_attention_free=False, hf_text_config=SimpleNamespace(layer_types=None),
+        runner_type="generate",
+        use_mla=False,
+        is_encoder_decoder=False,
+        is_multimodal_model=False,
+        is_hybrid=False,
+        is_attention_free=False,
+        hf_text_config=SimpleNamespace(layer_types=None),
         get_sliding_window=lambda: None,
     )
     defaults.update(model)
@@ -214,3 +218,14 @@ def test_check_config_command(tmp_path, capsys):
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "window" in err and "\n" not in err
+
+
+def test_eval_and_bench_point_to_the_checkout_tooling(capsys):
+    """The benchmarks and the evaluation left the package: one line naming the new command, exit 2."""
+    from vllm_kvcomp.cli import main
+
+    assert main(["eval", "--backend", "hf", "--model", "m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "python -m evaluation" in err and "\n" not in err
+    assert main(["bench", "throughput", "--runs", "stock"]) == 2
+    assert "python -m bench.throughput" in capsys.readouterr().err

@@ -3,8 +3,8 @@
 import textwrap
 
 import pytest
-
 from config_errors import config_error
+
 from vllm_kvcomp.config import (
     CompressionConfig,
     CompressionConfigError,
@@ -40,19 +40,19 @@ def test_method_specific_defaults_cite_the_papers():
 
 def test_precedence_defaults_yaml_flags(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         method: pyramid
         budget: 0.5
         window: 16
         zigzag: {tau: 0.8}
-    """))
+    """)
+    )
     from_yaml = build_config(config_path=path)
     assert (from_yaml.method, from_yaml.budget, from_yaml.window) == ("pyramid", 0.5, 16)
     flags = build_config(method="zigzag", budget="2048", config_path=path)
     assert (flags.method, flags.budget, flags.window, flags.zigzag.tau) == ("zigzag", 2048, 16, 0.8)
     assert flags.is_absolute_budget
-
-
 
 
 def test_unknown_method_is_one_line():
@@ -133,6 +133,7 @@ def test_additional_config_accepts_a_config_object():
 
 # --- per-request overrides (SamplingParams.extra_args / OpenAI vllm_xargs) --------------
 
+
 def test_request_config_overrides_method_and_budget_only():
     from vllm_kvcomp.config import request_config
 
@@ -156,7 +157,7 @@ def test_request_config_overrides_method_and_budget_only():
     ],
 )
 def test_request_config_rejects_bad_values(extra, message):
-    from vllm_kvcomp.config import CompressionConfigError, request_config
+    from vllm_kvcomp.config import request_config
 
     server = build_config(method="zigzag", budget="0.2")
     with pytest.raises(CompressionConfigError) as err:
@@ -166,7 +167,7 @@ def test_request_config_rejects_bad_values(extra, message):
 
 
 def test_request_cannot_turn_compression_on():
-    from vllm_kvcomp.config import CompressionConfig, CompressionConfigError, request_config
+    from vllm_kvcomp.config import CompressionConfig, request_config
 
     stock = CompressionConfig()
     assert not request_config(stock, {"kv_compression": "none"}).enabled

@@ -105,6 +105,7 @@ def _vllm_config(**compression):
         ({"kv_budget": 10**30}, "integer <= 32768"),
         ({"kv_budget": 1e12}, "integer <= 32768"),
         ({"kv_budget": True}, "expected a number"),
+        ({"kv_budget": 1}, "ambiguous"),  # what JSON `true` becomes in vLLM's vllm_xargs schema
         ({"kv_budget": "x" * 10_000}, "expected a fraction"),
         ({"kv_budget": float("nan")}, "finite"),
         ({"kv_budjet": 0.5}, "kv_budjet (request): unknown key"),

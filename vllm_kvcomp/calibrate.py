@@ -1,9 +1,9 @@
 """`vllm-kvcomp calibrate MODEL_DIR`: static per-layer budget weights (method "profile").
 
-Runs sample prompts (the RULER-style documents of `eval/tasks.py`, chat-formatted,
+Runs sample prompts (the RULER-style documents of `calibration_data.py`, chat-formatted,
 document + question as `vllm serve` sees them; or your own, `--prompts FILE.jsonl`)
 through transformers on CPU, captures each layer's observation-window queries
-(`eval/hf_backend.py`), and measures ZigZagKV's layer uncertainty exactly as the engine does per request:
+(`hf_prefill.py`), and measures ZigZagKV's layer uncertainty exactly as the engine does per request:
 the window attention mass per KV head (`kernels/reference.py`), MBA per head
 (`scoring.head_statistics`: fewest tokens holding `tau` of the mass), LMBA_l =
 mean over KV heads. Per sample u_l = LMBA_l / sum_l LMBA_l (ZigZagKV's
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vllm_kvcomp.calibration_data import TASKS, PromptsFileError, load_prompts, sample_prompts
 from vllm_kvcomp.config import CompressionConfig, CompressionConfigError, build_config, parse_budget
 
 DEFAULT_TASKS = ("niah_text", "niah_noise")
@@ -141,53 +142,6 @@ def normalized_weights(lmba: np.ndarray) -> np.ndarray:
     return len(lmba) * lmba / total
 
 
-def sample_prompts(tokenizer, tasks, lengths, samples: int, seed: int = 0) -> list[tuple[str, int, str]]:
-    """(task, context length, chat prompt) for `samples` prompts: tasks and lengths
-    cycle, needle depths spread evenly over (0, 1)."""
-    from vllm_kvcomp.eval.tasks import TaskGenerator, chat_prompt
-
-    gen = TaskGenerator(tokenizer, seed=seed)
-    prompts = []
-    for i in range(samples):
-        task = tasks[i % len(tasks)]
-        length = lengths[(i // len(tasks)) % len(lengths)]
-        depth = round((i + 0.5) / samples, 4)
-        sample = gen.sample(task, length, depth, index=i)
-        head, question = chat_prompt(tokenizer, sample)
-        prompts.append((task, length, head + question))
-    return prompts
-
-
-class PromptsFileError(ValueError):
-    """A `--prompts` file that cannot be read (one line naming the file and line)."""
-
-
-def load_prompts(path: str | Path, tokenizer) -> list[tuple[str, int, str]]:
-    """Your own workload: a JSONL file, one object per line, with "prompt" (raw text,
-    used as is) or "messages" (OpenAI chat messages; the model's chat template is
-    applied), and optionally "task" (a label for the per-task stability; default: the
-    file name)."""
-    path = Path(path)
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptsFileError(f"--prompts: {path}:{number}: not JSON ({exc.msg})") from None
-        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
-            text = item["prompt"]
-        elif isinstance(item, dict) and isinstance(item.get("messages"), list):
-            text = tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True, tokenize=False)
-        else:
-            raise PromptsFileError(f'--prompts: {path}:{number}: expected an object with "prompt" or "messages"')
-        prompts.append((str(item.get("task", path.stem)), 0, text))
-    if not prompts:
-        raise PromptsFileError(f"--prompts: {path} holds no prompts")
-    return prompts
-
-
 def calibrate(
     model_dir: str,
     *,
@@ -210,14 +164,14 @@ def calibrate(
     """
     from tqdm import tqdm
 
-    from vllm_kvcomp.eval.hf_backend import HFEvaluator
+    from vllm_kvcomp.hf_prefill import HFPrefiller
 
     scorer = build_config(
         method="zigzag",
         overrides={"window": window, "num_recent": max(64, window), "zigzag": {"tau": tau}, "metrics_port": None},
     )
     t0 = time.time()
-    evaluator = HFEvaluator(model_dir, threads=threads)
+    evaluator = HFPrefiller(model_dir, threads=threads)
     if prompts_file is not None:
         prompts = load_prompts(prompts_file, evaluator.tokenizer)[:samples]
     else:
@@ -227,7 +181,7 @@ def calibrate(
     for task, _length, text in bar:
         _cache, pre = evaluator.prefill(text, scorer)
         del _cache
-        lmba = layer_uncertainty(pre.mass, pre.prompt_len, scorer.zigzag.tau)
+        lmba = layer_uncertainty(pre.mass, pre.prompt_len, scorer.section("zigzag").tau)
         rows.append(normalized_weights(lmba))
         tokens.append(pre.prompt_len)
         names.append(task)
@@ -267,7 +221,8 @@ def render_profile(
         "# layer_weights: ZigZagKV layer uncertainty (MBA over the observation window),",
         "# normalized per sample to mean 1.0 over the layers and averaged over samples.",
         "# Layer l keeps B_min + (B_avg - B_min) * L * w_l / sum(w) tokens, B_min = min_budget_ratio * B_avg.",
-        f"# Spread: min {w[lo]:.3f} (layer {lo}), max {w[hi]:.3f} (layer {hi}), max/min {w[hi] / max(w[lo], 1e-12):.2f}.",
+        f"# Spread: min {w[lo]:.3f} (layer {lo}), max {w[hi]:.3f} (layer {hi}), "
+        f"max/min {w[hi] / max(w[lo], 1e-12):.2f}.",
         f"# Stddev of each weight across samples: {_fmt(sd)}",
         f"# Stability: per-request zigzag would place {100 * cal.budget_moved:.1f}% of the flexible budget "
         "(B_avg - B_min per layer)",
@@ -303,25 +258,27 @@ def write_profile(path: str | Path, text: str) -> CompressionConfig:
     return build_config(config_path=path)
 
 
-def main(args) -> int:
-    """The `calibrate` subcommand (argparse namespace from cli.py)."""
-    from vllm_kvcomp.eval.tasks import TASKS
-
+def _argument_error(args) -> str | None:
+    """What is wrong with the command line, checked before the (slow) prefills; None if nothing."""
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
-        print(f"vllm-kvcomp calibrate: --tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}", file=sys.stderr)
-        return 2
+        return f"--tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}"
     if (args.samples is not None and args.samples < 1) or not args.lengths or min(args.lengths) < 256:
-        print("vllm-kvcomp calibrate: need --samples >= 1 and --lengths of at least 256 tokens", file=sys.stderr)
-        return 2
+        return "need --samples >= 1 and --lengths of at least 256 tokens"
     if args.prompts is not None and not Path(args.prompts).is_file():
-        print(f"vllm-kvcomp calibrate: --prompts: no such file: {args.prompts}", file=sys.stderr)
-        return 2
+        return f"--prompts: no such file: {args.prompts}"
     if not (0 < args.tau < 1) or args.window < 1:
-        print("vllm-kvcomp calibrate: need 0 < --tau < 1 and --window >= 1", file=sys.stderr)
-        return 2
+        return "need 0 < --tau < 1 and --window >= 1"
     if not Path(args.model_dir, "config.json").is_file():
-        print(f"vllm-kvcomp calibrate: {args.model_dir} is not a Hugging Face model folder (no config.json)", file=sys.stderr)
+        return f"{args.model_dir} is not a Hugging Face model folder (no config.json)"
+    return None
+
+
+def main(args) -> int:
+    """The `calibrate` subcommand (argparse namespace from cli.py)."""
+    error = _argument_error(args)
+    if error:
+        print(f"vllm-kvcomp calibrate: {error}", file=sys.stderr)
         return 2
     try:
         budget = parse_budget(args.budget)
@@ -362,7 +319,7 @@ def main(args) -> int:
     except CompressionConfigError as err:
         print(f"vllm-kvcomp calibrate: wrote {out} but it does not load: {err}", file=sys.stderr)
         return 1
-    w = np.asarray(config.profile.layer_weights)
+    w = np.asarray(config.section("profile").layer_weights)
     assert len(w) == cal.num_layers and math.isclose(float(w.mean()), 1.0, abs_tol=1e-3)
     print(
         f"wrote {out}: {cal.num_layers} layers, weights {w.min():.3f}-{w.max():.3f} "

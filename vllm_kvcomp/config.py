@@ -74,8 +74,10 @@ class CompressionConfig(_Section):
     min_prompt_len: int = Field(0, ge=0)
     # Requests whose observation window is being captured at one time (GPU buffer slots).
     max_pending_requests: int = Field(16, ge=1, le=1024)
-    # Port of the plugin's Prometheus exporter in the engine process (None: off).
-    metrics_port: int | None = Field(9464, ge=1, le=65535)
+    # The plugin's metrics are on vLLM's /metrics; `metrics_port` also serves them
+    # from the engine process on metrics_host:metrics_port (None: off).
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
     # What a request may change through SamplingParams.extra_args / vllm_xargs
     # (request_options.py): "allow" method and budget, "budget" only the budget
     # (compression cannot be switched off), "deny" nothing.
@@ -120,9 +122,7 @@ class CompressionConfig(_Section):
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"must be > 0 (a fraction in (0, 1] or a token count > 1), got {value}")
         if value > 1 and value != int(value):
-            raise ValueError(
-                f"a fraction must be in (0, 1]; a token count must be an integer > 1, got {value}"
-            )
+            raise ValueError(f"a fraction must be in (0, 1]; a token count must be an integer > 1, got {value}")
         return value
 
     @field_validator("pool_kernel")
@@ -133,7 +133,7 @@ class CompressionConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CompressionConfig":
+    def _consistent(self) -> CompressionConfig:
         if self.window > self.num_recent:
             raise ValueError(
                 f"window ({self.window}) must be <= num_recent ({self.num_recent}): "
@@ -180,6 +180,7 @@ class CompressionConfig(_Section):
 
 
 # --- loading ------------------------------------------------------------------
+
 
 def _error_text(first: Any) -> tuple[str, str]:
     """(dotted field, message) of one pydantic error."""
@@ -274,8 +275,7 @@ def build_config(
     # A budget flag alone means the user forgot the method (a YAML or config may say "none").
     if chosen == "none" and budget is not None and method is None and config_path is None:
         raise CompressionConfigError(
-            "--kv-budget was given without --kv-compression METHOD; "
-            f"choose one of {', '.join(method_names()[1:])}"
+            f"--kv-budget was given without --kv-compression METHOD; choose one of {', '.join(method_names()[1:])}"
         )
     merged = _deep_merge(packaged_defaults(chosen), user)
     source = str(config_path) if config_path else "flags"
@@ -305,10 +305,9 @@ def from_additional_config(additional_config: dict[str, Any] | None) -> Compress
             return CompressionConfig()
         return build_config(method=entry, budget=budget, config_path=path)
     raise CompressionConfigError(
-        f"additional_config[{ADDITIONAL_CONFIG_KEY!r}] must be a method name or a mapping, "
-        f"got {type(entry).__name__}"
+        f"additional_config[{ADDITIONAL_CONFIG_KEY!r}] must be a method name or a mapping, got {type(entry).__name__}"
     )
 
 
 # Per-request overrides live in vllm_kvcomp/request_options.py (re-exported here).
-from vllm_kvcomp.request_options import REQUEST_KEYS, request_config  # noqa: E402
+from vllm_kvcomp.request_options import request_config  # noqa: E402

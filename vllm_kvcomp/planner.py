@@ -18,7 +18,9 @@ from vllm_kvcomp.engine.layout import EvictionPlan, plan_eviction
 from vllm_kvcomp.policies import BudgetPolicy, BudgetRequest, LayerStats, make_policy
 
 
-def budget_request(config: CompressionConfig, stats: LayerStats | None, prompt_len: int, num_layers: int) -> BudgetRequest:
+def budget_request(
+    config: CompressionConfig, stats: LayerStats | None, prompt_len: int, num_layers: int
+) -> BudgetRequest:
     """What the policy sizes: L layers, B_avg tokens each on average, never below the protected tokens."""
     return BudgetRequest(
         num_layers=num_layers,

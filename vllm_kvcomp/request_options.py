@@ -7,7 +7,8 @@ The rules (README, "Per-request method and budget"):
   * `kv_compression`: a string naming a registered method, or "none" (full KV).
   * `kv_budget`: a JSON number or a numeric string (form fields arrive as
     strings), never a boolean: a fraction in (0, 1] or an integer token count
-    from num_sinks + num_recent up to the server's max_model_len.
+    from num_sinks + num_recent up to the server's max_model_len. The integer 1
+    is refused as ambiguous (vLLM's API schema turns `true` into 1): write 1.0.
   * The operator's policy (server config): `request_overrides` (allow | budget |
     deny), `min_request_fraction`, `min_request_tokens`.
   * A server started without --kv-compression refuses requests that ask for
@@ -54,6 +55,9 @@ def parse_request_budget(value: Any, server: CompressionConfig, max_tokens: int 
     """A request's `kv_budget` as a number, or a one-line refusal."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise _refuse("kv_budget", f"expected a number, got {shorten(value)}")
+    if isinstance(value, int) and value == 1:
+        # JSON `true` reaches the engine as the integer 1 (vLLM's vllm_xargs schema coerces it).
+        raise _refuse("kv_budget", "the integer 1 is ambiguous: use 1.0 to keep whole prompts, or a token count")
     try:
         number = float(value.strip()) if isinstance(value, str) else float(value)
     except (ValueError, OverflowError):
@@ -120,7 +124,9 @@ def request_config(
             "start it with --kv-compression METHOD",
         )
     if not server.enabled and "budget" in update and "method" not in update:
-        raise _refuse("kv_budget", "this server was started without --kv-compression; a budget needs a compressing server")
+        raise _refuse(
+            "kv_budget", "this server was started without --kv-compression; a budget needs a compressing server"
+        )
     return _validated(server, update)
 
 

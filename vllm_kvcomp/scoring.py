@@ -42,10 +42,14 @@ def head_statistics(
 
 
 def forced_keep_mask(seq_lens: torch.Tensor, length: int, num_sinks: int, num_recent: int) -> torch.Tensor:
-    """[R, length] bool: the sinks and the last `num_recent` tokens of each request."""
-    positions = torch.arange(length, device=seq_lens.device).view(1, -1)
-    lens = seq_lens.view(-1, 1)
-    return (positions < num_sinks) | ((positions >= lens - num_recent) & (positions < lens))
+    """[R, length] bool: the sinks and the last `num_recent` tokens of each request (before its length).
+
+    The one implementation is the kernels' (`vllm_kvcomp.kernels.common.forced_keep_mask`),
+    shared with `select_keep_indices` and the references.
+    """
+    from vllm_kvcomp.kernels.common import forced_keep_mask as shared
+
+    return shared(seq_lens, length, num_sinks, num_recent)
 
 
 def selection_scores(
@@ -75,7 +79,7 @@ def selection_scores(
 def stats_for_policy(config: CompressionConfig) -> dict:
     """The keyword arguments of `head_statistics` for a config."""
     return {
-        "tau": config.zigzag.tau,
+        "tau": config.section("zigzag").tau,
         "num_sinks": config.num_sinks,
-        "local_recent": config.simlayer.recent,
+        "local_recent": config.section("simlayer").recent,
     }

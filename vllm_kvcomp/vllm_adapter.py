@@ -36,10 +36,10 @@ from vllm_kvcomp.config import (
     method_names,
     request_config,
 )
-from vllm_kvcomp.policies import policy_classes
-from vllm_kvcomp.request_options import has_request_keys
 from vllm_kvcomp.engine import requirements
 from vllm_kvcomp.engine.requirements import ATTENTION_BACKEND_PATH
+from vllm_kvcomp.policies import policy_classes
+from vllm_kvcomp.request_options import has_request_keys
 
 logger = logging.getLogger("vllm.kvcomp")
 
@@ -112,6 +112,7 @@ def _refuse_compression_requests(reason: str) -> None:
 
 
 # --- command line ---------------------------------------------------------------
+
 
 def add_compression_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     # `vllm serve --help` lists only group titles and descriptions, so the
@@ -197,6 +198,10 @@ def _wrap_engine_args() -> None:
         vllm_config = original_create_engine_config(self, *args, **kwargs)
         requirements.check_vllm_config(vllm_config, config)
         requirements.install_engine_classes(vllm_config)
+        if config.enabled:
+            from vllm_kvcomp.engine.metrics import expose_on_vllm_metrics
+
+            expose_on_vllm_metrics()  # before the engine process starts: it inherits the location
         logger.info(
             "vllm-kvcomp: KV compression %s, budget %s, window %d, sinks %d, recent %d",
             config.method,
@@ -257,6 +262,7 @@ def _wrap_request_validation() -> None:
 
 
 # --- extension-point registrations -------------------------------------------------
+
 
 def _register_attention_backend() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend

@@ -10,13 +10,18 @@
 # (the device returns at most 8 files from $OUT). Unpack here with
 #   tar xzf <files_at>/kvcomp.tgz -C bench/results   (results/ and logs/ inside)
 set -uo pipefail
-export PYTHONPATH=/tmp/kvc:/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvcomp-out}
 WORK=/tmp/kvcomp-work
 RESULTS=/tmp/kvcomp-pack/results
 LOGS=/tmp/kvcomp-pack/logs
 REPO=$(pwd)
 mkdir -p "$OUT" "$WORK" "$RESULTS" "$LOGS"
+# The tooling (bench/, evaluation/) is not installed: /tmp/kvtools links just those two folders of the
+# checkout, so `python3 -P -m bench.throughput` / `-m evaluation` and the GPU tests import them without
+# the repository root (whose top-level kernels/ would shadow the PyPI `kernels` transformers probes).
+TOOLS=/tmp/kvtools
+mkdir -p "$TOOLS" && ln -sfn "$REPO/bench" "$TOOLS/bench" && ln -sfn "$REPO/evaluation" "$TOOLS/evaluation"
+export PYTHONPATH=$TOOLS:/tmp/kvc:/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 # -P: never import the source tree from the cwd (kernels/ is installed as vllm_kvcomp.kernels)
 PY="python3 -P"
 
@@ -25,7 +30,8 @@ stage_install() {
   python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/kvc . > "$LOGS/install.log" 2>&1 \
     || { echo "pip install failed"; tail -20 "$LOGS/install.log"; return 1; }
   python3 -c "import gguf" 2>&1 | tail -1; python3 -c "import numpy, yaml, tqdm, transformers; print('deps ok')"
-  (cd "$WORK" && $PY -c "import vllm, torch, triton, vllm_kvcomp.kernels; from importlib.metadata import entry_points; \
+  (cd "$WORK" && $PY -c "import vllm, torch, triton, vllm_kvcomp.kernels, bench.offline, evaluation.random_model; \
+from importlib.metadata import entry_points; \
 print('vllm', vllm.__version__, 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name()); \
 print([e.value for e in entry_points(group='vllm.general_plugins')])")
 }
@@ -56,7 +62,7 @@ stage_serve() {
 }
 
 # --- issue #5: throughput (stock and plugin in the same machine session, same KV memory)
-TPUT="$PY -m vllm_kvcomp.cli bench throughput --out $RESULTS --work /tmp/kvcomp-throughput"
+TPUT="$PY -m bench.throughput --out $RESULTS --work /tmp/kvcomp-throughput"
 stage_tput_stock() {
   (cd "$WORK" && timeout 560 $TPUT --runs stock 2>&1 | tee "$LOGS/tput_stock.log" | grep -E "^\[throughput\]|Error|error" | tail -20)
 }
@@ -79,7 +85,7 @@ stage_quality() {
   stage_gguf
   python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-deps --no-index --target /tmp/gguflib .device/scripts/gguf-*.whl
   MODEL=$(cd "$REPO" && PYTHONPATH=/tmp/gguflib:$PYTHONPATH timeout 200 python3 -P bench/device/qwen_from_gguf.py) || { echo "conversion failed"; return 1; }
-  (cd "$WORK" && timeout 420 $PY -m vllm_kvcomp.cli eval --backend vllm --model "$MODEL" \
+  (cd "$WORK" && timeout 420 $PY -m evaluation --backend vllm --model "$MODEL" \
     --model-name "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF -> bf16)" --protocols aware \
     --lengths 4096,8192,16384 --depths 0.1,0.3,0.5,0.7,0.9 --budgets 0.5,0.25,0.2,0.1 \
     --methods uniform,pyramid,zigzag,simlayer,profile \

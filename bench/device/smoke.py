@@ -13,8 +13,8 @@ import sys
 
 os.environ.setdefault("VLLM_KVCOMP_VERIFY", "2")
 
-from vllm_kvcomp.bench.offline import run
-from vllm_kvcomp.bench.random_model import make_random_model
+from bench.offline import run  # bench/ and evaluation/ on PYTHONPATH (session.sh)
+from evaluation.random_model import make_random_model
 
 if __name__ == "__main__":
     model = str(make_random_model("/tmp/kvcomp-work/llama-tiny", "llama-tiny"))

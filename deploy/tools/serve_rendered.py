@@ -38,10 +38,15 @@ def load_rendered(path: Path) -> tuple[dict, dict]:
     deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "vllm-kvcomp")
     spec = deployment["spec"]["template"]["spec"]
     container = next(c for c in spec["containers"] if c["name"] == "vllm")
-    volume = next(v for v in spec["volumes"] if "configMap" in v and any(
-        m["name"] == v["name"] and m["mountPath"] == CONFIG_MOUNT for m in container["volumeMounts"]))
-    configmap = next(d for d in docs if d["kind"] == "ConfigMap"
-                     and d["metadata"]["name"] == volume["configMap"]["name"])
+    volume = next(
+        v
+        for v in spec["volumes"]
+        if "configMap" in v
+        and any(m["name"] == v["name"] and m["mountPath"] == CONFIG_MOUNT for m in container["volumeMounts"])
+    )
+    configmap = next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"]
+    )
     return {"pod": spec, "container": container}, configmap.get("data", {})
 
 
@@ -63,17 +68,29 @@ def write_tiny_model(model_dir: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(900)] + \
-        "Item the value of key is Question what Answer : ? . , Say hello user assistant system".split()
+    words = (
+        ["<unk>", "<s>", "</s>"]
+        + [f"w{i}" for i in range(900)]
+        + "Item the value of key is Question what Answer : ? . , Say hello user assistant system".split()
+    )
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}assistant :"
     fast.save_pretrained(model_dir)
-    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
 
@@ -125,8 +142,23 @@ def main() -> int:
             pwd.getpwuid(uid)
         except KeyError:  # as docker/Dockerfile does
             subprocess.run(["groupadd", "--gid", str(gid), "vllm"], check=False)
-            subprocess.run(["useradd", "--no-log-init", "--no-user-group", "--uid", str(uid), "--gid", str(gid),
-                            "--home-dir", str(home), "--shell", "/bin/bash", "vllm"], check=True)
+            subprocess.run(
+                [
+                    "useradd",
+                    "--no-log-init",
+                    "--no-user-group",
+                    "--uid",
+                    str(uid),
+                    "--gid",
+                    str(gid),
+                    "--home-dir",
+                    str(home),
+                    "--shell",
+                    "/bin/bash",
+                    "vllm",
+                ],
+                check=True,
+            )
         subprocess.run(["chown", "-R", f"{uid}:{gid}", str(home), str(tmp)], check=True)
         subprocess.run(["chmod", "-R", "a+rX", str(config_dir), str(args.model_dir)], check=True)
         prefix = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
@@ -142,14 +174,25 @@ def main() -> int:
         started = time.time()
         try:
             if not wait_healthy(health, proc, args.timeout):
-                print(f"FAIL {health} not healthy after {time.time() - started:.0f} s "
-                      f"(exit code {proc.poll()}); see {log_path}", flush=True)
+                print(
+                    f"FAIL {health} not healthy after {time.time() - started:.0f} s "
+                    f"(exit code {proc.poll()}); see {log_path}",
+                    flush=True,
+                )
                 return 1
             print(f"healthy after {time.time() - started:.0f} s", flush=True)
             smoke = subprocess.run(
-                [sys.executable, str(HERE / "smoke.py"), "--api", f"http://127.0.0.1:{port}",
-                 "--metrics", f"http://127.0.0.1:{metrics_port}", *args.smoke_args.split()],
-                timeout=600, check=False,
+                [
+                    sys.executable,
+                    str(HERE / "smoke.py"),
+                    "--api",
+                    f"http://127.0.0.1:{port}",
+                    "--metrics",
+                    f"http://127.0.0.1:{metrics_port}",
+                    *args.smoke_args.split(),
+                ],
+                timeout=600,
+                check=False,
             )
             return smoke.returncode
         finally:

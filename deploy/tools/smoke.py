@@ -35,8 +35,10 @@ KVCOMP_METRICS = (
 )
 # Long enough that any budget below 1.0 evicts something: the plugin always keeps
 # num_sinks + num_recent (68 tokens by default) and compresses only above that.
-LONG_PROMPT = " ".join(f"Item {i}: the value of key-{i} is {i * 7 % 101}." for i in range(120)) + \
-    " Question: what is the value of key-42? Answer:"
+LONG_PROMPT = (
+    " ".join(f"Item {i}: the value of key-{i} is {i * 7 % 101}." for i in range(120))
+    + " Question: what is the value of key-42? Answer:"
+)
 
 
 class SmokeError(Exception):
@@ -92,19 +94,33 @@ def run(api: str, metrics: str, model: str | None, chat: bool, compression: bool
         text = expect_ok(f"{metrics}/metrics")
         before = counter_total(text, "vllm_kvcomp_requests_compressed_total")
 
-    completion = json.loads(expect_ok(f"{api}/v1/completions", {
-        "model": model, "prompt": LONG_PROMPT, "max_tokens": 8, "temperature": 0,
-    }))
+    completion = json.loads(
+        expect_ok(
+            f"{api}/v1/completions",
+            {
+                "model": model,
+                "prompt": LONG_PROMPT,
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+        )
+    )
     if not completion.get("choices") or "text" not in completion["choices"][0]:
         raise SmokeError(f"/v1/completions: no text in {completion}")
     usage = completion.get("usage", {})
-    log(f"ok   /v1/completions: {usage.get('prompt_tokens')} prompt tokens -> "
-        f"{completion['choices'][0]['text']!r}")
+    log(f"ok   /v1/completions: {usage.get('prompt_tokens')} prompt tokens -> {completion['choices'][0]['text']!r}")
 
     if chat:
-        reply = json.loads(expect_ok(f"{api}/v1/chat/completions", {
-            "model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
-        }))
+        reply = json.loads(
+            expect_ok(
+                f"{api}/v1/chat/completions",
+                {
+                    "model": model,
+                    "messages": [{"role": "user", "content": "Say hello."}],
+                    "max_tokens": 8,
+                },
+            )
+        )
         if not reply.get("choices") or "message" not in reply["choices"][0]:
             raise SmokeError(f"/v1/chat/completions: no message in {reply}")
         log("ok   /v1/chat/completions")
@@ -139,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="http://127.0.0.1:9464", help="base URL of the plugin's exporter")
     parser.add_argument("--model", help="model name to use (default: the first of /v1/models)")
     parser.add_argument("--no-chat", action="store_true", help="skip /v1/chat/completions (no chat template)")
-    parser.add_argument("--no-compression", action="store_true",
-                        help="do not require the compressed-requests counter to grow (--kv-compression none)")
+    parser.add_argument(
+        "--no-compression",
+        action="store_true",
+        help="do not require the compressed-requests counter to grow (--kv-compression none)",
+    )
     args = parser.parse_args(argv)
     try:
         run(args.api, args.metrics, args.model, chat=not args.no_chat, compression=not args.no_compression)

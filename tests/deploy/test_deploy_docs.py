@@ -25,6 +25,9 @@ def test_root_dockerignore_text_matches_the_allow_list():
     block = re.search(r"root; give it the same lines:\n\n\s*```\n(.*?)\n\s*```", text, re.S)
     assert block, "the guide shows the .dockerignore lines"
     documented = [line.strip() for line in block.group(1).splitlines() if line.strip()]
-    actual = [line.strip() for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
-              if line.strip() and not line.strip().startswith("#")]
+    actual = [
+        line.strip()
+        for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
     assert documented == actual

@@ -14,7 +14,6 @@ from pathlib import PurePosixPath
 
 import pytest
 import yaml
-
 from deploy_common import (
     ALL_TARGETS,
     API_PORT,
@@ -32,6 +31,7 @@ CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
 
 # --- helpers over rendered objects --------------------------------------------------
+
 
 def objects(docs, kind, name=None):
     return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
@@ -132,8 +132,15 @@ def quantity(value) -> float:
     """Kubernetes quantity -> float (bytes or cores)."""
     text = str(value)
     units = {
-        "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
-        "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "m": 1e-3,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "m": 1e-3,
     }
     for suffix, factor in units.items():
         if text.endswith(suffix):
@@ -176,6 +183,7 @@ def config_file(docs) -> tuple[str, dict]:
 
 # --- rendering and schemas ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("target", ALL_TARGETS)
 def test_renders_without_duplicates(rendered, target):
     docs = rendered[target]
@@ -197,8 +205,10 @@ def test_schema_valid(rendered, target):
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as err:
-            pytest.fail(f"{target}: {doc['kind']}/{doc['metadata']['name']} invalid for "
-                        f"Kubernetes {KUBERNETES_VERSION}: {err.message} at {list(err.path)}")
+            pytest.fail(
+                f"{target}: {doc['kind']}/{doc['metadata']['name']} invalid for "
+                f"Kubernetes {KUBERNETES_VERSION}: {err.message} at {list(err.path)}"
+            )
         checked += 1
     assert checked >= 1
 
@@ -230,6 +240,7 @@ def test_every_custom_kind_is_checked_elsewhere(rendered):
 
 # --- the server container -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("target", SERVER_TARGETS)
 def test_server_is_vllm_serve_with_compression(rendered, target):
     docs = rendered[target]
@@ -244,8 +255,14 @@ def test_server_is_vllm_serve_with_compression(rendered, target):
     assert flag(args, "--port") == str(API_PORT)
     assert flag(args, "--host") == "0.0.0.0"
     # The plugin refuses these (vllm_kvcomp/engine/requirements.py): the pod would crash-loop.
-    for refused in ("--enable-prefix-caching", "--data-parallel-size", "--pipeline-parallel-size",
-                    "--kv-cache-dtype", "--attention-backend", "--speculative-config"):
+    for refused in (
+        "--enable-prefix-caching",
+        "--data-parallel-size",
+        "--pipeline-parallel-size",
+        "--kv-cache-dtype",
+        "--attention-backend",
+        "--speculative-config",
+    ):
         assert refused not in args and not any(a.startswith(refused + "=") for a in args), refused
 
 
@@ -304,8 +321,10 @@ def test_probes_hit_health_on_the_api_port(rendered, target):
     startup = container["startupProbe"]
     tolerance = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
     assert tolerance >= 15 * 60, f"startup tolerance {tolerance}s: loading + compiling takes minutes"
-    assert "initialDelaySeconds" not in container["livenessProbe"] or \
-        container["livenessProbe"]["initialDelaySeconds"] < tolerance
+    assert (
+        "initialDelaySeconds" not in container["livenessProbe"]
+        or container["livenessProbe"]["initialDelaySeconds"] < tolerance
+    )
 
 
 @pytest.mark.parametrize("target", SERVER_TARGETS)
@@ -351,7 +370,9 @@ def test_services_reach_the_server_pods(rendered, target):
     assert policies, "no NetworkPolicy selects the server pods"
     allowed = {
         container_port(container, port["port"])
-        for policy in policies for rule in policy["spec"].get("ingress", []) for port in rule.get("ports", [])
+        for policy in policies
+        for rule in policy["spec"].get("ingress", [])
+        for port in rule.get("ports", [])
     }
     assert {API_PORT, KVCOMP_METRICS_PORT} <= allowed
 
@@ -382,8 +403,9 @@ def test_tp2_has_more_than_single_gpu(rendered):
     tp2 = server_container(rendered["overlays/tp2"])
 
     def shm(target):
-        _, volume = mount_for(server_container(rendered[target]), pod_spec(server(rendered[target]))["volumes"],
-                              "/dev/shm")
+        _, volume = mount_for(
+            server_container(rendered[target]), pod_spec(server(rendered[target]))["volumes"], "/dev/shm"
+        )
         return quantity(volume["emptyDir"]["sizeLimit"])
 
     assert shm("overlays/tp2") > shm("overlays/single-gpu")
@@ -411,11 +433,13 @@ def test_no_vllm_env_clash_from_service_links(rendered, target):
     spec = pod_spec(server(rendered[target]))
     assert spec.get("enableServiceLinks") is False
     env = env_of(server_container(rendered[target]))
-    assert not [k for k in env if k.startswith("VLLM_") and k != "VLLM_NO_USAGE_STATS"], \
+    assert not [k for k in env if k.startswith("VLLM_") and k != "VLLM_NO_USAGE_STATS"], (
         "set only VLLM_* variables vLLM knows"
+    )
 
 
 # --- rules for every workload (the policy linter's core, as explicit checks) ----------
+
 
 def lockdown_violations(workload) -> list[str]:
     """Non-root, unprivileged, no host access, read-only root, no API token."""
@@ -495,22 +519,33 @@ def test_workload_rules(rendered, target, rule):
 
 def test_rules_catch_a_privileged_root_overlay(tmp_path, kubectl_render):
     """Negative control: an overlay breaking the rules renders, and every rule reports it."""
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [os.path.relpath(K8S / "overlays" / "single-gpu", tmp_path)],
-        "images": [{"name": "registry.example.com/vllm-kvcomp", "newTag": "latest"}],
-        "patches": [{
-            "target": {"kind": "Deployment", "name": "vllm-kvcomp"},
-            "patch": yaml.safe_dump([
-                {"op": "replace", "path": "/spec/template/spec/containers/0/securityContext/privileged",
-                 "value": True},
-                {"op": "replace", "path": "/spec/template/spec/securityContext/runAsUser", "value": 0},
-                {"op": "remove", "path": "/spec/template/spec/containers/0/startupProbe"},
-                {"op": "remove", "path": "/spec/template/spec/containers/0/resources/limits/memory"},
-            ]),
-        }],
-    }))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / "overlays" / "single-gpu", tmp_path)],
+                "images": [{"name": "registry.example.com/vllm-kvcomp", "newTag": "latest"}],
+                "patches": [
+                    {
+                        "target": {"kind": "Deployment", "name": "vllm-kvcomp"},
+                        "patch": yaml.safe_dump(
+                            [
+                                {
+                                    "op": "replace",
+                                    "path": "/spec/template/spec/containers/0/securityContext/privileged",
+                                    "value": True,
+                                },
+                                {"op": "replace", "path": "/spec/template/spec/securityContext/runAsUser", "value": 0},
+                                {"op": "remove", "path": "/spec/template/spec/containers/0/startupProbe"},
+                                {"op": "remove", "path": "/spec/template/spec/containers/0/resources/limits/memory"},
+                            ]
+                        ),
+                    }
+                ],
+            }
+        )
+    )
     workload = server(kubectl_render(tmp_path))
     assert "vllm: privileged is not false" in lockdown_violations(workload)
     assert "pod: runAsUser is not a high (>= 10000) UID" in lockdown_violations(workload)
@@ -529,9 +564,11 @@ def test_model_download_job_fills_the_servers_model_path(rendered):
     mount, volume = mount_for(container, pod_spec(job)["volumes"], env["MODEL_DIR"])
     assert not mount.get("readOnly"), "the download writes the model volume"
     claim = volume["persistentVolumeClaim"]["claimName"]
-    server_claims = {v["persistentVolumeClaim"]["claimName"]
-                     for v in pod_spec(server(rendered["overlays/single-gpu"]))["volumes"]
-                     if "persistentVolumeClaim" in v}
+    server_claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod_spec(server(rendered["overlays/single-gpu"]))["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert claim in server_claims
 
 
@@ -548,6 +585,7 @@ def test_image_is_set_where_users_set_it(rendered, target):
 
 # --- ServiceMonitor (custom kind: checked structurally) --------------------------------
 
+
 @pytest.fixture
 def monitored(rendered):
     return rendered["overlays/single-gpu-servicemonitor"]
@@ -558,8 +596,11 @@ def test_servicemonitor_selects_services_and_named_ports(monitored):
     assert len(monitors) == 1
     monitor = monitors[0]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    selected = [s for s in objects(monitored, "Service") if labels_match(monitor["spec"]["selector"],
-                                                                         s["metadata"].get("labels", {}))]
+    selected = [
+        s
+        for s in objects(monitored, "Service")
+        if labels_match(monitor["spec"]["selector"], s["metadata"].get("labels", {}))
+    ]
     assert {s["metadata"]["name"] for s in selected} == {"vllm-kvcomp", "vllm-kvcomp-metrics"}
     container = server_container(monitored)
     scraped = set()
@@ -568,8 +609,16 @@ def test_servicemonitor_selects_services_and_named_ports(monitored):
         matches = [p for s in selected for p in s["spec"]["ports"] if p.get("name") == endpoint["port"]]
         assert matches, f"no selected Service has a port named {endpoint['port']!r}"
         scraped |= {container_port(container, p.get("targetPort", p["port"])) for p in matches}
-        assert set(endpoint) <= {"port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels",
-                                 "relabelings", "metricRelabelings"}, f"unexpected endpoint fields {endpoint}"
+        assert set(endpoint) <= {
+            "port",
+            "path",
+            "scheme",
+            "interval",
+            "scrapeTimeout",
+            "honorLabels",
+            "relabelings",
+            "metricRelabelings",
+        }, f"unexpected endpoint fields {endpoint}"
     assert scraped == {API_PORT, KVCOMP_METRICS_PORT}
 
 

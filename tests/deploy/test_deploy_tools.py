@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
-
 from deploy_common import REPO
 
 
@@ -74,8 +73,12 @@ class FakeVllm:
                 if self.path == "/v1/completions":
                     if fake.compress:
                         fake.compressed += 1
-                    return self.reply(200, json.dumps({"choices": [{"text": " 93"}],
-                                                       "usage": {"prompt_tokens": len(body["prompt"]) // 4}}))
+                    return self.reply(
+                        200,
+                        json.dumps(
+                            {"choices": [{"text": " 93"}], "usage": {"prompt_tokens": len(body["prompt"]) // 4}}
+                        ),
+                    )
                 if self.path == "/v1/chat/completions":
                     return self.reply(200, json.dumps({"choices": [{"message": {"content": "hello"}}]}))
                 return self.reply(404, "{}")
@@ -158,7 +161,8 @@ def test_serve_rendered_runs_the_containers_command(rendered, target, tmp_path):
     pod, files = serve_rendered.load_rendered(path)
     argv, env = serve_rendered.build_command(pod, tmp_path / "model", tmp_path / "etc", tmp_path / "home")
     container = next(d for d in rendered[target] if d["kind"] == "Deployment")["spec"]["template"]["spec"][
-        "containers"][0]
+        "containers"
+    ][0]
     assert argv[:3] == ["vllm", "serve", str(tmp_path / "model")]
     assert len(argv) == 2 + len(container["args"])
     config = argv[argv.index("--kv-compression-config") + 1]

@@ -144,7 +144,12 @@ def _write_results(out: Path, runs: dict) -> None:
         "date": datetime.date.today().isoformat(),
         "vllm": vllm.__version__,
         "model": "random-weight Llama (16 layers, hidden 2048, 32 q / 8 kv heads, head_dim 64), bf16",
-        "workload": {"num_prompts": NUM_PROMPTS, "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN, "kv_cache_memory_bytes": KV_BYTES},
+        "workload": {
+            "num_prompts": NUM_PROMPTS,
+            "prompt_len": PROMPT_LEN,
+            "output_len": OUTPUT_LEN,
+            "kv_cache_memory_bytes": KV_BYTES,
+        },
         "greedy_identical_at_budget_1": runs["plugin_b1"]["tokens"] == stock["tokens"],
         "concurrency_ratio_at_budget_0.2": runs["plugin_b02"]["max_running"] / stock["max_running"],
         "throughput_ratio_at_budget_1": runs["plugin_b1"]["output_tok_s"] / stock["output_tok_s"],
@@ -167,11 +172,12 @@ def _write_results(out: Path, runs: dict) -> None:
     ]
     for name, r in runs.items():
         freed = ""
-        if r.get("plugin_metrics") and r["plugin_metrics"].get("vllm_kvcomp_requests_compressed_total"):
-            freed = f"{_plugin(r, 'vllm_kvcomp_blocks_freed_total') / _plugin(r, 'vllm_kvcomp_requests_compressed_total'):.0f}"
-        lines.append(
-            f"| {name} | {r['output_tok_s']:.0f} | {r['req_s']:.2f} | {r['max_running']:.0f} | {r['elapsed_s']:.1f} | {freed} |"
-        )
+        compressed = _plugin(r, "vllm_kvcomp_requests_compressed_total") if r.get("plugin_metrics") else 0
+        if compressed:
+            freed = f"{_plugin(r, 'vllm_kvcomp_blocks_freed_total') / compressed:.0f}"
+        row = (name, f"{r['output_tok_s']:.0f}", f"{r['req_s']:.2f}")
+        row += (f"{r['max_running']:.0f}", f"{r['elapsed_s']:.1f}")
+        lines.append("| " + " | ".join([*row, freed]) + " |")
     lines += [
         "",
         f"- greedy outputs identical at budget 1.0: {summary['greedy_identical_at_budget_1']}",

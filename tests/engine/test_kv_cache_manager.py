@@ -7,21 +7,19 @@ cdiv(tokens, bs) - evicted blocks, and freed blocks are immediately reusable.
 """
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import vllm_kvcomp
-from vllm_kvcomp.engine.kv_cache import CompressedAttentionManager, CompressedAttentionSpec
-from vllm_kvcomp.engine.layout import cdiv, plan_eviction
-
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.request import Request
+
+import vllm_kvcomp
+from vllm_kvcomp.engine.kv_cache import CompressedAttentionManager, CompressedAttentionSpec
+from vllm_kvcomp.engine.layout import cdiv, plan_eviction
 
 BS = 16
 LAYERS = 4
@@ -41,6 +39,7 @@ def test_spec_is_registered_and_grouped_as_full_attention():
     assert KVCacheSpecRegistry.get_manager_class(spec(FullAttentionSpec)).__name__ == "FullAttentionManager"
     # all layers of the model form ONE group (one block table), see engine/kv_cache.py
     from types import SimpleNamespace
+
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(disable_hybrid_kv_cache_manager=False))
     groups = get_kv_cache_groups(cfg, {f"layers.{i}.attn": spec() for i in range(LAYERS)})
     assert len(groups) == 1 and len(groups[0].layer_names) == LAYERS
@@ -52,7 +51,9 @@ def test_spec_is_registered_and_grouped_as_full_attention():
 def make_manager(num_blocks: int) -> KVCacheManager:
     config = KVCacheConfig(
         num_blocks=num_blocks,
-        kv_cache_tensors=[KVCacheTensor(size=spec().page_size_bytes * num_blocks, shared_by=[f"l{i}"]) for i in range(LAYERS)],
+        kv_cache_tensors=[
+            KVCacheTensor(size=spec().page_size_bytes * num_blocks, shared_by=[f"l{i}"]) for i in range(LAYERS)
+        ],
         kv_cache_groups=[KVCacheGroupSpec([f"l{i}" for i in range(LAYERS)], spec())],
     )
     return KVCacheManager(config, max_model_len=8192, scheduler_block_size=BS, hash_block_size=BS, enable_caching=False)
@@ -137,7 +138,9 @@ def test_random_streams_never_leak(data):
             req = live[rid]
             if rid in evicted:
                 continue
-            budgets = np.array(data.draw(st.lists(st.integers(68, max(68, req.num_computed_tokens)), min_size=LAYERS, max_size=LAYERS)))
+            budgets = np.array(
+                data.draw(st.lists(st.integers(68, max(68, req.num_computed_tokens)), min_size=LAYERS, max_size=LAYERS))
+            )
             plan = plan_eviction(budgets, req.num_computed_tokens, BS)
             if plan is None:
                 continue

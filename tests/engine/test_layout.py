@@ -1,7 +1,6 @@
 """The block plan: survivors fit, nothing overlaps, freed blocks hold nothing live."""
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,7 +52,7 @@ def test_plan_invariants(case):
     assert len(set(homes)) == len(homes)
     assert all(0 <= i < plan.kept_blocks and 0 <= s < L for i, s in homes)
     # relocation targets were free after in-place compaction, sources get freed
-    for l, j, i, s in plan.relocations:
+    for _layer, j, i, s in plan.relocations:
         assert j >= plan.kept_blocks and i >= plan.compact_pages[s]
     # the entry table fits in the retained blocks and has one entry per page
     entries = plan.entries()

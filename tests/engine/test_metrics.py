@@ -4,14 +4,15 @@ from prometheus_client import generate_latest
 
 from vllm_kvcomp.config import build_config
 from vllm_kvcomp.engine.metrics import CompressionMetrics
-from vllm_kvcomp.engine.runtime import EvictionRecord
+from vllm_kvcomp.engine.records import EvictionRecord
 
 
 def test_eviction_reports_become_counters():
     metrics = CompressionMetrics(build_config(method="zigzag", overrides={"metrics_port": None}))
     for err in (0.002, 0.001):
         check = {"exact": True, "needle": True, "attention_rel_err": err}
-        metrics.record_eviction(EvictionRecord("a", [1, 2], 100, [20, 36], 0.01, check), blocks_freed=2)
+        metrics.record_eviction(EvictionRecord("a", [1, 2], 100, [20, 36], check), blocks_freed=2)
+    metrics.record_eviction_seconds([0.004, 0.006])
     metrics.record_skip("capture_slots")
     text = generate_latest(metrics.registry).decode()
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
@@ -22,4 +23,56 @@ def test_eviction_reports_become_counters():
     assert float(lines['vllm_kvcomp_requests_skipped_total{reason="capture_slots"}']) == 1
     assert float(lines['vllm_kvcomp_verify_checks_total{result="exact"}']) == 2
     assert float(lines["vllm_kvcomp_verify_attention_rel_err"]) == 0.002  # the largest seen
+    assert float(lines["vllm_kvcomp_eviction_seconds_count"]) == 2
     assert metrics.port is None
+
+
+ENGINE_PROCESS = """
+import sys
+from vllm_kvcomp.config import build_config
+from vllm_kvcomp.engine.metrics import CompressionMetrics
+from vllm_kvcomp.engine.records import EvictionRecord
+metrics = CompressionMetrics(build_config(method="zigzag"))
+metrics.record_eviction(EvictionRecord("a", [1, 2, 3], 100, [20, 36]), blocks_freed=3)
+metrics.record_skip("capture_slots")
+metrics.record_failure("eviction_error_compact")
+"""
+
+
+def test_engine_process_metrics_reach_the_api_servers_registry(monkeypatch):
+    """What `vllm serve` does: the API process collects the files of the engine process it starts."""
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry
+
+    from vllm_kvcomp.engine.metrics import METRICS_DIR_ENV, expose_on_vllm_metrics
+
+    monkeypatch.delenv(METRICS_DIR_ENV, raising=False)
+    api_registry = CollectorRegistry()  # stands for vLLM's registry behind /metrics
+    expose_on_vllm_metrics(api_registry)
+    subprocess.run([sys.executable, "-c", ENGINE_PROCESS], check=True, timeout=120)
+    text = generate_latest(api_registry).decode()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert float(lines["vllm_kvcomp_requests_compressed_total"]) == 1
+    assert float(lines["vllm_kvcomp_blocks_freed_total"]) == 3
+    assert float(lines['vllm_kvcomp_requests_failed_total{reason="eviction_error_compact"}']) == 1
+    assert float(lines['vllm_kvcomp_info{budget="0.2",method="zigzag"}']) == 1
+
+
+def test_separate_exporter_binds_localhost_and_refuses_a_taken_port():
+    import socket
+    import urllib.request
+
+    import pytest
+
+    from vllm_kvcomp.config import CompressionConfigError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    first = CompressionMetrics(build_config(method="zigzag", overrides={"metrics_port": port}))
+    assert first.port == port
+    assert b"vllm_kvcomp_info" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    with pytest.raises(CompressionConfigError, match=f"cannot serve the compression metrics on 127.0.0.1:{port}"):
+        CompressionMetrics(build_config(method="zigzag", overrides={"metrics_port": port}))

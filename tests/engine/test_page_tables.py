@@ -49,10 +49,20 @@ def test_page_tables_match_layout_reference(device, block_size):
         seq_lens[r] = prompt[req] + decoded[req]
     tables = torch.full((L, max_reqs, W), -7, dtype=torch.int32, device=device)
     lens = torch.full((L, max_reqs), -7, dtype=torch.int32, device=device)
-    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    def to(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
     build_layer_page_tables(
-        to(block_table), to(seq_lens), to(np.array([slots[q] for q in batch_order], dtype=np.int32)),
-        len(batch_order), RequestLayouts(*to(state), to(entries)), tables, lens, N, bs,
+        to(block_table),
+        to(seq_lens),
+        to(np.array([slots[q] for q in batch_order], dtype=np.int32)),
+        len(batch_order),
+        RequestLayouts(*to(state), to(entries)),
+        tables,
+        lens,
+        N,
+        bs,
     )
     tables, lens = tables.cpu().numpy(), lens.cpu().numpy()
     for r, req in enumerate(batch_order):
@@ -60,7 +70,7 @@ def test_page_tables_match_layout_reference(device, block_size):
             pages, live = layer_page_table_reference(rows[req], prompt[req] + decoded[req], layer, plans[req], N, bs)
             assert lens[layer, r] == live
             assert tables[layer, r, : len(pages)].tolist() == pages, (req, layer)
-    assert (lens[:, len(batch_order):R_pad] == 0).all()
+    assert (lens[:, len(batch_order) : R_pad] == 0).all()
     # compressed requests never read a freed block
     for req in (0, 1):
         freed = {rows[req][i] for i in plans[req].freed_block_indices}

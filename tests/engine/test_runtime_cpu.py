@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from vllm_kvcomp.kernels.reference import gather_kv, window_lse_reference, window_scores_reference
 
 from vllm_kvcomp.config import build_config
 from vllm_kvcomp.engine.layout import cdiv
 from vllm_kvcomp.engine.requests import WindowRows
 from vllm_kvcomp.engine.runtime import CompressionRuntime
-from vllm_kvcomp.kernels.reference import gather_kv, window_lse_reference, window_scores_reference
 
 L, HKV, G, D, BS, N, WIDTH = 3, 2, 2, 32, 16, 48, 24
 HQ = HKV * G
@@ -41,7 +41,13 @@ def make_runtime(method="uniform", budget="0.35", **overrides):
     pool = torch.randn(L * N, 2, BS, HKV, D, dtype=torch.bfloat16)
     runtime.setup(
         layer_names=[f"model.layers.{i}.attn" for i in range(L)],
-        pool=pool, blocks_per_layer=N, block_size=BS, num_heads=HQ, scale=SCALE, max_reqs=6, width=WIDTH,
+        pool=pool,
+        blocks_per_layer=N,
+        block_size=BS,
+        num_heads=HQ,
+        scale=SCALE,
+        max_reqs=6,
+        width=WIDTH,
     )
     return runtime, pool
 
@@ -238,8 +244,13 @@ def test_per_request_none_is_served_uncompressed():
     from vllm_kvcomp.config import request_config
 
     runtime, _ = make_runtime("uniform", budget="0.35")
-    runtime.add_request("r", index=1, block_ids=list(range(1, 20)), prompt_len=300,
-                        config=request_config(runtime.config, {"kv_compression": "none"}))
+    runtime.add_request(
+        "r",
+        index=1,
+        block_ids=list(range(1, 20)),
+        prompt_len=300,
+        config=request_config(runtime.config, {"kv_compression": "none"}),
+    )
     assert not runtime.requests["r"].compress
     runtime.add_request("s", index=2, block_ids=list(range(20, 39)), prompt_len=300)
     assert runtime.requests["s"].compress
@@ -258,15 +269,29 @@ def test_model_runner_hands_each_request_its_own_config(monkeypatch):
     runtime, _ = make_runtime("zigzag", budget="0.25")
     runner = object.__new__(CompressionModelRunner)
     runner.kvcomp = runtime
-    runner.req_states = SimpleNamespace(
-        req_id_to_index={"a": 1, "b": 2, "c": 3}, prefill_len=SimpleNamespace(np=np.array([0, 400, 400, 400]))
-    )
+    runner.req_states = SimpleNamespace(req_id_to_index={"a": 1, "b": 2, "c": 3})
+    prompt = list(range(400))
     new = [
-        SimpleNamespace(req_id="a", block_ids=([1, 2],), sampling_params=SamplingParams()),
-        SimpleNamespace(req_id="b", block_ids=([3, 4],), sampling_params=SamplingParams(
-            extra_args={"kv_compression": "uniform", "kv_budget": 0.5})),
-        SimpleNamespace(req_id="c", block_ids=([5, 6],), sampling_params=SamplingParams(
-            extra_args={"kv_compression": "none"})),
+        # "a" was preempted after 37 tokens: it re-prefills prompt + output, its prompt is still 400 tokens
+        SimpleNamespace(
+            req_id="a",
+            block_ids=([1, 2],),
+            sampling_params=SamplingParams(),
+            prompt_token_ids=prompt,
+            prefill_token_ids=prompt + list(range(37)),
+        ),
+        SimpleNamespace(
+            req_id="b",
+            block_ids=([3, 4],),
+            sampling_params=SamplingParams(extra_args={"kv_compression": "uniform", "kv_budget": 0.5}),
+            prompt_token_ids=prompt,
+        ),
+        SimpleNamespace(
+            req_id="c",
+            block_ids=([5, 6],),
+            sampling_params=SamplingParams(extra_args={"kv_compression": "none"}),
+            prompt_token_ids=prompt,
+        ),
     ]
     runner.add_requests(SimpleNamespace(scheduled_new_reqs=new))
     a, b, c = (runtime.requests[k] for k in "abc")

@@ -10,11 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_runtime_cpu import BS, HQ, D, L, make_runtime
 
 from vllm_kvcomp.engine.layout import cdiv
 from vllm_kvcomp.engine.verify import EvictionObserver
-
-from test_runtime_cpu import BS, HQ, L, D, make_runtime
 
 
 def prefill_step(runtime, prompts: dict[str, int], seed=0):
@@ -59,7 +58,9 @@ def test_step_path_compresses_every_ready_request():
     evicted = {r.req_id: r for r in report.evictions}
     assert set(evicted) == {"a", "b", "short"}
     assert evicted["a"].freed_block_ids and evicted["b"].freed_block_ids
-    assert evicted["short"].freed_block_ids == [] and evicted["short"].kept_tokens == [20] * L  # one block: nothing to free
+    assert (
+        evicted["short"].freed_block_ids == [] and evicted["short"].kept_tokens == [20] * L
+    )  # one block: nothing to free
     assert not report.skips and not report.failures
     assert sorted(runtime.capture_buffers.free_slots) == [0, 1, 2, 3]
 
@@ -71,7 +72,10 @@ def test_fault_before_compaction_serves_the_batch_uncompressed(stage):
     snapshot = pool.clone()
     report = prefill_step(runtime, {"a": 200, "b": 150})
     assert not report.evictions and not report.failures
-    assert {(s.req_id, s.reason) for s in report.skips} == {("a", f"eviction_error_{stage}"), ("b", f"eviction_error_{stage}")}
+    assert {(s.req_id, s.reason) for s in report.skips} == {
+        ("a", f"eviction_error_{stage}"),
+        ("b", f"eviction_error_{stage}"),
+    }
     assert torch.equal(pool, snapshot), "a failed eviction must leave the KV pool untouched"
     assert sorted(runtime.capture_buffers.free_slots) == [0, 1, 2, 3]
     # the engine keeps going: the next batch compresses
@@ -89,7 +93,10 @@ def test_fault_after_compaction_finishes_the_requests_with_an_error(monkeypatch)
     monkeypatch.setattr(runtime.executor, "relocate", broken_relocate)
     report = prefill_step(runtime, {"a": 200, "b": 150})
     assert not report.evictions and not report.skips
-    assert {(f.req_id, f.reason) for f in report.failures} == {("a", "eviction_error_compact"), ("b", "eviction_error_compact")}
+    assert {(f.req_id, f.reason) for f in report.failures} == {
+        ("a", "eviction_error_compact"),
+        ("b", "eviction_error_compact"),
+    }
 
 
 def test_capture_fault_inside_the_forward_is_contained():
@@ -97,9 +104,13 @@ def test_capture_fault_inside_the_forward_is_contained():
     snapshot = pool.clone()
     runtime.add_request("a", index=1, block_ids=list(range(1, 14)), prompt_len=200)
     batch = SimpleNamespace(
-        req_ids=["a"], num_reqs=1, idx_mapping=torch.tensor([1], dtype=torch.int32),
-        is_prefilling_np=np.ones(1, dtype=bool), query_start_loc_np=np.array([0, 200]),
-        num_computed_tokens_np=np.zeros(1, dtype=np.int64), num_scheduled_tokens=np.array([200]),
+        req_ids=["a"],
+        num_reqs=1,
+        idx_mapping=torch.tensor([1], dtype=torch.int32),
+        is_prefilling_np=np.ones(1, dtype=bool),
+        query_start_loc_np=np.array([0, 200]),
+        num_computed_tokens_np=np.zeros(1, dtype=np.int64),
+        num_scheduled_tokens=np.array([200]),
     )
     runtime.begin_step(batch)
     wrong_heads = torch.randn(200, HQ + 1, D).to(torch.bfloat16)
@@ -107,3 +118,65 @@ def test_capture_fault_inside_the_forward_is_contained():
     report = runtime.end_step()
     assert [(s.req_id, s.reason) for s in report.skips] == [("a", "eviction_error_score")]
     assert torch.equal(pool, snapshot)
+
+
+def test_fault_injector_used_on_the_gpu_marks_requests_by_id():
+    """tests/engine/fault_injector.py (loaded by the GPU serve test) fails exactly the marked batches."""
+    import os
+    from pathlib import Path
+
+    from vllm_kvcomp.engine.verify import load_observer
+
+    os.environ["VLLM_KVCOMP_OBSERVER"] = f"{Path(__file__).with_name('fault_injector.py')}:FaultInjector"
+    try:
+        injector = load_observer()
+    finally:
+        del os.environ["VLLM_KVCOMP_OBSERVER"]
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    runtime.observer = injector
+    snapshot = pool.clone()
+    report = prefill_step(runtime, {"cmpl-kvfault-plan-1-ab12": 200})
+    assert [s.reason for s in report.skips] == ["eviction_error_plan"] and torch.equal(pool, snapshot)
+    report = prefill_step(runtime, {"cmpl-kvfault-relocate-1-cd34": 200}, seed=2)
+    assert [f.reason for f in report.failures] == ["eviction_error_compact"]
+    report = prefill_step(runtime, {"cmpl-plain-ef56": 200}, seed=3)
+    assert len(report.evictions) == 1
+
+
+def _chunk(runtime, req_id, computed, scheduled, prompt_len):
+    return SimpleNamespace(
+        req_ids=[req_id],
+        num_reqs=1,
+        idx_mapping=torch.tensor([1], dtype=torch.int32),
+        is_prefilling_np=np.ones(1, dtype=bool),
+        query_start_loc_np=np.array([0, scheduled]),
+        num_computed_tokens_np=np.array([computed]),
+        num_scheduled_tokens=np.array([scheduled]),
+    )
+
+
+def test_last_chunk_inside_a_full_cuda_graph_still_compresses():
+    """Chunked prefill whose last chunk replays a FULL CUDA graph (no attention hook runs):
+    the window rows captured by the earlier chunk score the prompt."""
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    runtime.add_request("a", index=1, block_ids=list(range(1, 14)), prompt_len=200)
+    runtime.begin_step(_chunk(runtime, "a", 0, 196, 200))
+    for layer in range(L):
+        runtime.capture(
+            layer, torch.randn(196, HQ, D).to(torch.bfloat16), torch.randn(HQ, 196) + 5, runtime.step_capture
+        )
+    assert runtime.end_step() is None  # prompt not complete yet
+    runtime.begin_step(_chunk(runtime, "a", 196, 4, 200))
+    assert runtime.step_capture is not None  # rows 196..199 were planned, but the graph runs no hook
+    (record,) = runtime.end_step().evictions
+    assert record.freed_block_ids and runtime.requests["a"].rows is None
+
+
+def test_window_of_one_inside_a_full_cuda_graph_is_skipped_visibly():
+    runtime, pool = make_runtime("uniform", budget="0.3", window=1)
+    runtime.add_request("a", index=1, block_ids=list(range(1, 14)), prompt_len=200)
+    runtime.begin_step(_chunk(runtime, "a", 0, 199, 200))
+    assert runtime.step_capture is None  # the window row is in the next chunk
+    runtime.begin_step(_chunk(runtime, "a", 199, 1, 200))
+    report = runtime.end_step()
+    assert [(s.req_id, s.reason) for s in report.skips] == [("a", "no_window_queries")]

@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.gpu
 
 PORT = 8123
-METRICS_PORT = 9464
+METRICS_URL = f"http://127.0.0.1:{PORT}/metrics"  # the plugin's metrics are on vLLM's own /metrics
 
 
 def _get(url: str, timeout: float = 5.0) -> str:
@@ -28,21 +28,34 @@ def _get(url: str, timeout: float = 5.0) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from vllm_kvcomp.bench.random_model import make_random_model
+    from evaluation.random_model import make_random_model
 
     work = Path(os.environ.get("KVCOMP_WORK_DIR", tmp_path_factory.mktemp("serve")))
     model = str(make_random_model(work / "llama-1b", "llama-1b"))
     log_path = work / "serve.log"
     log = open(log_path, "w")
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
-        "--port", str(PORT), "--served-model-name", "random-llama",
-        "--kv-compression", "zigzag", "--kv-budget", "0.2",
-        "--kv-cache-memory-bytes", str(4 << 30), "--max-model-len", "20000",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.cli.main",
+        "serve",
+        model,
+        "--port",
+        str(PORT),
+        "--served-model-name",
+        "random-llama",
+        "--kv-compression",
+        "zigzag",
+        "--kv-budget",
+        "0.2",
+        "--kv-cache-memory-bytes",
+        str(4 << 30),
+        "--max-model-len",
+        "20000",
     ]
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    injector = f"{Path(__file__).with_name('fault_injector.py')}:FaultInjector"  # only ids with "kvfault-"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_KVCOMP_OBSERVER": injector}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
     deadline = time.time() + 420
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -81,7 +94,9 @@ def test_openai_api_unchanged_and_compressing(server):
     models = [m.id for m in client.models.list().data]
     assert models == ["random-llama"]
 
-    completion = client.completions.create(model="random-llama", prompt=_long_prompt(6000), max_tokens=16, temperature=0)
+    completion = client.completions.create(
+        model="random-llama", prompt=_long_prompt(6000), max_tokens=16, temperature=0
+    )
     assert completion.choices[0].finish_reason in ("length", "stop")
     assert completion.usage.prompt_tokens >= 6000 and completion.usage.completion_tokens >= 1
 
@@ -107,7 +122,7 @@ def test_openai_api_unchanged_and_compressing(server):
 
     vllm_metrics = _get(f"http://127.0.0.1:{PORT}/metrics")
     assert "vllm:num_requests_running" in vllm_metrics
-    plugin_metrics = _get(f"http://127.0.0.1:{METRICS_PORT}/metrics")
+    plugin_metrics = _get(METRICS_URL)
     compressed = [
         line for line in plugin_metrics.splitlines() if line.startswith("vllm_kvcomp_requests_compressed_total")
     ]
@@ -142,28 +157,103 @@ def test_per_request_budget_through_vllm_xargs(server):
 
     proc, transcript, _ = server
     client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="none")
-    before = _kept_share(_get(f"http://127.0.0.1:{METRICS_PORT}/metrics"))
-    client.completions.create(model="random-llama", prompt=_long_prompt(6000), max_tokens=4,
-                              extra_body={"vllm_xargs": {"kv_compression": "uniform", "kv_budget": 0.5}})
-    after = _kept_share(_get(f"http://127.0.0.1:{METRICS_PORT}/metrics"))
+    before = _kept_share(_get(METRICS_URL))
+    client.completions.create(
+        model="random-llama",
+        prompt=_long_prompt(6000),
+        max_tokens=4,
+        extra_body={"vllm_xargs": {"kv_compression": "uniform", "kv_budget": 0.5}},
+    )
+    after = _kept_share(_get(METRICS_URL))
     assert after[0] == before[0] + 1
     layers = 16
     share = (after[1] - before[1]) / (after[2] - before[2]) / layers
     assert 0.48 <= share <= 0.56, share  # budget 0.5, rounded up to whole pages
 
-    client.completions.create(model="random-llama", prompt=_long_prompt(6000), max_tokens=4,
-                              extra_body={"vllm_xargs": {"kv_compression": "none"}})
-    assert _kept_share(_get(f"http://127.0.0.1:{METRICS_PORT}/metrics"))[0] == after[0]  # served with full KV
+    client.completions.create(
+        model="random-llama",
+        prompt=_long_prompt(6000),
+        max_tokens=4,
+        extra_body={"vllm_xargs": {"kv_compression": "none"}},
+    )
+    assert _kept_share(_get(METRICS_URL))[0] == after[0]  # served with full KV
 
     errors = {}
     for bad in ({"kv_budget": 1.5}, {"kv_compression": "snapkv"}):
         with pytest.raises(openai.BadRequestError) as err:
-            client.completions.create(model="random-llama", prompt="w1 w2", max_tokens=2, extra_body={"vllm_xargs": bad})
+            client.completions.create(
+                model="random-llama", prompt="w1 w2", max_tokens=2, extra_body={"vllm_xargs": bad}
+            )
         errors[json.dumps(bad)] = str(err.value)[:300]
     assert "budget" in errors[json.dumps({"kv_budget": 1.5})]
     assert "snapkv" in errors[json.dumps({"kv_compression": "snapkv"})]
     assert client.completions.create(model="random-llama", prompt="w1 w2", max_tokens=2).choices  # still serving
     transcript.update(per_request_kept_share=share, per_request_errors=errors)
+
+
+def test_bad_values_are_a_short_400_without_a_traceback(server):
+    """What a new user tries: huge, boolean, misspelt and unbounded values (hardening issue, item 4)."""
+    import openai
+    from openai import OpenAI
+
+    proc, transcript, log_path = server
+    client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="none")
+    log_before = len(log_path.read_text())
+    errors = {}
+    for bad in (
+        {"kv_budget": 10**30},
+        {"kv_budget": True},
+        {"kv_budget": 1e12},
+        {"kv_budjet": 0.5},
+        {"kv_budget": "9" * 5000},
+        {"kv_compression": "z" * 5000},
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(
+                model="random-llama", prompt="w1 w2", max_tokens=2, extra_body={"vllm_xargs": bad}
+            )
+        message = err.value.body["message"] if isinstance(err.value.body, dict) else str(err.value)
+        errors[json.dumps(bad)[:60]] = message
+        assert len(message) < 300 and "\n" not in message, message
+    new_log = log_path.read_text()[log_before:]
+    assert "Exception in ASGI application" not in new_log and "Traceback" not in new_log, new_log[-3000:]
+    transcript.update(bad_value_errors=errors)
+
+
+def test_eviction_faults_stay_with_their_request(server):
+    """Faults injected in a real engine (tests/engine/fault_injector.py): the server keeps serving."""
+    import openai
+    from openai import OpenAI
+
+    proc, transcript, _ = server
+    client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="none")
+    prompt = _long_prompt(4000)
+
+    def metric(prefix: str) -> float:
+        return sum(float(l.split()[-1]) for l in _get(METRICS_URL).splitlines() if l.startswith(prefix))
+
+    # before compaction: served, uncompressed
+    answer = client.completions.create(
+        model="random-llama", prompt=prompt, max_tokens=8, extra_body={"request_id": "kvfault-score-1"}
+    )
+    assert answer.choices[0].text is not None
+    assert metric('vllm_kvcomp_requests_skipped_total{reason="eviction_error_score"}') >= 1
+    # after compaction: that request ends with an error, the others go on
+    outcome = "completed"
+    try:
+        reply = client.completions.create(
+            model="random-llama", prompt=prompt, max_tokens=8, extra_body={"request_id": "kvfault-relocate-1"}
+        )
+        outcome = f"finish_reason={reply.choices[0].finish_reason}"
+        assert reply.choices[0].finish_reason not in ("stop", "length"), outcome
+    except openai.APIStatusError as err:
+        outcome = f"HTTP {err.status_code}"
+    assert metric('vllm_kvcomp_requests_failed_total{reason="eviction_error_compact"}') >= 1
+    compressed = metric("vllm_kvcomp_requests_compressed_total")
+    assert client.completions.create(model="random-llama", prompt=prompt, max_tokens=8).choices[0].text is not None
+    assert metric("vllm_kvcomp_requests_compressed_total") == compressed + 1
+    assert _get(f"http://127.0.0.1:{PORT}/health", 5) is not None
+    transcript.update(fault_after_compaction=outcome)
 
 
 def test_clean_shutdown(server):

@@ -1,12 +1,12 @@
-"""The CPU quality path: tasks, scoring, statistics, and masked eviction == removal."""
+"""The evaluation harness (evaluation/): tasks, scoring, statistics, and masked eviction == removal (CPU)."""
 
 import numpy as np
 import pytest
 import torch
 
+from evaluation.report import aggregate, bootstrap_ci, overall, paired_delta_ci
+from vllm_kvcomp.calibration_data import TASKS, TaskGenerator
 from vllm_kvcomp.config import build_config
-from vllm_kvcomp.eval.report import aggregate, bootstrap_ci, overall, paired_delta_ci
-from vllm_kvcomp.eval.tasks import TASKS, TaskGenerator
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,8 +57,18 @@ def test_aggregate_reports_full_score_beside_each_method():
     rows = []
     for i in range(4):
         for method, budget, score in (("none", 1.0, 1.0), ("uniform", 0.25, i % 2), ("zigzag", 0.25, 1.0)):
-            rows.append(dict(method=method, budget=budget, task="t", context_len=4096, protocol="aware",
-                             depth=i / 4, score=score, kept_fraction=budget))
+            rows.append(
+                dict(
+                    method=method,
+                    budget=budget,
+                    task="t",
+                    context_len=4096,
+                    protocol="aware",
+                    depth=i / 4,
+                    score=score,
+                    kept_fraction=budget,
+                )
+            )
     table = {(r["method"], r["budget"]): r for r in aggregate(rows)}
     assert table[("uniform", 0.25)]["score"] == 0.5 and table[("uniform", 0.25)]["full_score"] == 1.0
     summary = overall(rows, "aware")
@@ -69,12 +79,19 @@ def test_aggregate_reports_full_score_beside_each_method():
 def tiny_model(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vllm_kvcomp.bench.random_model import make_tokenizer
+    from evaluation.random_model import make_tokenizer
 
     path = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     make_tokenizer(path)
     return str(path)
@@ -84,20 +101,22 @@ def test_masked_eviction_equals_removing_the_tokens(tiny_model):
     """What the CPU eval does (mask) is what the engine does (remove and compact)."""
     from transformers import DynamicCache
 
-    from vllm_kvcomp.eval.hf_backend import HFEvaluator
+    from evaluation.hf_backend import HFEvaluator
 
     ev = HFEvaluator(tiny_model, threads=1)
-    config = build_config(method="zigzag", budget="0.3", overrides={"window": 8, "num_recent": 16, "metrics_port": None})
+    config = build_config(
+        method="zigzag", budget="0.3", overrides={"window": 8, "num_recent": 16, "metrics_port": None}
+    )
     text = " ".join(f"w{(i * 37) % 997}" for i in range(300))
     cache, pre = ev.prefill(text, config)
     masks, kept = ev.eviction_masks(pre, config)
     assert masks and 0.25 < kept < 0.45
-    for layer, evicted in masks.items():
+    for evicted in masks.values():
         counts = (~evicted).sum(1)
         assert (counts == counts[0]).all(), "every KV head of a layer keeps the same count"
         assert not evicted[:, :4].any() and not evicted[:, -16:].any(), "sinks and recent kept"
     token = torch.tensor([[123]])
-    from vllm_kvcomp.eval.hf_backend import STATE
+    from evaluation.hf_backend import STATE
 
     with torch.inference_mode():
         STATE.evicted = masks
@@ -114,22 +133,27 @@ def test_masked_eviction_equals_removing_the_tokens(tiny_model):
             removed_cache.update(k, v, layer)
         position = torch.tensor([[pre.prompt_len]])
         removed = ev.model(
-            input_ids=token, past_key_values=removed_cache, position_ids=position,
-            cache_position=torch.tensor([pre.prompt_len]), use_cache=True,
+            input_ids=token,
+            past_key_values=removed_cache,
+            position_ids=position,
+            cache_position=torch.tensor([pre.prompt_len]),
+            use_cache=True,
         ).logits[0, -1]
     assert torch.allclose(masked.float(), removed.float(), atol=2e-2, rtol=2e-2)
-    assert not torch.allclose(masked.float(), ev.model(input_ids=token, past_key_values=cache).logits[0, -1].float(), atol=1e-3)
+    assert not torch.allclose(
+        masked.float(), ev.model(input_ids=token, past_key_values=cache).logits[0, -1].float(), atol=1e-3
+    )
 
 
 def test_full_kv_answer_matches_generate(tiny_model):
-    from vllm_kvcomp.eval.hf_backend import HFEvaluator
+    from evaluation.hf_backend import HFEvaluator
 
     ev = HFEvaluator(tiny_model, threads=1)
     config = build_config(method="uniform", overrides={"metrics_port": None})
     head, question = "w1 w2 w3 " * 40, "w7 w8 w9"
     ids = ev._ids(head + question)
     with torch.inference_mode():
-        expect = ev.model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+        expect = ev.model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :]
     cache, pre = ev.prefill(head, config)
     got = ev.answer(cache, pre, question, {}, 6, first_from_prefill=False)
     assert got == ev.tokenizer.decode(expect, skip_special_tokens=True)
@@ -137,14 +161,39 @@ def test_full_kv_answer_matches_generate(tiny_model):
 
 
 def test_eval_command_writes_table_json_and_plots(tiny_model, tmp_path):
-    """`vllm-kvcomp eval --backend hf` end to end on a tiny model: issue #5's result schema."""
+    """`python -m evaluation --backend hf` end to end on a tiny model: issue #5's result schema."""
     import json
 
-    from vllm_kvcomp.cli import main
+    from evaluation.__main__ import main
 
-    rc = main(["eval", "--backend", "hf", "--model", tiny_model, "--tasks", "niah_noise", "--lengths", "192",
-               "--depths", "0.2,0.8", "--methods", "uniform,zigzag", "--budgets", "0.5", "--protocols", "aware",
-               "--max-new-tokens", "2", "--threads", "1", "--out", str(tmp_path), "--name", "q"])
+    rc = main(
+        [
+            "--backend",
+            "hf",
+            "--model",
+            tiny_model,
+            "--tasks",
+            "niah_noise",
+            "--lengths",
+            "192",
+            "--depths",
+            "0.2,0.8",
+            "--methods",
+            "uniform,zigzag",
+            "--budgets",
+            "0.5",
+            "--protocols",
+            "aware",
+            "--max-new-tokens",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "q",
+        ]
+    )
     assert rc == 0
     data = json.loads((tmp_path / "q.json").read_text())
     assert {r["method"] for r in data["results"]} == {"none", "uniform", "zigzag"}
@@ -159,19 +208,23 @@ def test_eval_command_writes_table_json_and_plots(tiny_model, tmp_path):
 
 
 def test_vllm_backend_refuses_the_agnostic_protocol(capsys):
-    from vllm_kvcomp.cli import main
+    from evaluation.__main__ import main
 
-    assert main(["eval", "--backend", "vllm", "--model", "x", "--protocols", "agnostic,aware"]) == 2
+    assert main(["--backend", "vllm", "--model", "x", "--protocols", "agnostic,aware"]) == 2
     assert "query-aware protocol only" in capsys.readouterr().err
 
 
 def test_heatmap_cells_are_the_mean_score(tmp_path, monkeypatch):
     """The heatmap grid is the mean score per (depth, length) of each method and budget."""
-    from vllm_kvcomp.eval import report
+    from evaluation import plots
 
-    rows = [dict(method=m, budget=b, task=t, context_len=n, depth=d, protocol="aware", score=s)
-            for m, b, s in (("none", 1.0, 1.0), ("zigzag", 0.2, 0.0))
-            for t in ("a", "b") for n in (4096, 8192) for d in (0.1, 0.9)]
+    rows = [
+        dict(method=m, budget=b, task=t, context_len=n, depth=d, protocol="aware", score=s)
+        for m, b, s in (("none", 1.0, 1.0), ("zigzag", 0.2, 0.0))
+        for t in ("a", "b")
+        for n in (4096, 8192)
+        for d in (0.1, 0.9)
+    ]
     rows.append(dict(method="zigzag", budget=0.2, task="c", context_len=4096, depth=0.1, protocol="aware", score=1.0))
     grids = {}
     import matplotlib.axes
@@ -183,7 +236,7 @@ def test_heatmap_cells_are_the_mean_score(tmp_path, monkeypatch):
         return original(self, grid, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "imshow", capture)
-    report.plot_needle_heatmaps(rows, "aware", tmp_path / "h.png")
+    plots.plot_needle_heatmaps(rows, "aware", tmp_path / "h.png")
     assert (tmp_path / "h.png").exists()
     (full, zig) = grids.values()
     assert np.allclose(full, 1.0)
@@ -191,13 +244,13 @@ def test_heatmap_cells_are_the_mean_score(tmp_path, monkeypatch):
 
 
 def test_vllm_backend_sends_every_config_as_a_per_request_override(tiny_model, tmp_path, monkeypatch):
-    """`eval --backend vllm` with the engine faked: one request per (sample, config),
+    """`python -m evaluation --backend vllm` with the engine faked: one request per (sample, config),
     the method/budget in SamplingParams.extra_args, rows scored against the answers."""
     import json
 
     import vllm
 
-    from vllm_kvcomp.cli import main
+    from evaluation.__main__ import main
     from vllm_kvcomp.config import from_additional_config, request_config
 
     seen = {}
@@ -207,17 +260,18 @@ def test_vllm_backend_sends_every_config_as_a_per_request_override(tiny_model, t
             seen["kwargs"] = kwargs
 
         def generate(self, prompts, params, use_tqdm=True):
-            seen["requests"] = list(zip(prompts, params))
+            seen["requests"] = list(zip(prompts, params, strict=True))
             server = from_additional_config(seen["kwargs"]["additional_config"])
             outs = []
-            for prompt, p in zip(prompts, params):
+            for prompt, p in zip(prompts, params, strict=True):
                 config = request_config(server, p.extra_args)  # what the worker will do
                 answer = seen["answers"][tuple(prompt["prompt_token_ids"])]
                 text = answer if (not config.enabled or config.budget >= 0.5) else "no idea"
                 outs.append(type("O", (), {"outputs": [type("C", (), {"text": text})()]})())
             return outs
 
-    import vllm_kvcomp.eval.tasks as tasks
+    import vllm_kvcomp.calibration_data as tasks
+
     original_suite = tasks.TaskGenerator.suite
 
     def recording_suite(self, *args, **kwargs):
@@ -231,9 +285,28 @@ def test_vllm_backend_sends_every_config_as_a_per_request_override(tiny_model, t
 
     monkeypatch.setattr(vllm, "LLM", FakeLLM)
     monkeypatch.setattr(tasks.TaskGenerator, "suite", recording_suite)
-    rc = main(["eval", "--backend", "vllm", "--model", tiny_model, "--tasks", "niah_noise,vt", "--lengths", "192",
-               "--depths", "0.5", "--methods", "uniform,zigzag", "--budgets", "0.5,0.1", "--protocols", "aware",
-               "--out", str(tmp_path)])
+    rc = main(
+        [
+            "--backend",
+            "vllm",
+            "--model",
+            tiny_model,
+            "--tasks",
+            "niah_noise,vt",
+            "--lengths",
+            "192",
+            "--depths",
+            "0.5",
+            "--methods",
+            "uniform,zigzag",
+            "--budgets",
+            "0.5,0.1",
+            "--protocols",
+            "aware",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     assert seen["kwargs"]["additional_config"]["kv_compression"]["method"] == "uniform"
     assert seen["kwargs"]["enable_prefix_caching"] is False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from vllm_kvcomp.kernels import reference as ref
 
 PAD_PAGE_ID = 1_000_000_007 % (2**31 - 1)  # page-table padding: far out of range, must never be read
@@ -37,6 +36,22 @@ def make_paged_cache(
     # some padding columns hold negative garbage too
     pt[:, -1] = -3
     return kv.to(device), pt.to(device)
+
+
+def score_inputs(seq_lens, win, *, Hkv, G, D, block_size, dtype, device, seed, W=None):
+    """Window queries (padding rows NaN), window and sequence lengths, paged cache, page table."""
+    kv, pt = make_paged_cache(
+        seq_lens, num_kv_heads=Hkv, head_size=D, block_size=block_size, dtype=dtype, device=device, seed=seed
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    R = len(seq_lens)
+    W = W or max(win)
+    q = torch.randn((R, W, Hkv * G, D), generator=g).to(dtype)
+    for r, w in enumerate(win):
+        q[r, w:] = float("nan")  # padding rows are garbage: must never be read
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    wl = torch.tensor(win, dtype=torch.int32)
+    return q.to(device), wl.to(device), kv, pt, sl.to(device)
 
 
 def used_pages(page_table: torch.Tensor, seq_lens, block_size: int) -> set[int]:

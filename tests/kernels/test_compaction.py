@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from kvtest_utils import make_paged_cache, used_pages
 from vllm_kvcomp.kernels import (
     KEEP_IDX_SENTINEL,
@@ -36,7 +35,9 @@ def test_compact_matches_reference(device, dtype, block_size, block_k):
     keep = [13, 1, 70, 20]  # varying per row; row 2 keeps everything (no-op row)
     Hkv, D = 3, 16
     seed = block_size + block_k + (dtype == torch.float16)
-    kv, pt = make_paged_cache(seq_lens, num_kv_heads=Hkv, head_size=D, block_size=block_size, dtype=dtype, device=device, seed=seed)
+    kv, pt = make_paged_cache(
+        seq_lens, num_kv_heads=Hkv, head_size=D, block_size=block_size, dtype=dtype, device=device, seed=seed
+    )
     sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     kc = torch.tensor(keep, dtype=torch.int32, device=device)
     scores = _random_scores(len(seq_lens), Hkv, max(seq_lens), seed, device)
@@ -59,7 +60,9 @@ def test_compact_matches_reference(device, dtype, block_size, block_k):
 
 def test_compact_full_budget_is_noop(device):
     seq_lens = [17, 64, 5]
-    kv, pt = make_paged_cache(seq_lens, num_kv_heads=2, head_size=16, block_size=16, dtype=torch.bfloat16, device=device, seed=5)
+    kv, pt = make_paged_cache(
+        seq_lens, num_kv_heads=2, head_size=16, block_size=16, dtype=torch.bfloat16, device=device, seed=5
+    )
     original = kv.clone()
     sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     keep_idx = select_keep_indices(_random_scores(3, 2, 64, 5, device), sl, sl, num_sinks=4, num_recent=8)
@@ -73,7 +76,9 @@ def test_compact_full_budget_is_noop(device):
 def test_compact_overlapping_sources_and_destinations(device, pattern):
     """Sources inside the destination range of the same and later chunks."""
     L, Hkv, bs = 90, 2, 16
-    kv, pt = make_paged_cache([L, L], num_kv_heads=Hkv, head_size=16, block_size=bs, dtype=torch.float16, device=device, seed=9)
+    kv, pt = make_paged_cache(
+        [L, L], num_kv_heads=Hkv, head_size=16, block_size=bs, dtype=torch.float16, device=device, seed=9
+    )
     if pattern == "drop_first":
         rows = [list(range(1, L)), list(range(2, L))]
     elif pattern == "odds":
@@ -86,7 +91,9 @@ def test_compact_overlapping_sources_and_destinations(device, pattern):
     for b, r in enumerate(rows):
         keep_idx[b, 0, : len(r)] = torch.tensor(r)
         keep_idx[b, 1, : len(r)] = torch.tensor(r)  # same survivors for both heads of a row...
-    keep_idx[1, 1, : counts[1]] = torch.tensor(sorted(torch.randperm(L, generator=torch.Generator().manual_seed(1))[: counts[1]].tolist()))
+    keep_idx[1, 1, : counts[1]] = torch.tensor(
+        sorted(torch.randperm(L, generator=torch.Generator().manual_seed(1))[: counts[1]].tolist())
+    )
     keep_idx = keep_idx.to(device)
     kc = torch.tensor(counts, dtype=torch.int32, device=device)
     expect = compact_reference(kv, pt, keep_idx, kc)
@@ -106,13 +113,17 @@ def test_compact_random_property(device, data):
     bk = data.draw(st.sampled_from([4, 8, 32]))
     Hkv = data.draw(st.integers(1, 3))
     seed = data.draw(st.integers(0, 10_000))
-    kv, pt = make_paged_cache(seq_lens, num_kv_heads=Hkv, head_size=16, block_size=bs, dtype=torch.bfloat16, device=device, seed=seed)
+    kv, pt = make_paged_cache(
+        seq_lens, num_kv_heads=Hkv, head_size=16, block_size=bs, dtype=torch.bfloat16, device=device, seed=seed
+    )
     g = torch.Generator().manual_seed(seed)
     K = max(max(keep), 1)
     keep_idx = torch.full((B, Hkv, K), KEEP_IDX_SENTINEL, dtype=torch.int32)
     for b in range(B):
         for h in range(Hkv):
-            keep_idx[b, h, : keep[b]] = torch.sort(torch.randperm(seq_lens[b], generator=g)[: keep[b]]).values.to(torch.int32)
+            keep_idx[b, h, : keep[b]] = torch.sort(torch.randperm(seq_lens[b], generator=g)[: keep[b]]).values.to(
+                torch.int32
+            )
     keep_idx = keep_idx.to(device)
     kc = torch.tensor(keep, dtype=torch.int32, device=device)
     expect = compact_reference(kv, pt, keep_idx, kc)
@@ -121,7 +132,9 @@ def test_compact_random_property(device, data):
 
 
 def test_compact_validate_rejects_bad_indices(device):
-    kv, pt = make_paged_cache([20, 20], num_kv_heads=1, head_size=16, block_size=16, dtype=torch.bfloat16, device=device, seed=0)
+    kv, pt = make_paged_cache(
+        [20, 20], num_kv_heads=1, head_size=16, block_size=16, dtype=torch.bfloat16, device=device, seed=0
+    )
     sl = torch.tensor([20, 20], device=device)
     kc = torch.tensor([3, 3], device=device)
     bad_order = torch.tensor([[[0, 5, 4]], [[0, 1, 2]]], dtype=torch.int32, device=device)
@@ -169,7 +182,7 @@ def test_select_matches_reference(device, ties, sinks, recent):
     for b, L in enumerate(seq_lens):
         row = got[b, :, : keep[b]]
         assert bool((row[:, 1:] > row[:, :-1]).all()) and int(row.max()) < L
-        assert bool((got[b, :, keep[b]:] == KEEP_IDX_SENTINEL).all())
+        assert bool((got[b, :, keep[b] :] == KEEP_IDX_SENTINEL).all())
         forced = {t for t in range(L) if t < sinks or t >= L - recent}
         for h in range(3):
             assert forced <= set(row[h].tolist())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from vllm_kvcomp.kernels import (
     compact_kv_,
     compact_reference,
@@ -67,7 +66,10 @@ def test_score_gather_large(dtype, block_size):
         kw = dict(scale=scale, pool_kernel=pool_kernel, pool_type=pool_type, square=square, max_seq_len=S)
         expect = score_gather_reference(q, wl, kv, pt, sl, **kw)
         for given in (lse, None):
-            out = (torch.full((R, HKV, S), float("nan"), device="cuda"), torch.full((R, HKV, S), float("nan"), device="cuda"))
+            out = (
+                torch.full((R, HKV, S), float("nan"), device="cuda"),
+                torch.full((R, HKV, S), float("nan"), device="cuda"),
+            )
             got = score_gather(q, wl, kv, pt, sl, window_lse=given, out=out, **kw)
             torch.cuda.synchronize()
             assert not torch.isnan(got.scores).any() and not torch.isnan(got.mass).any()

@@ -9,26 +9,10 @@ import itertools
 
 import pytest
 import torch
-
-from kvtest_utils import TOL, assert_close_scores, make_paged_cache, window_lse_batch
+from kvtest_utils import TOL, assert_close_scores, score_inputs, window_lse_batch
 from vllm_kvcomp.kernels import score_gather, score_gather_reference
 
 POOLS = [(7, "max", False), (5, "avg", True), (1, "max", False), (3, "avg", False), (3, "max", True)]
-
-
-def _inputs(seq_lens, win, *, Hkv, G, D, block_size, dtype, device, seed, W=None):
-    kv, pt = make_paged_cache(
-        seq_lens, num_kv_heads=Hkv, head_size=D, block_size=block_size, dtype=dtype, device=device, seed=seed
-    )
-    g = torch.Generator().manual_seed(seed + 1)
-    R = len(seq_lens)
-    W = W or max(win)
-    q = torch.randn((R, W, Hkv * G, D), generator=g).to(dtype)
-    for r, w in enumerate(win):
-        q[r, w:] = float("nan")  # padding rows are garbage: must never be read
-    sl = torch.tensor(seq_lens, dtype=torch.int32)
-    wl = torch.tensor(win, dtype=torch.int32)
-    return q.to(device), wl.to(device), kv, pt, sl.to(device)
 
 
 def _poisoned(R, Hkv, S, device):
@@ -55,15 +39,27 @@ def test_score_gather_matches_reference(device, dtype, block_size, ratio, lse_mo
     idx = CASES.index((dtype, block_size, ratio, lse_mode))
     pool_kernel, pool_type, square = POOLS[idx % len(POOLS)]
     Hkv, D = 2, 32
-    q, wl, kv, pt, sl = _inputs(
+    q, wl, kv, pt, sl = score_inputs(
         seq_lens, win, Hkv=Hkv, G=ratio, D=D, block_size=block_size, dtype=dtype, device=device, seed=idx
     )
     scale = D**-0.5
     lse = window_lse_batch(q, wl, kv, pt, sl, scale) if lse_mode == "lse" else None
     S = max(seq_lens) + 5  # outputs longer than every sequence
     out = score_gather(
-        q, wl, kv, pt, sl, scale=scale, window_lse=lse, pool_kernel=pool_kernel, pool_type=pool_type,
-        square=square, max_seq_len=S, block_t=16, tiles_per_program=2, out=_poisoned(len(seq_lens), Hkv, S, device),
+        q,
+        wl,
+        kv,
+        pt,
+        sl,
+        scale=scale,
+        window_lse=lse,
+        pool_kernel=pool_kernel,
+        pool_type=pool_type,
+        square=square,
+        max_seq_len=S,
+        block_t=16,
+        tiles_per_program=2,
+        out=_poisoned(len(seq_lens), Hkv, S, device),
     )
     expect = score_gather_reference(
         q, wl, kv, pt, sl, scale=scale, pool_kernel=pool_kernel, pool_type=pool_type, square=square, max_seq_len=S
@@ -75,13 +71,39 @@ def test_score_gather_matches_reference(device, dtype, block_size, ratio, lse_mo
         assert torch.all(torch.isfinite(out.scores[r, :, :L]))
 
 
+@pytest.mark.parametrize("lse_mode", ["lse", "two_pass"])
+def test_autotuned_tiling_matches_reference(device, lse_mode):
+    """No block_t / tiles_per_program: the autotuned configs (one small config under the interpreter)."""
+    seq_lens = [1, 37, 130, 69]  # one token, lengths off the block size and off the key tiles
+    win = [1, 5, 7, 7]
+    Hkv, G, D = 2, 3, 24  # padded group and head dim
+    q, wl, kv, pt, sl = score_inputs(
+        seq_lens, win, Hkv=Hkv, G=G, D=D, block_size=16, dtype=torch.bfloat16, device=device, seed=21, W=8
+    )
+    lse = window_lse_batch(q, wl, kv, pt, sl, 0.2) if lse_mode == "lse" else None
+    S = max(seq_lens) + 3
+    kw = dict(scale=0.2, pool_kernel=5, pool_type="avg", square=True, max_seq_len=S)
+    out = score_gather(q, wl, kv, pt, sl, window_lse=lse, out=_poisoned(len(seq_lens), Hkv, S, device), **kw)
+    _check(out, score_gather_reference(q, wl, kv, pt, sl, **kw), torch.bfloat16, f"autotuned {lse_mode}")
+    for r, L in enumerate(seq_lens):
+        assert torch.all(out.scores[r, :, L:] == float("-inf")) and torch.all(out.mass[r, :, L:] == 0)
+
+
 @pytest.mark.parametrize("block_t,tiles_per_program", [(16, 1), (16, 3), (32, 2), (64, 4)])
 @pytest.mark.parametrize("pool", POOLS[:2])
 def test_tiling_knobs_agree(device, block_t, tiles_per_program, pool):
     seq_lens = [100, 33, 64]
     win = [8, 5, 8]
-    q, wl, kv, pt, sl = _inputs(
-        seq_lens, win, Hkv=2, G=2, D=16, block_size=16, dtype=torch.bfloat16, device=device, seed=block_t + tiles_per_program
+    q, wl, kv, pt, sl = score_inputs(
+        seq_lens,
+        win,
+        Hkv=2,
+        G=2,
+        D=16,
+        block_size=16,
+        dtype=torch.bfloat16,
+        device=device,
+        seed=block_t + tiles_per_program,
     )
     kw = dict(scale=0.25, pool_kernel=pool[0], pool_type=pool[1], square=pool[2])
     out = score_gather(q, wl, kv, pt, sl, window_lse=None, block_t=block_t, tiles_per_program=tiles_per_program, **kw)
@@ -93,7 +115,7 @@ def test_tiling_knobs_agree(device, block_t, tiles_per_program, pool):
 def test_two_pass_agrees_with_given_lse(device, dtype):
     seq_lens = [57, 130, 17]
     win = [16, 16, 17]
-    q, wl, kv, pt, sl = _inputs(seq_lens, win, Hkv=2, G=4, D=32, block_size=16, dtype=dtype, device=device, seed=7)
+    q, wl, kv, pt, sl = score_inputs(seq_lens, win, Hkv=2, G=4, D=32, block_size=16, dtype=dtype, device=device, seed=7)
     scale = 0.2
     lse = window_lse_batch(q, wl, kv, pt, sl, scale)
     kw = dict(scale=scale, pool_kernel=7, pool_type="max", square=False, block_t=32)
@@ -108,8 +130,12 @@ def test_mass_sums_to_window_queries(device):
     seq_lens = [40, 3, 77]
     win = [6, 3, 1]
     G, Hkv = 4, 2
-    q, wl, kv, pt, sl = _inputs(seq_lens, win, Hkv=Hkv, G=G, D=16, block_size=32, dtype=torch.float16, device=device, seed=3)
-    out = score_gather(q, wl, kv, pt, sl, scale=0.3, window_lse=None, pool_kernel=1, pool_type="max", square=False, block_t=16)
+    q, wl, kv, pt, sl = score_inputs(
+        seq_lens, win, Hkv=Hkv, G=G, D=16, block_size=32, dtype=torch.float16, device=device, seed=3
+    )
+    out = score_gather(
+        q, wl, kv, pt, sl, scale=0.3, window_lse=None, pool_kernel=1, pool_type="max", square=False, block_t=16
+    )
     tot = out.mass.sum(dim=(1, 2)).cpu()
     torch.testing.assert_close(tot, torch.tensor([G * Hkv * w for w in win], dtype=torch.float32), rtol=1e-4, atol=1e-4)
 
@@ -118,7 +144,9 @@ def test_non_pow2_head_size_and_lse_garbage(device):
     """D = 24 (masked head dim); NaN in padding rows of window_lse; max_seq_len defaults to max(seq_lens)."""
     seq_lens = [21, 50]
     win = [4, 2]
-    q, wl, kv, pt, sl = _inputs(seq_lens, win, Hkv=1, G=3, D=24, block_size=16, dtype=torch.bfloat16, device=device, seed=11)
+    q, wl, kv, pt, sl = score_inputs(
+        seq_lens, win, Hkv=1, G=3, D=24, block_size=16, dtype=torch.bfloat16, device=device, seed=11
+    )
     lse = window_lse_batch(q, wl, kv, pt, sl, 0.2, fill=float("nan"))
     kw = dict(scale=0.2, pool_kernel=5, pool_type="max", square=True)
     out = score_gather(q, wl, kv, pt, sl, window_lse=lse, block_t=16, **kw)
@@ -127,10 +155,13 @@ def test_non_pow2_head_size_and_lse_garbage(device):
 
 
 def test_rejects_bad_arguments(device):
-    q, wl, kv, pt, sl = _inputs([5], [2], Hkv=2, G=2, D=16, block_size=16, dtype=torch.bfloat16, device=device, seed=0)
+    shapes = dict(Hkv=2, G=2, D=16, block_size=16, dtype=torch.bfloat16, device=device)
+    q, wl, kv, pt, sl = score_inputs([5], [2], **shapes, seed=0)
     with pytest.raises(ValueError):
         score_gather(q, wl, kv, pt, sl, scale=1.0, window_lse=None, pool_kernel=4, pool_type="max", square=False)
     with pytest.raises(ValueError):
         score_gather(q, wl, kv, pt, sl, scale=1.0, window_lse=None, pool_kernel=3, pool_type="median", square=False)
     with pytest.raises(ValueError):
-        score_gather(q[:, :, :3], wl, kv, pt, sl, scale=1.0, window_lse=None, pool_kernel=3, pool_type="max", square=False)
+        score_gather(
+            q[:, :, :3], wl, kv, pt, sl, scale=1.0, window_lse=None, pool_kernel=3, pool_type="max", square=False
+        )

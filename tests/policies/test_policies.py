@@ -63,7 +63,10 @@ def test_zigzag_caps_at_prompt_and_redistributes():
 def test_simlayer_lazy_layers_keep_sinks_and_recent():
     opts = SimLayerOptions(threshold=0.9, recent=60)
     req = BudgetRequest(
-        num_layers=4, seq_len=10_000, avg_budget=1000, floor=68,
+        num_layers=4,
+        seq_len=10_000,
+        avg_budget=1000,
+        floor=68,
         stats=stats([1, 1, 1, 1], local=[0.95, 0.5, 0.99, 0.1]),
     )
     policy = SimLayerPolicy(opts, num_sinks=4)
@@ -125,7 +128,9 @@ def test_profile_budget_invariants(req, min_budget_ratio, data):
             lambda w: sum(w) > 0
         )
     )
-    assert_budget_invariants(ProfilePolicy(ProfileOptions(layer_weights=weights, min_budget_ratio=min_budget_ratio)), req)
+    assert_budget_invariants(
+        ProfilePolicy(ProfileOptions(layer_weights=weights, min_budget_ratio=min_budget_ratio)), req
+    )
 
 
 @settings(max_examples=300, deadline=None)

@@ -6,12 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from config_errors import config_error
 from pydantic import Field
 
-from config_errors import config_error
 from vllm_kvcomp.config import CompressionConfigError, build_config, method_names, request_config
-from vllm_kvcomp.policies import BudgetPolicy, BudgetRequest, MethodOptions, make_policy, policy_classes, register_method
-from vllm_kvcomp.policies import registry
+from vllm_kvcomp.policies import (
+    BudgetPolicy,
+    BudgetRequest,
+    MethodOptions,
+    make_policy,
+    policy_classes,
+    register_method,
+    registry,
+)
 from vllm_kvcomp.policies.registry import methods_markdown
 from vllm_kvcomp.vllm_adapter import add_compression_args
 

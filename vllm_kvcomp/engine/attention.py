@@ -19,13 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+from vllm.v1.attention.backends import fa_utils
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
     FlashAttentionMetadata,
     FlashAttentionMetadataBuilder,
 )
-from vllm.v1.attention.backends import fa_utils
 
 from vllm_kvcomp.engine.capture import CapturePlan
 from vllm_kvcomp.engine.runtime import get_runtime

@@ -179,7 +179,7 @@ class EvictionExecutor:
         pool = torch.randn(3, 2, bs, g.num_kv_heads, g.head_size, device=dev).to(self.pool.dtype)
         pages = torch.tensor([[1, 2]], dtype=torch.int32, device=dev)
         lens = torch.tensor([2 * bs], dtype=torch.int32, device=dev)
-        rows = min(window, bs)
+        rows = window  # the serving shape: the window sets the kernels' tile constants
         queries = torch.randn(1, rows, g.num_heads, g.head_size, device=dev).to(self.pool.dtype)
         out = score_gather(
             queries,

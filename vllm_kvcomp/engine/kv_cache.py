@@ -40,7 +40,7 @@ class CompressedAttentionSpec(FullAttentionSpec):
     """
 
     @classmethod
-    def from_full_attention(cls, spec: FullAttentionSpec) -> "CompressedAttentionSpec":
+    def from_full_attention(cls, spec: FullAttentionSpec) -> CompressedAttentionSpec:
         return cls(
             block_size=spec.block_size,
             num_kv_heads=spec.num_kv_heads,
@@ -85,9 +85,7 @@ class CompressedAttentionManager(FullAttentionManager):
             apply_admission_cap,
         )
 
-    def allocate_new_blocks(
-        self, request_id: str, num_tokens: int, num_tokens_main_model: int
-    ) -> list[KVCacheBlock]:
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int) -> list[KVCacheBlock]:
         return super().allocate_new_blocks(
             request_id,
             self._live_tokens(request_id, num_tokens),

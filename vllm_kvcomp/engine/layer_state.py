@@ -76,6 +76,11 @@ class LayerPageState:
             self._views[num_rows] = views
         return views
 
+    def warm_up(self) -> None:
+        """Compile the page-table kernel now (its one variant serves every batch)."""
+        table = torch.zeros(1, self.tables.shape[2], dtype=torch.int32, device=self.device)
+        self.build(table, torch.ones(1, dtype=torch.int32, device=self.device), None, 1)
+
     def publish(self, compressed: list[tuple[int, list[int], EvictionPlan]]) -> None:
         """Write the entry tables and (c, C, d) of compressed requests.
 

@@ -99,7 +99,7 @@ class EvictionPlan:
     @property
     def relocations(self) -> list[tuple[int, int, int, int]]:
         """`relocation_array` as tuples: (layer, page j) -> (block index i, layer slot s)."""
-        return [tuple(int(x) for x in row) for row in self.relocation_array]
+        return _quads(self.relocation_array)
 
     @cached_property
     def entry_array(self) -> np.ndarray:
@@ -121,7 +121,11 @@ class EvictionPlan:
 
     def entries(self) -> list[tuple[int, int, int, int]]:
         """`entry_array` as tuples (tests, reference page tables)."""
-        return [tuple(int(x) for x in row) for row in self.entry_array]
+        return _quads(self.entry_array)
+
+
+def _quads(array: np.ndarray) -> list[tuple[int, int, int, int]]:
+    return [(int(a), int(b), int(c), int(d)) for a, b, c, d in array]
 
 
 def plan_eviction(budgets: np.ndarray, prompt_len: int, block_size: int) -> EvictionPlan | None:

@@ -1,34 +1,97 @@
-"""Compression metrics: a prometheus_client registry served by the engine process.
+"""Compression metrics, on vLLM's own /metrics (the API port).
 
-vLLM's own /metrics is rendered by the API server process, which cannot see the
-engine core's counters (vLLM uses prometheus multiprocess mode only with several
-API servers). The scheduler, which receives every eviction report, therefore
-serves its own registry on `metrics_port` (default 9464); scrape both.
+The counters live in the scheduler (engine core process), which receives every
+eviction report; vLLM renders /metrics in the API server process. The process
+that builds the engine config (`vllm serve`'s API server, or the script calling
+`LLM(...)`) calls `expose_on_vllm_metrics()`: it makes a directory for the
+engine's metric files and registers prometheus_client's MultiProcessCollector
+for it on vLLM's registry. The engine process, started afterwards, inherits
+the directory's name and writes its metrics there (prometheus multiprocess
+files). An engine running inside the same process registers them directly.
+
+`metrics_port` additionally serves them on a separate port (off by default;
+bound to `metrics_host`, 127.0.0.1 unless configured); a port that cannot be
+bound stops the engine with a clear error instead of losing the metrics.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import shutil
+import tempfile
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
-from vllm_kvcomp.config import CompressionConfig
+from vllm_kvcomp.config import CompressionConfig, CompressionConfigError
 
 logger = logging.getLogger("vllm.kvcomp")
 
 SUMMARY_INTERVAL_S = 60.0
+# "<directory>:<pid of the process that reads it>", inherited by the engine process.
+METRICS_DIR_ENV = "VLLM_KVCOMP_METRICS_DIR"
+
+
+def expose_on_vllm_metrics(registry: CollectorRegistry = REGISTRY) -> str:
+    """In the process serving /metrics, before the engine starts: collect the engine's metric files."""
+    if METRICS_DIR_ENV in os.environ:
+        return os.environ[METRICS_DIR_ENV].rpartition(":")[0]
+    path = tempfile.mkdtemp(prefix="vllm-kvcomp-metrics-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    multiprocess.MultiProcessCollector(registry, path=path)
+    os.environ[METRICS_DIR_ENV] = f"{path}:{os.getpid()}"
+    return path
+
+
+_in_process: list[CollectorRegistry] = []
+
+
+def _in_process_registry() -> CollectorRegistry:
+    """A registry shown through vLLM's (one engine's at a time: a new engine replaces the last)."""
+    registry = CollectorRegistry()
+    while _in_process:
+        REGISTRY.unregister(_in_process.pop())
+    REGISTRY.register(registry)
+    _in_process.append(registry)
+    return registry
+
+
+def _engine_registry() -> CollectorRegistry:
+    """Where this process's metrics go so that vLLM's /metrics shows them."""
+    where = os.environ.get(METRICS_DIR_ENV)
+    if not where:
+        return CollectorRegistry()  # nobody collects them: the separate exporter only
+    path, _, reader_pid = where.rpartition(":")
+    if reader_pid == str(os.getpid()):
+        return _in_process_registry()  # the engine runs inside the process that serves /metrics
+    # A separate engine process: file-backed values, read by the collector above.
+    from prometheus_client import values
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    values.ValueClass = values.MultiProcessValue()
+    return CollectorRegistry()
 
 
 class CompressionMetrics:
     def __init__(self, config: CompressionConfig, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry or _engine_registry()
         r = self.registry
-        self.info = Gauge("vllm_kvcomp_info", "Compression settings of this engine", ["method", "budget"], registry=r)
+        self.info = Gauge(
+            "vllm_kvcomp_info",
+            "Compression settings of this engine",
+            ["method", "budget"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.info.labels(config.method, str(config.budget)).set(1)
         self.requests = Counter("vllm_kvcomp_requests_compressed", "Requests whose KV cache was compressed", registry=r)
         self.skipped = Counter(
-            "vllm_kvcomp_requests_skipped", "Requests served uncompressed although compression is on", ["reason"], registry=r
+            "vllm_kvcomp_requests_skipped",
+            "Requests served uncompressed although compression is on",
+            ["reason"],
+            registry=r,
         )
         self.failed = Counter(
             "vllm_kvcomp_requests_failed",
@@ -44,7 +107,7 @@ class CompressionMetrics:
         self.blocks_freed = Counter("vllm_kvcomp_blocks_freed", "KV blocks returned to vLLM's block pool", registry=r)
         self.seconds = Histogram(
             "vllm_kvcomp_eviction_seconds",
-            "Worker time per compressed request (scoring, budgets, selection, compaction launch)",
+            "GPU time per compressed request: scoring, statistics, budgets, selection, compaction (CUDA events)",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r,
         )
@@ -59,28 +122,29 @@ class CompressionMetrics:
             "vllm_kvcomp_verify_attention_rel_err",
             "Largest relative error of FlashAttention over compacted pages vs dense attention",
             registry=r,
+            multiprocess_mode="max",
         )
         self.totals = {"requests": 0, "blocks_freed": 0, "tokens_kept": 0, "tokens_prompt": 0}
         self._last_summary = time.monotonic()
         self._max_verify_error = 0.0
         self.port: int | None = None
         if config.metrics_port is not None:
-            try:
-                start_http_server(config.metrics_port, registry=self.registry)
-                self.port = config.metrics_port
-                logger.info("vllm-kvcomp: compression metrics on :%d/metrics", config.metrics_port)
-            except OSError as exc:
-                logger.error(
-                    "vllm-kvcomp: cannot serve compression metrics on port %d (%s); set metrics_port "
-                    "in --kv-compression-config (null to disable). Compression itself is unaffected.",
-                    config.metrics_port,
-                    exc,
-                )
+            self._serve(config.metrics_host, config.metrics_port)
+
+    def _serve(self, host: str, port: int) -> None:
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise CompressionConfigError(
+                f"kv-compression config: metrics_port: cannot serve the compression metrics on {host}:{port} "
+                f"({exc.strerror or exc}); choose another port, or null (they are on vLLM's /metrics too)"
+            ) from None
+        self.port = port
+        logger.info("vllm-kvcomp: compression metrics on %s:%d/metrics", host, port)
 
     def record_eviction(self, record, blocks_freed: int) -> None:
         self.requests.inc()
         self.blocks_freed.inc(blocks_freed)
-        self.seconds.observe(record.seconds)
         for layer, kept in enumerate(record.kept_tokens):
             self.kept.labels(str(layer)).inc(kept)
             self.evicted.labels(str(layer)).inc(record.prompt_len - kept)
@@ -96,6 +160,10 @@ class CompressionMetrics:
         self.totals["tokens_kept"] += sum(record.kept_tokens)
         self.totals["tokens_prompt"] += record.prompt_len * len(record.kept_tokens)
         self._maybe_log_summary()
+
+    def record_eviction_seconds(self, seconds: list[float]) -> None:
+        for value in seconds:
+            self.seconds.observe(value)
 
     def record_skip(self, reason: str) -> None:
         self.skipped.labels(reason).inc()

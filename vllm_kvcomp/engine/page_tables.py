@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])  # varies every step: never recompile while serving
 def _layer_page_tables_kernel(
     block_table_ptr,  # [R_pad, W] int32, batch order
     block_table_stride,

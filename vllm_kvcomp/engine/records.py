@@ -15,7 +15,6 @@ class EvictionRecord:
     freed_block_ids: list[int]
     prompt_len: int
     kept_tokens: list[int]  # per layer
-    seconds: float
     verify: dict[str, Any] | None = None  # the self-check's result (engine/verify.py), when on
 
 
@@ -34,11 +33,14 @@ class CompressionReport:
     skips: list[SkipRecord] = field(default_factory=list)
     # Eviction failed after their KV was rewritten: the scheduler finishes them with an error.
     failures: list[SkipRecord] = field(default_factory=list)
+    # GPU seconds per request of eviction batches that completed since the last report.
+    eviction_seconds: list[float] = field(default_factory=list)
 
     def extend(self, other: CompressionReport) -> None:
         self.evictions.extend(other.evictions)
         self.skips.extend(other.skips)
         self.failures.extend(other.failures)
+        self.eviction_seconds.extend(other.eviction_seconds)
 
     def __bool__(self) -> bool:
-        return bool(self.evictions or self.skips or self.failures)
+        return bool(self.evictions or self.skips or self.failures or self.eviction_seconds)

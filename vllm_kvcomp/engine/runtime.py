@@ -21,45 +21,23 @@ statistics summed over all ranks' heads, so every rank frees the same blocks.
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 
 from vllm_kvcomp import planner
 from vllm_kvcomp.config import CompressionConfig
 from vllm_kvcomp.engine.capture import CapturePlan, WindowCapture
+from vllm_kvcomp.engine.eviction import Evictor
 from vllm_kvcomp.engine.executor import EvictionExecutor, PoolGeometry
 from vllm_kvcomp.engine.layer_state import LayerPageState
-from vllm_kvcomp.engine.layout import EvictionPlan, cdiv
-from vllm_kvcomp.engine.records import CompressionReport, EvictionRecord, SkipRecord
+from vllm_kvcomp.engine.records import CompressionReport, SkipRecord
 from vllm_kvcomp.engine.requests import TrackedRequest
+from vllm_kvcomp.engine.timing import EvictionTimer
 from vllm_kvcomp.engine.verify import EvictionObserver, load_observer
-from vllm_kvcomp.policies import LayerStats
 
 logger = logging.getLogger("vllm.kvcomp")
 
-# Transient GPU bytes the eviction of one batch may use (larger batches are split).
-EVICTION_WORKSPACE_BYTES = 256 << 20
-
 _RUNTIME: CompressionRuntime | None = None
-
-
-@dataclass
-class _Scored:
-    """Phase A's output: what phase B needs of the score pass."""
-
-    scores: torch.Tensor  # [L * R, Hkv, S] pooled scores
-    prompt_lens: torch.Tensor  # [R] int32
-    pages: torch.Tensor  # [L * R, P] page ids
-    local_stats: torch.Tensor  # [2, R, L] this rank's sums over KV heads
-
-
-@dataclass
-class _Progress:
-    compaction_started: bool = False
 
 
 def get_runtime() -> CompressionRuntime:
@@ -92,6 +70,7 @@ class CompressionRuntime:
         self._ready: list[TrackedRequest] = []
         self._skips: list[SkipRecord] = []
         self._region_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.timer = EvictionTimer()
 
     # ------------------------------------------------------------------ setup
     def bind(self, runner, kv_cache_config) -> None:
@@ -157,7 +136,10 @@ class CompressionRuntime:
             device=self.device,
         )
         self.executor = EvictionExecutor(pool, self.geometry, self.config, tp_size)
+        self.timer = EvictionTimer(on_cuda=self.device.type == "cuda")
+        self.evictor = Evictor(self)
         self.executor.warm_up(self.config.window)
+        self.pages.warm_up()
         logger.info(
             "vllm-kvcomp: %s, %d layers x %d blocks of %d tokens in one pool; "
             "%.1f MiB of page tables, %.1f MiB of window buffers",
@@ -248,7 +230,7 @@ class CompressionRuntime:
                 self.capture_buffers.release(req)
                 continue
             batch.append(req)
-        report = CompressionReport(skips=self._skips)
+        report = CompressionReport(skips=self._skips, eviction_seconds=self.timer.completed())
         self._skips = []
         if batch:
             report.extend(self._evict(batch))
@@ -260,121 +242,4 @@ class CompressionRuntime:
 
     # --------------------------------------------------------------- eviction
     def _evict(self, batch: list[TrackedRequest]) -> CompressionReport:
-        g = self.geometry
-        max_len = max(req.prompt_len for req in batch)
-        # fp32 temporaries per request: the window sums per query head, then
-        # scores, mass and the sorts of the statistics and the selection per KV head.
-        per_request = g.num_layers * max_len * 4 * (g.num_heads + 6 * g.num_kv_heads)
-        chunk = max(1, EVICTION_WORKSPACE_BYTES // max(per_request, 1))
-        report = CompressionReport()
-        for i in range(0, len(batch), chunk):
-            report.extend(self._evict_chunk(batch[i : i + chunk]))
-        return report
-
-    def _evict_chunk(self, reqs: list[TrackedRequest]) -> CompressionReport:
-        """Compress a batch of requests, every layer at once; a failure stays in the batch.
-
-        Phase A (score, statistics) only reads the KV pool: if it fails on any
-        rank, every rank serves the batch uncompressed. Phase B (plan, select,
-        compact, relocate, publish) rewrites it: if it fails on any rank after
-        compaction began, the requests are finished with an error (their KV is no
-        longer what they prefilled); before that, they are served uncompressed.
-        """
-        if self.device.type == "cuda":
-            # The step's forward is still queued on the GPU: wait for it first, so
-            # that the eviction time (metric) is the eviction's own. The host sync
-            # for the budgets would wait for it anyway.
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        scored, error = self._guarded("score", self._score, reqs)
-        stats = self.executor.agree(scored.local_stats if scored else None, len(reqs), failed=error is not None)
-        if stats is None or scored is None:
-            return self._contained(reqs, "score", error, intact=True)
-        plans, error = self._guarded("plan", lambda: [self._plan(req, stats[:, r]) for r, req in enumerate(reqs)])
-        progress = _Progress()
-        verify = None
-        if plans is not None:
-            verify, error = self._guarded("compact", self._rewrite, reqs, plans, scored, progress)
-        failed, compacted = self.executor.any_rank([error is not None, progress.compaction_started])
-        if failed or plans is None:
-            return self._contained(reqs, "plan" if plans is None else "compact", error, intact=not compacted)
-        return CompressionReport(evictions=self._records(reqs, plans, time.perf_counter() - start, verify))
-
-    def _score(self, reqs: list[TrackedRequest]) -> _Scored:
-        if any(req.rows is not None and req.rows.failed for req in reqs):
-            raise RuntimeError("window capture failed in the forward pass")
-        queries, lse, extents = self.capture_buffers.gather(reqs)
-        lens = torch.tensor(
-            [[rows for rows, _ in extents], [scored for _, scored in extents], [req.prompt_len for req in reqs]],
-            dtype=torch.int32,
-        ).to(self.device)
-        max_len = max(req.prompt_len for req in reqs)
-        pages = self.executor.layer_pages(self._block_rows(reqs, cdiv(max_len, self.geometry.block_size)))
-        out = self.executor.score(queries, lse, lens[0], lens[1], pages, max_len)
-        local_stats = self.executor.local_statistics(out.mass, lens[1], len(reqs))
-        return _Scored(out.scores, lens[2], pages, local_stats)
-
-    def _rewrite(self, reqs, plans, scored: _Scored, progress: _Progress) -> dict[str, Any] | None:
-        """Select, compact, relocate and publish; returns the self-check's result (if on)."""
-        observer = self.observer
-        checked = observer is not None and observer.wants() and plans[0] is not None
-        snapshot = observer.snapshot(self, reqs[0]) if checked and observer is not None else None
-        score_hook = observer.score_hook if observer is not None else None
-        progress.compaction_started = any(plan is not None for plan in plans)
-        keep_of_first = self.executor.compact(plans, scored.scores, scored.prompt_lens, scored.pages, score_hook)
-        compressed = [(req, plan) for req, plan in zip(reqs, plans) if plan is not None]
-        self.executor.relocate([(req.block_ids, plan) for req, plan in compressed])
-        self.pages.publish([(req.index, req.block_ids, plan) for req, plan in compressed])
-        if snapshot is not None and observer is not None:
-            return observer.check(self, reqs[0], plans[0], keep_of_first, snapshot)
-        return None
-
-    def _guarded(self, stage: str, fn, *args):
-        """(fn(*args), None), or (None, the exception) with one log line."""
-        try:
-            if self.observer is not None:
-                self.observer.before(stage, args)
-            return fn(*args), None
-        except Exception as exc:  # contained: one request batch must never take the engine down
-            logger.error("vllm-kvcomp: eviction failed at %s: %s: %s", stage, type(exc).__name__, str(exc)[:200])
-            logger.debug("vllm-kvcomp: eviction failure", exc_info=True)
-            return None, exc
-
-    def _contained(self, reqs, stage: str, error, intact: bool) -> CompressionReport:
-        """What the scheduler hears about a failed batch (the same on every rank)."""
-        for req in reqs:
-            self.capture_buffers.release(req)
-        reason = f"eviction_error_{stage}" if error is not None else f"eviction_error_other_rank_{stage}"
-        records = [SkipRecord(req.req_id, reason) for req in reqs]
-        if intact:
-            logger.warning("vllm-kvcomp: %d request(s) served uncompressed (%s)", len(reqs), reason)
-            return CompressionReport(skips=records)
-        logger.error("vllm-kvcomp: %d request(s) finished with an error (%s): their KV was rewritten", len(reqs), reason)
-        return CompressionReport(failures=records)
-
-    def _plan(self, req: TrackedRequest, stats: np.ndarray) -> EvictionPlan | None:
-        config = req.config or self.config
-        layer_stats = LayerStats(mba=stats[0], local_mass=stats[1])
-        policy = self.policies.policy_for(config)
-        return planner.plan(config, layer_stats, req.prompt_len, self.num_layers, self.geometry.block_size, policy)
-
-    def _block_rows(self, reqs: list[TrackedRequest], num_pages: int) -> torch.Tensor:
-        """[R, num_pages] int32 block ids of the prompts."""
-        rows = np.zeros((len(reqs), num_pages), dtype=np.int32)
-        for r, req in enumerate(reqs):
-            ids = req.block_ids[:num_pages]
-            rows[r, : len(ids)] = ids
-        return torch.from_numpy(rows).to(self.device)
-
-    def _records(self, reqs, plans, seconds: float, verify) -> list[EvictionRecord]:
-        records = []
-        for req, plan in zip(reqs, plans):
-            self.capture_buffers.release(req)
-            if plan is None:
-                kept, freed = [req.prompt_len] * self.num_layers, []
-            else:
-                kept = plan.kept_tokens.tolist()
-                freed = [req.block_ids[i] for i in plan.freed_block_indices]
-            records.append(EvictionRecord(req.req_id, freed, req.prompt_len, kept, seconds / len(reqs)))
-        records[0].verify = verify
-        return records
+        return self.evictor.evict(batch)

@@ -22,7 +22,10 @@ from vllm_kvcomp.engine.metrics import CompressionMetrics
 logger = logging.getLogger("vllm.kvcomp")
 
 
-class CompressionSchedulerMixin:
+class CompressionSchedulerMixin(Scheduler):
+    """The plugin's part of the scheduler, placed before vLLM's Scheduler or AsyncScheduler
+    (AsyncScheduler subclasses Scheduler, so the MRO is mixin -> AsyncScheduler -> Scheduler)."""
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.kvcomp_config = from_additional_config(self.vllm_config.additional_config)
@@ -34,6 +37,20 @@ class CompressionSchedulerMixin:
             )
         self.kvcomp_manager: CompressedAttentionManager = managers[0]
         self.kvcomp_metrics = CompressionMetrics(self.kvcomp_config)
+
+    def add_request(self, request) -> None:
+        # Streaming-input sessions come back to the worker as "new" requests that
+        # keep their blocks: a compressed layout cannot be re-entered, so they are
+        # served with full KV, visibly (log line + skip metric), never half-compressed.
+        params = request.sampling_params
+        if request.resumable and request.request_id not in self.requests and params is not None:
+            if self.kvcomp_config.enabled and (params.extra_args or {}).get("kv_compression") != "none":
+                params.extra_args = {**(params.extra_args or {}), "kv_compression": "none"}
+                self.kvcomp_metrics.record_skip("streaming_input")
+                logger.warning(
+                    "vllm-kvcomp: request %s is a streaming-input session: served with full KV", request.request_id
+                )
+        super().add_request(request)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         report = getattr(model_runner_output, "kvcomp_report", None)
@@ -67,6 +84,7 @@ class CompressionSchedulerMixin:
         return requests
 
     def apply_compression_report(self, report) -> None:
+        self.kvcomp_metrics.record_eviction_seconds(report.eviction_seconds)
         for skip in report.skips:
             self.kvcomp_metrics.record_skip(skip.reason)
         for record in report.evictions:

@@ -48,7 +48,8 @@ class EvictionObserver:
         return False
 
     def before(self, stage: str, args: tuple) -> None:
-        """Called before each eviction stage ("score", "plan", "compact"); may raise (fault injection)."""
+        """Called before each eviction stage ("score", "plan", "compact", and "relocate" after
+        compaction); may raise (fault injection)."""
 
     def snapshot(self, runtime: CompressionRuntime, req: TrackedRequest) -> Snapshot:
         raise NotImplementedError

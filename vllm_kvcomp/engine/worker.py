@@ -12,6 +12,7 @@ Installed through `ParallelConfig.worker_cls` (an extension point). The worker:
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheTensor
@@ -22,13 +23,13 @@ from vllm_kvcomp.config import CompressionConfigError, from_additional_config, r
 from vllm_kvcomp.engine.kv_cache import CompressedAttentionSpec
 from vllm_kvcomp.engine.runtime import CompressionRuntime, set_runtime
 
+logger = logging.getLogger("vllm.kvcomp")
+
 
 def pooled_kv_cache_config(kv_cache_config):
     """The same memory as one tensor shared by every layer (see engine/layout.py)."""
     if len(kv_cache_config.kv_cache_groups) != 1:
-        raise RuntimeError(
-            f"vllm-kvcomp: expected one KV cache group, got {len(kv_cache_config.kv_cache_groups)}"
-        )
+        raise RuntimeError(f"vllm-kvcomp: expected one KV cache group, got {len(kv_cache_config.kv_cache_groups)}")
     (group,) = kv_cache_config.kv_cache_groups
     if not isinstance(group.kv_cache_spec, CompressedAttentionSpec):
         raise RuntimeError(f"vllm-kvcomp: unexpected KV cache spec {type(group.kv_cache_spec).__name__}")
@@ -50,13 +51,22 @@ class CompressionModelRunner(GPUModelRunner):
 
     def add_requests(self, scheduler_output) -> None:
         super().add_requests(scheduler_output)
-        prefill_len = self.req_states.prefill_len.np
         for new in scheduler_output.scheduled_new_reqs:
             index = self.req_states.req_id_to_index[new.req_id]
-            params = new.sampling_params
-            # Per-request method/budget; validated by the front end (vllm_adapter).
-            config = request_config(self.kvcomp.config, params.extra_args if params is not None else None)
-            self.kvcomp.add_request(new.req_id, index, new.block_ids[0], int(prefill_len[index]), config)
+            # The original prompt, also when a preempted request comes back with its
+            # generated tokens to re-prefill: its prompt is compressed with the
+            # prompt's own observation window (README, "Preemption").
+            prompt_len = len(new.prompt_token_ids)
+            self.kvcomp.add_request(new.req_id, index, new.block_ids[0], prompt_len, self._request_config(new))
+
+    def _request_config(self, new):
+        """Per-request method/budget (validated by the front end, vllm_adapter)."""
+        params = new.sampling_params
+        try:
+            return request_config(self.kvcomp.config, params.extra_args if params is not None else None)
+        except CompressionConfigError as err:  # not validated (another entry point): the server's settings
+            logger.warning("vllm-kvcomp: request %s: %s; using the server's settings", new.req_id, err)
+            return None
 
     def update_requests(self, scheduler_output) -> None:
         super().update_requests(scheduler_output)

@@ -60,8 +60,7 @@ class BudgetRequest:
             raise ValueError("num_layers must be >= 1")
         if not (0 <= self.floor <= self.avg_budget <= self.seq_len):
             raise ValueError(
-                f"need 0 <= floor ({self.floor}) <= avg_budget ({self.avg_budget}) "
-                f"<= seq_len ({self.seq_len})"
+                f"need 0 <= floor ({self.floor}) <= avg_budget ({self.avg_budget}) <= seq_len ({self.seq_len})"
             )
 
     @property
@@ -96,6 +95,7 @@ class BudgetPolicy(ABC):
     @classmethod
     def check_config(cls, config: CompressionConfig) -> None:
         """Refuse a config this method cannot run with (raise ValueError, one line)."""
+        return None  # most methods run with any valid config
 
     def budgets(self, request: BudgetRequest) -> np.ndarray:
         """Integer budgets per layer (int64, length L) honouring the invariants above."""

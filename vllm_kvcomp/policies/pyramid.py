@@ -23,8 +23,8 @@ class PyramidPolicy(BudgetPolicy):
     summary = "linear from 2 B_avg - B_avg/beta down to B_avg/beta"
     source = "PyramidKV (Cai et al. 2024)"
 
-    def __init__(self, options: PyramidOptions = PyramidOptions()):
-        self.beta = options.beta
+    def __init__(self, options: PyramidOptions | None = None):
+        self.beta = (options or PyramidOptions()).beta
 
     def raw_budgets(self, request: BudgetRequest) -> np.ndarray:
         n = request.num_layers

@@ -35,7 +35,8 @@ class SimLayerPolicy(BudgetPolicy):
     source = "SimLayerKV (Zhang et al. 2024)"
     needs_stats = True
 
-    def __init__(self, options: SimLayerOptions = SimLayerOptions(), num_sinks: int = 4):
+    def __init__(self, options: SimLayerOptions | None = None, num_sinks: int = 4):
+        options = options or SimLayerOptions()
         self.threshold = options.threshold
         self.lazy_tokens = num_sinks + options.recent
 

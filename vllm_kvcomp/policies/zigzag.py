@@ -28,8 +28,8 @@ class ZigZagPolicy(BudgetPolicy):
     source = "ZigZagKV Eq. 6 (Zhong et al. 2024)"
     needs_stats = True
 
-    def __init__(self, options: ZigZagOptions = ZigZagOptions()):
-        self.min_budget_ratio = options.min_budget_ratio
+    def __init__(self, options: ZigZagOptions | None = None):
+        self.min_budget_ratio = (options or ZigZagOptions()).min_budget_ratio
 
     def raw_budgets(self, request: BudgetRequest) -> np.ndarray:
         assert request.stats is not None

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from vllm_kvcomp.kernels import reference as ref
 
 

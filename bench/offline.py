@@ -1,6 +1,6 @@
 """Run one engine configuration on one workload, in a fresh process, and report.
 
-    python -m vllm_kvcomp.bench.offline SPEC.json RESULT.json
+    python bench/offline.py SPEC.json RESULT.json     (or python -m bench.offline, from a checkout)
 
 SPEC (json): {"model", "compression": {...} | null, "kv_cache_memory_bytes",
 "max_model_len", "max_num_seqs", "workload": {"num_prompts", "prompt_len",
@@ -40,18 +40,23 @@ def make_prompts(workload: dict) -> list[list[int]]:
     return out
 
 
-def scrape_plugin_metrics(port: int) -> dict:
-    """Counters of the plugin's exporter, summed over labels unless per-layer."""
+def scrape_plugin_metrics(port: int | None) -> dict:
+    """The plugin's metrics: from this process's registry (what vLLM's /metrics shows;
+    the plugin collects the engine's metric files there), or from `metrics_port`."""
+    from prometheus_client import REGISTRY, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except OSError as exc:
-        return {"error": str(exc)}
+    if port is None:
+        text = generate_latest(REGISTRY).decode()
+    else:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError as exc:
+            return {"error": str(exc)}
     out: dict = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.endswith("_created"):
+            if sample.name.endswith("_created") or not sample.name.startswith("vllm_kvcomp_"):
                 continue
             labels = {k: v for k, v in sample.labels.items()}
             key = sample.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
@@ -100,7 +105,7 @@ def build_llm(spec: dict):
     return LLM(**kwargs)
 
 
-def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int, return_tokens: bool) -> dict:
+def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None, return_tokens: bool) -> dict:
     """Generate one workload on a warm engine and measure it.
 
     `workload["extra_args"]` goes to every request's SamplingParams (the
@@ -182,7 +187,7 @@ def run(spec: dict, result_path: Path | None = None) -> dict:
 
     compression = spec.get("compression") or {}
     plugin = compression.get("method", "none") != "none"
-    port = compression.get("metrics_port", 9464)
+    port = compression.get("metrics_port")  # None: read vLLM's registry in this process
     import torch
     import vllm
 
@@ -226,11 +231,14 @@ def run_in_subprocess(spec: dict, workdir: str | Path, timeout: float = 900, par
     with open(log_path, "w") as log:
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "vllm_kvcomp.bench.offline", str(spec_path), str(result_path)],
+                # this file as a script: it imports only the installed plugin and vLLM, and
+                # PYTHONSAFEPATH (python -P) keeps its folder and the cwd off sys.path
+                [sys.executable, str(Path(__file__).resolve()), str(spec_path), str(result_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 timeout=timeout,
                 cwd=workdir,  # never import a source checkout from the cwd
+                env={**os.environ, "PYTHONSAFEPATH": "1"},
             )
             returncode = proc.returncode
         except subprocess.TimeoutExpired:

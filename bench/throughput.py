@@ -1,6 +1,6 @@
 """Throughput of vLLM + plugin against stock vLLM: same GPU, same run, same KV memory.
 
-    vllm-kvcomp bench throughput --out bench/results
+    python -m bench.throughput --out bench/results      (from a checkout; on the GPU machine: bench/device/session.sh)
 
 Two engine processes, one after the other on the same GPU, each with the same
 `--kv-cache-memory-bytes`, the same model and the same token-id prompts:
@@ -31,6 +31,10 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+
+from bench import offline
+from evaluation.plots import plot_throughput
+from evaluation.random_model import SHAPES, make_random_model
 
 CASES = {
     "decode_heavy": {"prompt_len": 16384, "output_len": 1024, "num_prompts": 256},
@@ -71,7 +75,7 @@ def token_digests(tokens: list[list[int]]) -> list[str]:
 
 
 def _identical_share(a: list[str], b: list[str]) -> float:
-    return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
+    return sum(x == y for x, y in zip(a, b, strict=False)) / max(1, len(a))
 
 
 def summarize(raw: dict, meta: dict) -> dict:
@@ -108,7 +112,9 @@ def summarize(raw: dict, meta: dict) -> dict:
             "stock_elapsed_s": base["elapsed_s"] if base else None,
             "requests_compressed": metrics.get("vllm_kvcomp_requests_compressed_total"),
             "blocks_freed": metrics.get("vllm_kvcomp_blocks_freed_total"),
-            "eviction_ms_mean": 1000 * metrics.get("vllm_kvcomp_eviction_seconds_sum", 0.0) / evictions if evictions else None,
+            "eviction_ms_mean": 1000 * metrics.get("vllm_kvcomp_eviction_seconds_sum", 0.0) / evictions
+            if evictions
+            else None,
         }
         if base and "token_digests" in w and "token_digests" in base:
             # greedy outputs of the same prompts, request by request (budget 1.0: nothing evicted)
@@ -138,49 +144,30 @@ def markdown(summary: dict) -> str:
 
     for c in summary["cases"]:
         lines.append(
-            f"| {c['case']} | {c['method']} | {c['budget']:g} | {fmt(c['output_tok_s'])} | {fmt(c['stock_output_tok_s'])} "
-            f"| {fmt(c['ratio_output_tok_s'], '.2f')} | {fmt(c['req_s'], '.2f')} "
+            f"| {c['case']} | {c['method']} | {c['budget']:g} | {fmt(c['output_tok_s'])} "
+            f"| {fmt(c['stock_output_tok_s'])} | {fmt(c['ratio_output_tok_s'], '.2f')} | {fmt(c['req_s'], '.2f')} "
             f"| {fmt(c['ttft_p50'], '.1f')} / {fmt(c['ttft_p99'], '.1f')} "
-            f"| {fmt(c['tpot_p50'] and 1000 * c['tpot_p50'], '.1f')} / {fmt(c['tpot_p99'] and 1000 * c['tpot_p99'], '.1f')} "
+            f"| {fmt(c['tpot_p50'] and 1000 * c['tpot_p50'], '.1f')} "
+            f"/ {fmt(c['tpot_p99'] and 1000 * c['tpot_p99'], '.1f')} "
             f"| {fmt(c['max_running'])} ({fmt(c['stock_max_running'])}) | {fmt(c['eviction_ms_mean'], '.1f')} |"
         )
     identical = [c for c in summary["cases"] if "identical_to_stock" in c]
     if identical:
-        lines += ["", "Greedy outputs identical to stock at budget 1.0: " + ", ".join(
-            f"{c['case']} {c['identical_to_stock']:.0%} of requests" for c in identical
-        )]
+        lines += [
+            "",
+            "Greedy outputs identical to stock at budget 1.0: "
+            + ", ".join(f"{c['case']} {c['identical_to_stock']:.0%} of requests" for c in identical),
+        ]
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for case in sorted({c["case"] for c in summary["cases"]}):
-        pts = sorted((c["budget"], c["ratio_output_tok_s"]) for c in summary["cases"] if c["case"] == case and c["ratio_output_tok_s"])
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=case)
-    ax.axhline(1.0, color="k", ls="--", lw=1, label="stock vLLM")
-    ax.set_xlabel("KV budget (fraction of prompt per layer)")
-    ax.set_ylabel("output tok/s, ratio to stock")
-    ax.set_title("throughput vs budget (same KV memory)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None) -> int:
-    from vllm_kvcomp.bench.offline import run_in_subprocess
-
     def csv(kind):
         return lambda text: [kind(x) for x in text.split(",") if x]
 
-    parser = argparse.ArgumentParser(prog="vllm-kvcomp bench throughput", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="model folder; default: a random-weight Llama of --shape")
     parser.add_argument("--shape", default="llama-1b", help="llama-1b | llama-8b | llama-tiny (random weights)")
     parser.add_argument("--method", default="zigzag")
@@ -204,13 +191,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = args.model
     if model is None:
-        from vllm_kvcomp.bench.random_model import make_random_model
-
         model = str(make_random_model(work / args.shape, args.shape))
-    num_prompts = dict(zip(args.cases, args.num_prompts or []))
+    num_prompts = dict(zip(args.cases, args.num_prompts or [], strict=False))  # cases without a count keep theirs
     max_len = max(CASES[c]["prompt_len"] + CASES[c]["output_len"] for c in args.cases) + 64
-    base_spec = {"model": model, "kv_cache_memory_bytes": args.kv_cache_memory_bytes, "max_model_len": max_len,
-                 "max_num_seqs": 256}
+    base_spec = {
+        "model": model,
+        "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+        "max_model_len": max_len,
+        "max_num_seqs": 256,
+    }
     raw_path = out / "throughput_raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     for run in args.runs:
@@ -225,12 +214,15 @@ def main(argv=None) -> int:
         else:
             parser.error(f"unknown run {run!r}; choose stock or plugin")
         print(f"[throughput] {run}: {len(spec['workloads'])} workloads", flush=True)
-        result = run_in_subprocess(spec, work / "logs", timeout=args.timeout, partial_ok=True)
+        result = offline.run_in_subprocess(spec, work / "logs", timeout=args.timeout, partial_ok=True)
         for w in result["workloads"]:
             if "tokens" in w:
                 w["token_digests"] = token_digests(w.pop("tokens"))
-            print(f"[throughput] {run} {w['workload']['label']}: {w['output_tok_s']:.0f} tok/s, "
-                  f"max running {w['max_running']:.0f}, {w['elapsed_s']:.1f} s", flush=True)
+            print(
+                f"[throughput] {run} {w['workload']['label']}: {w['output_tok_s']:.0f} tok/s, "
+                f"max running {w['max_running']:.0f}, {w['elapsed_s']:.1f} s",
+                flush=True,
+            )
         _merge(raw, run, result)
         raw_path.write_text(json.dumps(raw, indent=1))
 
@@ -240,24 +232,24 @@ def main(argv=None) -> int:
         "vllm": first.get("vllm"),
         "torch": first.get("torch"),
         "date": datetime.date.today().isoformat(),
-        "command": "vllm-kvcomp bench throughput " + " ".join(argv if argv is not None else sys.argv[2:]),
+        "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model or f"random-weight {args.shape} ({_shape_text(args.shape)})",
         "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
     }
     summary = summarize(raw, meta)
     (out / "throughput.json").write_text(json.dumps(summary, indent=1))
     (out / "throughput.md").write_text(markdown(summary))
-    plot(summary, out / "throughput_vs_budget.png")
+    plot_throughput(summary, out / "throughput_vs_budget.png")
     print(markdown(summary))
     return 0
 
 
 def _shape_text(shape: str) -> str:
-    from vllm_kvcomp.bench.random_model import SHAPES
-
     s = SHAPES[shape]
-    return (f"{s['num_hidden_layers']} layers, hidden {s['hidden_size']}, {s['num_attention_heads']} q / "
-            f"{s['num_key_value_heads']} kv heads, head_dim {s['hidden_size'] // s['num_attention_heads']}, bf16")
+    return (
+        f"{s['num_hidden_layers']} layers, hidden {s['hidden_size']}, {s['num_attention_heads']} q / "
+        f"{s['num_key_value_heads']} kv heads, head_dim {s['hidden_size'] // s['num_attention_heads']}, bf16"
+    )
 
 
 if __name__ == "__main__":

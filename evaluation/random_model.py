@@ -12,11 +12,17 @@ from pathlib import Path
 
 SHAPES = {
     # ~1B, the shape of ../shared/gpu's stock reference figures
-    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
+    "llama-1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
+    ),
     # Llama-3.1-8B-shaped (KV capacity is the limit)
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "llama-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+    ),
     # tiny, for smoke tests
-    "llama-tiny": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2),
+    "llama-tiny": dict(
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2
+    ),
 }
 
 VOCAB = 32000

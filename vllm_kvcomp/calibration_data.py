@@ -1,5 +1,8 @@
-"""RULER-style synthetic long-context tasks, generated offline and deterministically.
+"""Sample documents: RULER-style synthetic long-context tasks, generated offline and deterministically.
 
+`vllm-kvcomp calibrate` measures the layers on these prompts by default
+(`sample_prompts`), or on the user's own (`load_prompts`, a JSONL file); the
+evaluation harness (`evaluation/`, run from a checkout) scores the same tasks.
 Each sample is a document (the part that gets compressed), a question asked after
 it, and the accepted answers. Tasks (after RULER, Hsieh et al. 2024):
 
@@ -16,10 +19,12 @@ Lengths are in tokens of the model's tokenizer; needles sit at evenly spread dep
 from __future__ import annotations
 
 import importlib
+import json
 import pydoc
 import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 TASKS = ("niah_noise", "niah_text", "niah_multikey", "vt")
@@ -66,7 +71,7 @@ class TaskGenerator:
     def __init__(self, tokenizer, seed: int = 0):
         self.tokenizer = tokenizer
         self.seed = seed
-        self._text_ids = None
+        self._text_ids: list[int] | None = None  # the stdlib text, tokenized once
 
     def _count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -85,7 +90,7 @@ class TaskGenerator:
     @staticmethod
     def _insert(sentences: list[str], items: list[str], depths: list[float]) -> str:
         out = list(sentences)
-        for item, depth in sorted(zip(items, depths), key=lambda x: -x[1]):
+        for item, depth in sorted(zip(items, depths, strict=True), key=lambda x: -x[1]):
             out.insert(int(len(out) * depth), item + " ")
         return "".join(out)
 
@@ -95,17 +100,22 @@ class TaskGenerator:
         if task in ("niah_noise", "niah_text", "niah_multikey"):
             keys = rng.sample(words, 4 if task == "niah_multikey" else 1)
             values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
-            needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
+            needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values, strict=True)]
             budget = context_len - sum(self._count(n) for n in needles) - 16
             filler = self._filler("noise" if task == "niah_noise" else "text", budget)
             depths = [depth] + [rng.uniform(0.05, 0.95) for _ in needles[1:]]
             document = self._insert(filler, needles, depths)
-            question = f"What is the special magic number for {keys[0]} mentioned in the document? Answer with the number only."
+            question = (
+                f"What is the special magic number for {keys[0]} mentioned in the document? "
+                "Answer with the number only."
+            )
             return Sample(task, context_len, depth, document, question, (values[0],), {"keys": keys, "index": index})
         if task == "vt":
             value = str(rng.randrange(10_000, 100_000))
             names = ["".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5)) for _ in range(4)]
-            chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+            chain = [f"VAR {names[0]} = {value}."] + [
+                f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:], strict=False)
+            ]
             budget = context_len - sum(self._count(c) for c in chain) - 16
             filler = self._filler("noise", budget)
             depths = [depth + (1 - depth) * i / (2 * len(chain)) for i in range(len(chain))]
@@ -140,3 +150,51 @@ def chat_prompt(tokenizer, sample: Sample) -> tuple[str, str]:
     )
     head, tail = text.split(marker)
     return head, sample.question + tail
+
+
+# --- the prompts `vllm-kvcomp calibrate` measures on
+
+
+def sample_prompts(tokenizer, tasks, lengths, samples: int, seed: int = 0) -> list[tuple[str, int, str]]:
+    """(task, context length, chat prompt) for `samples` prompts: tasks and lengths
+    cycle, needle depths spread evenly over (0, 1)."""
+    gen = TaskGenerator(tokenizer, seed=seed)
+    prompts = []
+    for i in range(samples):
+        task = tasks[i % len(tasks)]
+        length = lengths[(i // len(tasks)) % len(lengths)]
+        depth = round((i + 0.5) / samples, 4)
+        sample = gen.sample(task, length, depth, index=i)
+        head, question = chat_prompt(tokenizer, sample)
+        prompts.append((task, length, head + question))
+    return prompts
+
+
+class PromptsFileError(ValueError):
+    """A `--prompts` file that cannot be read (one line naming the file and line)."""
+
+
+def load_prompts(path: str | Path, tokenizer) -> list[tuple[str, int, str]]:
+    """Your own workload: a JSONL file, one object per line, with "prompt" (raw text,
+    used as is) or "messages" (OpenAI chat messages; the model's chat template is
+    applied), and optionally "task" (a label for the per-task stability; default: the
+    file name)."""
+    path = Path(path)
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptsFileError(f"--prompts: {path}:{number}: not JSON ({exc.msg})") from None
+        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            text = item["prompt"]
+        elif isinstance(item, dict) and isinstance(item.get("messages"), list):
+            text = tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True, tokenize=False)
+        else:
+            raise PromptsFileError(f'--prompts: {path}:{number}: expected an object with "prompt" or "messages"')
+        prompts.append((str(item.get("task", path.stem)), 0, text))
+    if not prompts:
+        raise PromptsFileError(f"--prompts: {path} holds no prompts")
+    return prompts

@@ -10,18 +10,21 @@ request and all are submitted at once.
 Only the query-aware protocol exists here: vLLM prefills the whole prompt
 (document + question) and compresses after prefill. The query-agnostic protocol
 (question after compression, as kvpress measures) is the CPU path's
-(`--backend hf`).
+(`python -m evaluation --backend hf`).
 """
 
 from __future__ import annotations
 
 import time
 
+from vllm_kvcomp.calibration_data import chat_prompt
 from vllm_kvcomp.config import CompressionConfig
 
 
 class VLLMEvaluator:
-    def __init__(self, model_dir: str, *, max_model_len: int, scorer: CompressionConfig, gpu_memory_utilization: float = 0.6):
+    def __init__(
+        self, model_dir: str, *, max_model_len: int, scorer: CompressionConfig, gpu_memory_utilization: float = 0.6
+    ):
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -46,8 +49,6 @@ def run_suite_vllm(evaluator: VLLMEvaluator, samples, configs: dict[str, Compres
     """Score every (sample, config) with the query-aware protocol; rows as in the CPU path."""
     from vllm import SamplingParams
 
-    from vllm_kvcomp.eval.tasks import chat_prompt
-
     tok = evaluator.tokenizer
     prompts, keys = [], []
     for sample in samples:
@@ -64,7 +65,7 @@ def run_suite_vllm(evaluator: VLLMEvaluator, samples, configs: dict[str, Compres
     outputs = evaluator.llm.generate([p for p, _ in prompts], [s for _, s in prompts], use_tqdm=True)
     seconds = time.perf_counter() - t0
     rows = []
-    for (sample, name, config, prompt_len), output in zip(keys, outputs):
+    for (sample, name, config, prompt_len), output in zip(keys, outputs, strict=True):
         text = output.outputs[0].text
         budget = config.budget if config.enabled else 1.0
         rows.append(

@@ -1,7 +1,7 @@
 """CPU quality path: transformers + the plugin's own scorer, policies and block plan.
 
-No GPU and no vLLM: the model runs in transformers with an attention function
-registered as "kvcomp" that
+No GPU and no vLLM: the model runs in transformers (`vllm_kvcomp/hf_prefill.py`,
+the prefill `vllm-kvcomp calibrate` uses) with an attention function that
 
   * during the prompt's prefill records each layer's post-RoPE queries of the
     observation window (the same queries the engine captures), and
@@ -10,8 +10,9 @@ registered as "kvcomp" that
     the survivors keep their positions).
 
 Decisions are the engine's: the reference scorer (`kernels/reference.py`), the
-same statistics (`vllm_kvcomp/scoring.py`), the method's policy, the same block
-rounding (`engine/layout.py`: whole pages, the last prompt block kept whole).
+same statistics (`vllm_kvcomp/scoring.py`) and the engine's planner
+(`vllm_kvcomp/planner.py`: the method's policy, then the block plan of
+`engine/layout.py`: whole pages, the last prompt block kept whole).
 One prefill per sample serves every (method, budget): the cache is cropped back
 to the prompt after each answer.
 
@@ -24,41 +25,37 @@ comes from the uncompressed prefill, as in vLLM.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vllm_kvcomp import planner
+from vllm_kvcomp.calibration_data import chat_prompt
 from vllm_kvcomp.config import CompressionConfig
-from vllm_kvcomp.engine.layout import plan_eviction
-from vllm_kvcomp.kernels.reference import window_scores_reference
-from vllm_kvcomp.policies import BudgetRequest, LayerStats, make_policy
+from vllm_kvcomp.hf_prefill import HFPrefiller, Prefilled, capture_window
 from vllm_kvcomp.scoring import head_statistics, selection_scores, stats_for_policy
 
-ATTENTION_NAME = "kvcomp"
+ATTENTION_NAME = "kvcomp_eval"
 
 
-class _State:
-    window: int = 0
-    capture: dict[int, torch.Tensor] | None = None
-    evicted: dict[int, torch.Tensor] = {}
+class _Eviction:
+    evicted: dict[int, torch.Tensor] = {}  # per layer [Hkv, P] True = evicted, while answering
 
 
-STATE = _State()
+STATE = _Eviction()
 
 
 def kvcomp_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    layer = module.layer_idx
-    if STATE.capture is not None:
-        STATE.capture[layer] = query[0, :, -STATE.window :, :].transpose(0, 1).float().clone()  # [w, Hq, D]
-    evicted = STATE.evicted.get(layer)
+    capture_window(module, query)
+    evicted = STATE.evicted.get(module.layer_idx)
     q_len, k_len = query.shape[2], key.shape[2]
     if evicted is None and (q_len == k_len or q_len == 1):
         # prefill without cache, or one decode token: plain causal SDPA is exact
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     # Several new tokens over a cache: causal must be aligned bottom-right (SDPA's
     # is_causal aligns top-left), and evicted tokens are hidden per KV head.
     groups = query.shape[1] // key.shape[1]
@@ -77,66 +74,19 @@ def kvcomp_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.transpose(1, 2).contiguous(), None
 
 
-def register_attention() -> None:
-    from transformers import AttentionInterface
+class HFEvaluator(HFPrefiller):
+    """The calibration prefill plus the engine's eviction (as masks) and greedy answers."""
 
-    AttentionInterface.register(ATTENTION_NAME, kvcomp_attention)
+    attention_name = ATTENTION_NAME
+    attention = staticmethod(kvcomp_attention)
 
-
-@dataclass
-class Prefilled:
-    """One prompt prefilled with full KV, plus what every method needs to decide."""
-
-    prompt_len: int
-    scores: list[torch.Tensor]  # per layer [Hkv, P]
-    mass: list[torch.Tensor]
-    first_token: int  # greedy token from the full-KV prefill
-
-
-class HFEvaluator:
     def __init__(self, model_dir: str, threads: int | None = None, block_size: int = 16):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if threads:
-            torch.set_num_threads(threads)
-        register_attention()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.bfloat16, attn_implementation=ATTENTION_NAME
-        ).eval()
+        super().__init__(model_dir, threads=threads)
         self.block_size = block_size
-        cfg = self.model.config
-        self.num_layers = cfg.num_hidden_layers
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
-    def _ids(self, text: str) -> torch.Tensor:
-        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-
-    @torch.inference_mode()
     def prefill(self, text: str, scorer: CompressionConfig):
-        """Full-KV prefill; returns the cache and the scores of every layer."""
-        from transformers import DynamicCache
-
-        ids = self._ids(text)
-        cache = DynamicCache()
-        STATE.window, STATE.capture, STATE.evicted = min(scorer.window, ids.shape[1]), {}, {}
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        captured, STATE.capture = STATE.capture, None
-        scores, mass = [], []
-        for layer in range(self.num_layers):
-            keys = cache.layers[layer].keys[0].transpose(0, 1).float()  # [P, Hkv, D]
-            s, m = window_scores_reference(
-                captured[layer],
-                keys,
-                scale=self.head_dim**-0.5,
-                pool_kernel=scorer.pool_kernel,
-                pool_type=scorer.pool_type,
-                square=scorer.square,
-            )
-            scores.append(s)
-            mass.append(m)
-        first = int(out.logits[0, -1].argmax())
-        return cache, Prefilled(ids.shape[1], scores, mass, first)
+        STATE.evicted = {}
+        return super().prefill(text, scorer)
 
     def eviction_masks(self, pre: Prefilled, config: CompressionConfig) -> tuple[dict[int, torch.Tensor], float]:
         """Per layer [Hkv, P] evicted-token masks, as the engine would decide; and the kept fraction."""
@@ -144,19 +94,9 @@ class HFEvaluator:
         if not config.should_compress(P):
             return {}, 1.0
         lens = torch.tensor([P])
-        stats = [head_statistics(m[None], lens, **stats_for_policy(config)) for m in pre.mass]
-        layer_stats = LayerStats(
-            mba=np.array([float(s[0].mean()) for s in stats]),
-            local_mass=np.array([float(s[1].mean()) for s in stats]),
-        )
-        request = BudgetRequest(
-            num_layers=L,
-            seq_len=P,
-            avg_budget=config.average_budget(P),
-            floor=min(config.protected_tokens, P),
-            stats=layer_stats,
-        )
-        plan = plan_eviction(make_policy(config).budgets(request), P, bs)
+        # every layer at once: layers as the batch of head_statistics, [L, Hkv] each
+        mba, local_mass = head_statistics(torch.stack(pre.mass), torch.full((L,), P), **stats_for_policy(config))
+        plan = planner.plan(config, planner.layer_stats(mba, local_mass), P, L, bs)
         if plan is None:
             return {}, 1.0
         masks = {}
@@ -205,10 +145,10 @@ class HFEvaluator:
                 cache.crop(-extra)  # back to the prompt for the next configuration
 
 
-def run_suite(evaluator: HFEvaluator, samples, configs: dict[str, CompressionConfig], protocols, max_new_tokens=24, progress=None):
+def run_suite(
+    evaluator: HFEvaluator, samples, configs: dict[str, CompressionConfig], protocols, max_new_tokens=24, progress=None
+):
     """Score every (sample, protocol, config); one prefill per (sample, protocol)."""
-    from vllm_kvcomp.eval.tasks import chat_prompt
-
     rows = []
     scorer = next(iter(configs.values()))
     for sample in samples:

@@ -1,0 +1,122 @@
+"""Every plot of the benchmarks and the evaluation (matplotlib, written as PNG).
+
+plot_score_vs_budget   quality: score vs budget per method, full KV as a line
+plot_needle_heatmaps   quality: score by needle depth x context length per (method, budget)
+plot_throughput        throughput: output tok/s ratio to stock vs budget per case
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from evaluation.report import overall
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_score_vs_budget(rows: list[dict], protocol: str, path) -> None:
+    plt = _pyplot()
+    table = overall(rows, protocol)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    full = table.get(("none", 1.0))
+    for method in sorted({m for m, _ in table if m != "none"}):
+        pts = sorted((b, e) for (m, b), e in table.items() if m == method)
+        xs = [b for b, _ in pts]
+        ys = [e["score"] for _, e in pts]
+        err = np.array([[e["score"] - e["ci95"][0], e["ci95"][1] - e["score"]] for _, e in pts]).T
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
+    if full:
+        ax.axhline(full["score"], color="k", ls="--", lw=1, label="full KV")
+    ax.set_xlabel("KV budget (fraction of prompt per layer)")
+    ax.set_ylabel("exact-match score")
+    ax.set_title(f"score vs budget ({protocol})")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_needle_heatmaps(rows: list[dict], protocol: str, path) -> None:
+    """Score by needle depth x context length, one panel per (method, budget); full KV first."""
+    plt = _pyplot()
+    rows = [r for r in rows if r["protocol"] == protocol]
+    if not rows:
+        return
+    depths = sorted({r["depth"] for r in rows})
+    lengths = sorted({r["context_len"] for r in rows})
+    methods = ["none"] + sorted({r["method"] for r in rows} - {"none"})
+    budgets = sorted({r["budget"] for r in rows if r["method"] != "none"}, reverse=True) or [1.0]
+    fig, axes = plt.subplots(
+        len(methods),
+        len(budgets),
+        figsize=(1.6 + 2.2 * len(budgets), 0.8 + 2.0 * len(methods)),
+        squeeze=False,
+        layout="constrained",
+    )
+    image = None
+    for i, method in enumerate(methods):
+        for j, budget in enumerate(budgets):
+            ax = axes[i][j]
+            if method == "none" and j > 0:
+                ax.axis("off")
+                continue
+            grid = np.full((len(depths), len(lengths)), np.nan)
+            for di, d in enumerate(depths):
+                for li, n in enumerate(lengths):
+                    vals = [
+                        r["score"]
+                        for r in rows
+                        if r["method"] == method
+                        and (method == "none" or r["budget"] == budget)
+                        and r["depth"] == d
+                        and r["context_len"] == n
+                    ]
+                    if vals:
+                        grid[di, li] = np.mean(vals)
+            image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            for di in range(len(depths)):
+                for li in range(len(lengths)):
+                    if not np.isnan(grid[di, li]):
+                        ax.text(li, di, f"{grid[di, li]:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_title("full KV" if method == "none" else f"{method} @ {budget:g}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("needle depth", fontsize=7)
+            if i == len(methods) - 1:
+                ax.set_xlabel("context length", fontsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="exact-match score")
+    fig.suptitle(f"needle heatmaps ({protocol}; mean over tasks)", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_throughput(summary: dict, path) -> None:
+    """Output tok/s of the plugin over stock vs budget, one line per case (bench/throughput.py's summary)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for case in sorted({c["case"] for c in summary["cases"]}):
+        pts = sorted(
+            (c["budget"], c["ratio_output_tok_s"])
+            for c in summary["cases"]
+            if c["case"] == case and c["ratio_output_tok_s"]
+        )
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=case)
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="stock vLLM")
+    ax.set_xlabel("KV budget (fraction of prompt per layer)")
+    ax.set_ylabel("output tok/s, ratio to stock")
+    ax.set_title("throughput vs budget (same KV memory)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

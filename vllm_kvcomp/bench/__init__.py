@@ -1,1 +1,0 @@
-"""Benchmark and evidence harnesses (run on a GPU machine; see README)."""

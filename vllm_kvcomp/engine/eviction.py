@@ -1,0 +1,176 @@
+"""Eviction of a batch of requests whose prompt is complete, with failures contained.
+
+Phase A (score, statistics) only reads the KV pool; phase B (plan, select,
+compact, relocate, publish) rewrites it. `Evictor` runs both over the
+runtime's parts (capture buffers, executor, page state) and turns any failure
+into a decision every tensor-parallel rank shares: serve uncompressed while the
+KV is intact, finish with an error once it was rewritten.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from vllm_kvcomp import planner
+from vllm_kvcomp.engine.layout import EvictionPlan, cdiv
+from vllm_kvcomp.engine.records import CompressionReport, EvictionRecord, SkipRecord
+from vllm_kvcomp.engine.requests import TrackedRequest
+from vllm_kvcomp.policies import LayerStats
+
+if TYPE_CHECKING:
+    from vllm_kvcomp.engine.runtime import CompressionRuntime
+
+logger = logging.getLogger("vllm.kvcomp")
+
+# Transient GPU bytes the eviction of one batch may use (larger batches are split).
+EVICTION_WORKSPACE_BYTES = 256 << 20
+
+
+@dataclass
+class _Scored:
+    """Phase A's output: what phase B needs of the score pass."""
+
+    scores: torch.Tensor  # [L * R, Hkv, S] pooled scores
+    prompt_lens: torch.Tensor  # [R] int32
+    pages: torch.Tensor  # [L * R, P] page ids
+    local_stats: torch.Tensor  # [2, R, L] this rank's sums over KV heads
+
+
+@dataclass
+class _Progress:
+    compaction_started: bool = False
+
+
+class Evictor:
+    def __init__(self, runtime: CompressionRuntime) -> None:
+        self.rt = runtime
+
+    def evict(self, batch: list[TrackedRequest]) -> CompressionReport:
+        g = self.rt.geometry
+        max_len = max(req.prompt_len for req in batch)
+        # fp32 temporaries per request: the window sums per query head, then
+        # scores, mass and the sorts of the statistics and the selection per KV head.
+        per_request = g.num_layers * max_len * 4 * (g.num_heads + 6 * g.num_kv_heads)
+        chunk = max(1, EVICTION_WORKSPACE_BYTES // max(per_request, 1))
+        report = CompressionReport()
+        for i in range(0, len(batch), chunk):
+            report.extend(self._evict_chunk(batch[i : i + chunk]))
+        return report
+
+    def _evict_chunk(self, reqs: list[TrackedRequest]) -> CompressionReport:
+        """Compress a batch of requests, every layer at once; a failure stays in the batch.
+
+        Phase A (score, statistics) only reads the KV pool: if it fails on any
+        rank, every rank serves the batch uncompressed. Phase B (plan, select,
+        compact, relocate, publish) rewrites it: if it fails on any rank after
+        compaction began, the requests are finished with an error (their KV is no
+        longer what they prefilled); before that, they are served uncompressed.
+        """
+        timer = self.rt.timer.start(len(reqs))
+        scored, error = self._guarded("score", self._score, reqs)
+        stats = self.rt.executor.agree(scored.local_stats if scored else None, len(reqs), failed=error is not None)
+        if stats is None or scored is None:
+            return self._contained(reqs, "score", error, intact=True)
+        plans, error = self._guarded("plan", self._plans, reqs, stats)
+        progress = _Progress()
+        verify = None
+        if plans is not None:
+            verify, error = self._guarded("compact", self._rewrite, reqs, plans, scored, progress)
+        failed, compacted = self.rt.executor.any_rank([error is not None, progress.compaction_started])
+        if failed or plans is None:
+            return self._contained(reqs, "plan" if plans is None else "compact", error, intact=not compacted)
+        self.rt.timer.stop(timer)
+        return CompressionReport(evictions=self._records(reqs, plans, verify))
+
+    def _score(self, reqs: list[TrackedRequest]) -> _Scored:
+        if any(req.rows is not None and req.rows.failed for req in reqs):
+            raise RuntimeError("window capture failed in the forward pass")
+        queries, lse, extents = self.rt.capture_buffers.gather(reqs)
+        lens = torch.tensor(
+            [[rows for rows, _ in extents], [scored for _, scored in extents], [req.prompt_len for req in reqs]],
+            dtype=torch.int32,
+        ).to(self.rt.device)
+        max_len = max(req.prompt_len for req in reqs)
+        pages = self.rt.executor.layer_pages(self._block_rows(reqs, cdiv(max_len, self.rt.geometry.block_size)))
+        out = self.rt.executor.score(queries, lse, lens[0], lens[1], pages, max_len)
+        local_stats = self.rt.executor.local_statistics(out.mass, lens[1], len(reqs))
+        return _Scored(out.scores, lens[2], pages, local_stats)
+
+    def _rewrite(self, reqs, plans, scored: _Scored, progress: _Progress) -> dict[str, Any] | None:
+        """Select, compact, relocate and publish; returns the self-check's result (if on)."""
+        observer = self.rt.observer
+        checked = observer is not None and observer.wants() and plans[0] is not None
+        snapshot = observer.snapshot(self.rt, reqs[0]) if checked and observer is not None else None
+        score_hook = observer.score_hook if observer is not None else None
+        progress.compaction_started = any(plan is not None for plan in plans)
+        keep_of_first = self.rt.executor.compact(plans, scored.scores, scored.prompt_lens, scored.pages, score_hook)
+        if observer is not None:
+            observer.before("relocate", (reqs,))
+        compressed = [(req, plan) for req, plan in zip(reqs, plans) if plan is not None]
+        self.rt.executor.relocate([(req.block_ids, plan) for req, plan in compressed])
+        self.rt.pages.publish([(req.index, req.block_ids, plan) for req, plan in compressed])
+        if snapshot is not None and observer is not None:
+            return observer.check(self.rt, reqs[0], plans[0], keep_of_first, snapshot)
+        return None
+
+    def _guarded(self, stage: str, fn, *args):
+        """(fn(*args), None), or (None, the exception) with one log line."""
+        try:
+            if self.rt.observer is not None:
+                self.rt.observer.before(stage, args)
+            return fn(*args), None
+        except Exception as exc:  # contained: one request batch must never take the engine down
+            logger.error("vllm-kvcomp: eviction failed at %s: %s: %s", stage, type(exc).__name__, str(exc)[:200])
+            logger.debug("vllm-kvcomp: eviction failure", exc_info=True)
+            return None, exc
+
+    def _contained(self, reqs, stage: str, error, intact: bool) -> CompressionReport:
+        """What the scheduler hears about a failed batch (the same on every rank)."""
+        for req in reqs:
+            self.rt.capture_buffers.release(req)
+        reason = f"eviction_error_{stage}" if error is not None else f"eviction_error_other_rank_{stage}"
+        records = [SkipRecord(req.req_id, reason) for req in reqs]
+        if intact:
+            logger.warning("vllm-kvcomp: %d request(s) served uncompressed (%s)", len(reqs), reason)
+            return CompressionReport(skips=records)
+        logger.error(
+            "vllm-kvcomp: %d request(s) finished with an error (%s): their KV was rewritten", len(reqs), reason
+        )
+        return CompressionReport(failures=records)
+
+    def _plans(self, reqs: list[TrackedRequest], stats: np.ndarray) -> list[EvictionPlan | None]:
+        return [self._plan(req, stats[:, r]) for r, req in enumerate(reqs)]
+
+    def _plan(self, req: TrackedRequest, stats: np.ndarray) -> EvictionPlan | None:
+        config = req.config or self.rt.config
+        layer_stats = LayerStats(mba=stats[0], local_mass=stats[1])
+        policy = self.rt.policies.policy_for(config)
+        return planner.plan(
+            config, layer_stats, req.prompt_len, self.rt.num_layers, self.rt.geometry.block_size, policy
+        )
+
+    def _block_rows(self, reqs: list[TrackedRequest], num_pages: int) -> torch.Tensor:
+        """[R, num_pages] int32 block ids of the prompts."""
+        rows = np.zeros((len(reqs), num_pages), dtype=np.int32)
+        for r, req in enumerate(reqs):
+            ids = req.block_ids[:num_pages]
+            rows[r, : len(ids)] = ids
+        return torch.from_numpy(rows).to(self.rt.device)
+
+    def _records(self, reqs, plans, verify) -> list[EvictionRecord]:
+        records = []
+        for req, plan in zip(reqs, plans):
+            self.rt.capture_buffers.release(req)
+            if plan is None:
+                kept, freed = [req.prompt_len] * self.rt.num_layers, []
+            else:
+                kept = plan.kept_tokens.tolist()
+                freed = [req.block_ids[i] for i in plan.freed_block_indices]
+            records.append(EvictionRecord(req.req_id, freed, req.prompt_len, kept))
+        records[0].verify = verify
+        return records

@@ -1,1 +1,0 @@
-"""Quality evaluation: RULER-style synthetic tasks, scored exact-match (see README)."""
