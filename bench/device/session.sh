@@ -1,7 +1,7 @@
 #!/bin/bash
-# GPU session stages for the lent H100 (see ../shared/gpu/README.md for the vLLM bundle).
+# GPU session stages for the lent H200 (H100 earlier) (see ../shared/gpu/README.md for the vLLM bundle).
 # Usage on the device, from the repository root, after `bash .device/scripts/setup-vllm.sh`:
-#   OUT=/some/dir bash bench/device/session.sh install smoke kernels engine serve
+#   OUT=/some/dir bash bench/device/session.sh install kernel_tests runtime_gpu serve engine   (the GPU suite)
 #   OUT=... bash bench/device/session.sh tput_stock tput_plugin_decode tput_plugin_rest   (one per call)
 #   OUT=... bash bench/device/session.sh gguf quality      (after the GGUF parts arrived, one per call)
 # Every stage is time-limited and a failing stage does not stop the next. Logs go to $LOGS and
@@ -41,7 +41,12 @@ stage_smoke() {
 }
 
 stage_kernel_tests() {
-  timeout 300 $PY -m pytest -m gpu tests/kernels tests/engine/test_page_tables.py -q -p no:cacheprovider 2>&1 | tee "$LOGS/kernels_gpu_tests.log" | tail -8
+  # every kernel test on CUDA (the references are compared on the GPU), not only the gpu-marked ones
+  timeout 400 $PY -m pytest tests/kernels tests/engine/test_page_tables.py -q -p no:cacheprovider 2>&1 | tee "$LOGS/kernels_gpu_tests.log" | tail -8
+}
+stage_runtime_gpu() {
+  # warm-up covers every serving shape (no compilation while serving)
+  timeout 300 $PY -m pytest -m gpu tests/engine/test_runtime_gpu.py -q -p no:cacheprovider 2>&1 | tee "$LOGS/runtime_gpu_tests.log" | tail -8
 }
 stage_kernel_bench() {
   timeout 240 $PY bench/kernels_bench.py --out "$RESULTS" 2>&1 | tee "$LOGS/kernels_bench.log" | tail -25

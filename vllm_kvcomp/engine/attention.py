@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
 from vllm.v1.attention.backends import fa_utils
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
@@ -90,6 +91,10 @@ class CompressedFlashAttentionImpl(FlashAttentionImpl):
         index = runtime.layer_index[layer.layer_name]
         num_tokens = attn_metadata.num_actual_tokens
         key_cache, value_cache = kv_cache.unbind(1)
+        # As vLLM's FlashAttention backend: FA3 on Hopper (TMA) needs >= 16-byte strides on size-1
+        # dims (one KV head per tensor-parallel rank).
+        key_cache = canonicalize_singleton_dim_strides(key_cache)
+        value_cache = canonicalize_singleton_dim_strides(value_cache)
         descale_shape = (attn_metadata.query_start_loc.shape[0] - 1, self.num_kv_heads)
         capture = attn_metadata.capture
         result = fa_utils.flash_attn_varlen_func(

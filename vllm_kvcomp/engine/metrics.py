@@ -38,6 +38,10 @@ def expose_on_vllm_metrics(registry: CollectorRegistry = REGISTRY) -> str:
     """In the process serving /metrics, before the engine starts: collect the engine's metric files."""
     if METRICS_DIR_ENV in os.environ:
         return os.environ[METRICS_DIR_ENV].rpartition(":")[0]
+    vllm_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if vllm_dir:  # vLLM's own multiprocess mode (several API servers) already collects every file there
+        os.environ[METRICS_DIR_ENV] = f"{vllm_dir}:{os.getpid()}"
+        return vllm_dir
     path = tempfile.mkdtemp(prefix="vllm-kvcomp-metrics-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     multiprocess.MultiProcessCollector(registry, path=path)

@@ -118,6 +118,10 @@ class CompressionWorker(Worker):
                 raise CompressionConfigError(
                     f"vllm-kvcomp: layer {name} uses {type(spec).__name__}; only full attention can be compressed"
                 )
+            if spec.non_causal:  # the plugin's attention is causal: a prefix-LM would be served wrongly
+                raise CompressionConfigError(
+                    f"vllm-kvcomp: layer {name} uses non-causal attention; only causal decoders can be compressed"
+                )
             converted[name] = CompressedAttentionSpec.from_full_attention(spec)
         return converted
 

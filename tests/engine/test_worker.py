@@ -1,0 +1,45 @@
+"""engine/worker.py on CPU: which layers can be compressed, and per-request configs that were never validated."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+from vllm.v1.worker.gpu_worker import Worker
+
+from vllm_kvcomp.config import CompressionConfigError, build_config
+from vllm_kvcomp.engine.kv_cache import CompressedAttentionSpec
+from vllm_kvcomp.engine.worker import CompressionModelRunner, CompressionWorker
+
+
+def spec(**kw):
+    return FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16, **kw)
+
+
+@pytest.mark.parametrize(
+    "layer_spec, needle",
+    [
+        (spec(non_causal=True), "non-causal attention"),
+        (SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16, sliding_window=128),
+         "only full attention"),
+    ],
+)
+def test_layers_the_attention_backend_cannot_serve_are_refused(monkeypatch, layer_spec, needle):
+    monkeypatch.setattr(Worker, "get_kv_cache_spec", lambda self: {"layers.0.attn": layer_spec})
+    with pytest.raises(CompressionConfigError, match=needle):
+        CompressionWorker.get_kv_cache_spec(object.__new__(CompressionWorker))
+
+
+def test_full_causal_layers_become_compressed_specs(monkeypatch):
+    monkeypatch.setattr(Worker, "get_kv_cache_spec", lambda self: {"layers.0.attn": spec()})
+    (converted,) = CompressionWorker.get_kv_cache_spec(object.__new__(CompressionWorker)).values()
+    assert isinstance(converted, CompressedAttentionSpec) and converted.page_size_bytes == spec().page_size_bytes
+
+
+def test_an_unvalidated_request_config_falls_back_to_the_servers(caplog):
+    runner = object.__new__(CompressionModelRunner)
+    runner.kvcomp = SimpleNamespace(config=build_config(method="zigzag"))
+    new = SimpleNamespace(req_id="r", sampling_params=SimpleNamespace(extra_args={"kv_budget": "lots"}))
+    with caplog.at_level("WARNING", logger="vllm.kvcomp"):
+        assert runner._request_config(new) is None  # None: the server's config
+    assert "using the server's settings" in caplog.text
