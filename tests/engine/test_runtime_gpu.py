@@ -35,7 +35,7 @@ def compiled_variants() -> int:
     ]
     total = 0
     for kernel in kernels:
-        fn = getattr(kernel, "fn", kernel)  # autotuned kernels wrap their JITFunction
+        fn = kernel if hasattr(kernel, "device_caches") else kernel.fn  # an Autotuner wraps its JITFunction
         total += sum(len(cache[0]) for cache in fn.device_caches.values())
     return total
 
