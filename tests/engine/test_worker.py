@@ -20,8 +20,10 @@ def spec(**kw):
     "layer_spec, needle",
     [
         (spec(non_causal=True), "non-causal attention"),
-        (SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16, sliding_window=128),
-         "only full attention"),
+        (
+            SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16, sliding_window=128),
+            "only full attention",
+        ),
     ],
 )
 def test_layers_the_attention_backend_cannot_serve_are_refused(monkeypatch, layer_spec, needle):
