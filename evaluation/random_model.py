@@ -19,6 +19,10 @@ SHAPES = {
     "llama-8b": dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
     ),
+    # the 8B layer shape with 8 layers: long-prompt memory tests without loading 16 GB of weights
+    "llama-8b-8l": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8
+    ),
     # tiny, for smoke tests
     "llama-tiny": dict(
         hidden_size=512, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2

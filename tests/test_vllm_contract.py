@@ -126,6 +126,7 @@ OVERRIDDEN: dict[str, str] = {
     "vllm.v1.worker.gpu.model_runner:GPUModelRunner.add_requests": (
         "GPUModelRunner.add_requests(self, scheduler_output)"
     ),
+    "vllm.v1.worker.gpu.model_runner:GPUModelRunner.profile_run": "GPUModelRunner.profile_run(self)",
     "vllm.v1.worker.gpu.model_runner:GPUModelRunner.initialize_kv_cache": (
         "GPUModelRunner.initialize_kv_cache(self, kv_cache_config)"
     ),

@@ -74,6 +74,8 @@ class CompressionConfig(_Section):
     min_prompt_len: int = Field(0, ge=0)
     # Requests whose observation window is being captured at one time (GPU buffer slots).
     max_pending_requests: int = Field(16, ge=1, le=1024)
+    # Transient GPU memory of one eviction pass (reserved in vLLM's memory profile, engine/memory.py).
+    eviction_workspace_mb: int = Field(256, ge=16, le=1 << 20)
     # The plugin's metrics are on vLLM's /metrics; `metrics_port` also serves them
     # from the engine process on metrics_host:metrics_port (None: off).
     metrics_port: int | None = Field(None, ge=1, le=65535)

@@ -44,6 +44,12 @@ stage_kernel_tests() {
   # every kernel test on CUDA (the references are compared on the GPU), not only the gpu-marked ones
   timeout 400 $PY -m pytest tests/kernels tests/engine/test_page_tables.py -q -p no:cacheprovider 2>&1 | tee "$LOGS/kernels_gpu_tests.log" | tail -8
 }
+stage_long_prompt() {
+  # a 128k-token prompt at the 8B layer shape, evicted within the default workspace
+  KVCOMP_RESULTS_DIR="$RESULTS" KVCOMP_WORK_DIR="$WORK" timeout 560 $PY -m pytest -m gpu tests/engine/test_long_prompt_gpu.py \
+    -q -p no:cacheprovider 2>&1 | tee "$LOGS/long_prompt_gpu_tests.log" | tail -20
+  cp "$WORK/long_prompt.log" "$LOGS/" 2>/dev/null || true
+}
 stage_runtime_gpu() {
   # warm-up covers every serving shape (no compilation while serving)
   timeout 300 $PY -m pytest -m gpu tests/engine/test_runtime_gpu.py -q -p no:cacheprovider 2>&1 | tee "$LOGS/runtime_gpu_tests.log" | tail -8

@@ -211,8 +211,8 @@ def test_self_check_detects_corruption(monkeypatch):
     rows, reqs = prepare(runtime, pool, [200], [0], seed=4)
     compact = runtime.executor.compact
 
-    def corrupting_compact(*args):
-        out = compact(*args)
+    def corrupting_compact(*args, **kwargs):
+        out = compact(*args, **kwargs)
         pool[rows[0][0]] += 1  # layer 0, first retained page: scribble after compaction
         return out
 
@@ -299,3 +299,34 @@ def test_model_runner_hands_each_request_its_own_config(monkeypatch):
     assert (b.config.method, b.config.budget, b.compress) == ("uniform", 0.5, True)
     assert (c.config.method, c.compress) == ("none", False)
     assert a.index == 1 and b.block_ids == [3, 4] and a.prompt_len == 400
+
+
+@pytest.mark.parametrize("method", ["uniform", "zigzag"])
+def test_a_workspace_too_small_for_a_request_gives_the_same_result(method, monkeypatch):
+    """Layer groups (engine/memory.py) score twice but decide and move exactly the same tokens."""
+    monkeypatch.setenv("VLLM_KVCOMP_VERIFY", "1")
+    prompts = [300, 180, 250]
+    results = []
+    for workspace in (None, 1):  # default: one pass over every layer; 1 byte: one layer and one request at a time
+        torch.manual_seed(5)  # the same pool contents for both runs
+        runtime, pool = make_runtime(method, budget="0.3")
+        if workspace is not None:
+            runtime.evictor.workspace_bytes = workspace
+        rows, reqs = prepare(runtime, pool, prompts, [0, 0, 0], seed=11)
+        records = runtime._evict(reqs).evictions
+        results.append((pool, records))
+    (pool_a, rec_a), (pool_b, rec_b) = results
+    assert torch.equal(pool_a, pool_b)
+    assert [(r.freed_block_ids, r.kept_tokens) for r in rec_a] == [(r.freed_block_ids, r.kept_tokens) for r in rec_b]
+    assert rec_b[0].verify["exact"] and rec_b[0].verify["attention_rel_err"] < 1e-5
+
+
+def test_layer_groups_fit_the_budget():
+    from vllm_kvcomp.engine.memory import layer_groups, workspace_bytes_per_row
+
+    assert layer_groups(32, 100, 1000) == [range(0, 10), range(10, 20), range(20, 30), range(30, 32)]
+    assert layer_groups(4, 10**9, 1) == [range(i, i + 1) for i in range(4)]  # at least one layer per group
+    assert layer_groups(4, 1, 10**9) == [range(0, 4)]
+    # 8B shapes (32 query / 8 KV heads per rank) at 128k tokens: ~42 MB per layer -> 6 layers per 256 MiB pass
+    per_layer = workspace_bytes_per_row(32, 8, 131072)
+    assert len(layer_groups(32, per_layer, 256 << 20)[0]) == 6

@@ -45,3 +45,29 @@ def test_an_unvalidated_request_config_falls_back_to_the_servers(caplog):
     with caplog.at_level("WARNING", logger="vllm.kvcomp"):
         assert runner._request_config(new) is None  # None: the server's config
     assert "using the server's settings" in caplog.text
+
+
+def test_profile_run_reserves_the_plugins_memory(monkeypatch):
+    """vLLM sizes the KV cache from the profiled peak: the plugin's buffers and workspace are in it."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    from vllm_kvcomp.engine import worker
+
+    monkeypatch.setattr(GPUModelRunner, "profile_run", lambda self: None)
+    allocated = []
+    monkeypatch.setattr(worker.torch, "empty", lambda n, **kw: allocated.append(n))
+    runner = object.__new__(CompressionModelRunner)
+    runner.device = torch.device("cpu")
+    runner.kvcomp = SimpleNamespace(config=build_config(method="zigzag", overrides={"eviction_workspace_mb": 64}))
+    model = SimpleNamespace(
+        get_num_layers=lambda p: 32, get_num_attention_heads=lambda p: 32, get_head_size=lambda: 128,
+        dtype=torch.bfloat16, max_model_len=131072,
+    )  # fmt: skip
+    runner.vllm_config = SimpleNamespace(
+        model_config=model, parallel_config=None, cache_config=SimpleNamespace(block_size=16),
+        scheduler_config=SimpleNamespace(max_num_seqs=256),
+    )  # fmt: skip
+    runner.profile_run()
+    tables = 32 * 256 * (8192 + 1) * 4
+    capture = 32 * 16 * 32 * 32 * (128 * 2 + 4)
+    assert allocated == [tables + 3 * 257 * 32 * 4 + capture + (64 << 20)]

@@ -18,6 +18,7 @@ import torch
 
 from vllm_kvcomp import planner
 from vllm_kvcomp.engine.layout import EvictionPlan, cdiv
+from vllm_kvcomp.engine.memory import layer_groups, workspace_bytes_per_row
 from vllm_kvcomp.engine.records import CompressionReport, EvictionRecord, SkipRecord
 from vllm_kvcomp.engine.requests import TrackedRequest
 from vllm_kvcomp.policies import LayerStats
@@ -27,18 +28,26 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vllm.kvcomp")
 
-# Transient GPU bytes the eviction of one batch may use (larger batches are split).
-EVICTION_WORKSPACE_BYTES = 256 << 20
-
 
 @dataclass
 class _Scored:
-    """Phase A's output: what phase B needs of the score pass."""
+    """Phase A's inputs and output: what phase B needs to select."""
 
-    scores: torch.Tensor  # [L * R, Hkv, S] pooled scores
-    prompt_lens: torch.Tensor  # [R] int32
-    pages: torch.Tensor  # [L * R, P] page ids
-    local_stats: torch.Tensor  # [2, R, L] this rank's sums over KV heads
+    queries: torch.Tensor  # [L, R, W, H, D] window queries
+    lse: torch.Tensor  # [L, R, W, H]
+    lens: torch.Tensor  # int32 [3, R]: window rows, scored length, prompt length
+    block_rows: torch.Tensor  # [R, P] block ids of the prompts
+    max_len: int
+    groups: list[range]  # layer groups that fit in the workspace
+    local_stats: torch.Tensor | None = None  # [2, R, L] this rank's sums over KV heads
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None  # (scores, pages) when one group holds every layer
+
+    def score(self, executor, layers: range):
+        """ScoreOutput and page ids of the rows of `layers` (layer-major)."""
+        pages = executor.layer_pages(self.block_rows, layers)
+        sl = slice(layers.start, layers.stop)
+        out = executor.score(self.queries[sl], self.lse[sl], self.lens[0], self.lens[1], pages, self.max_len)
+        return out, pages
 
 
 @dataclass
@@ -49,21 +58,34 @@ class _Progress:
 class Evictor:
     def __init__(self, runtime: CompressionRuntime) -> None:
         self.rt = runtime
+        self.workspace_bytes = runtime.config.eviction_workspace_mb << 20
 
     def evict(self, batch: list[TrackedRequest]) -> CompressionReport:
-        g = self.rt.geometry
-        max_len = max(req.prompt_len for req in batch)
-        # fp32 temporaries per request: the window sums per query head, then
-        # scores, mass and the sorts of the statistics and the selection per KV head.
-        per_request = g.num_layers * max_len * 4 * (g.num_heads + 6 * g.num_kv_heads)
-        chunk = max(1, EVICTION_WORKSPACE_BYTES // max(per_request, 1))
+        """Requests in chunks whose rows fit in the workspace; a request that does not fit
+        alone is scored in groups of layers (engine/memory.py)."""
+        g, budget = self.rt.geometry, self.workspace_bytes
         report = CompressionReport()
-        for i in range(0, len(batch), chunk):
-            report.extend(self._evict_chunk(batch[i : i + chunk]))
+        start = 0
+        while start < len(batch):
+            per_layer = 0
+            end = start
+            while end < len(batch):
+                row = workspace_bytes_per_row(g.num_heads, g.num_kv_heads, batch[end].prompt_len)
+                if end > start and (per_layer + row) * g.num_layers > budget:
+                    break
+                per_layer += row
+                end += 1
+            groups = layer_groups(g.num_layers, per_layer, budget)
+            if len(groups) > 1:
+                logger.info(
+                    "vllm-kvcomp: %s scored in %d groups of layers (workspace)", batch[start].req_id, len(groups)
+                )
+            report.extend(self._evict_chunk(batch[start:end], groups))
+            start = end
         return report
 
-    def _evict_chunk(self, reqs: list[TrackedRequest]) -> CompressionReport:
-        """Compress a batch of requests, every layer at once; a failure stays in the batch.
+    def _evict_chunk(self, reqs: list[TrackedRequest], groups: list[range]) -> CompressionReport:
+        """Compress a batch of requests; a failure stays in the batch.
 
         Phase A (score, statistics) only reads the KV pool: if it fails on any
         rank, every rank serves the batch uncompressed. Phase B (plan, select,
@@ -72,7 +94,7 @@ class Evictor:
         longer what they prefilled); before that, they are served uncompressed.
         """
         timer = self.rt.timer.start(len(reqs))
-        scored, error = self._guarded("score", self._score, reqs)
+        scored, error = self._guarded("score", self._score, reqs, groups)
         stats = self.rt.executor.agree(scored.local_stats if scored else None, len(reqs), failed=error is not None)
         if stats is None or scored is None:
             return self._contained(reqs, "score", error, intact=True)
@@ -87,7 +109,7 @@ class Evictor:
         self.rt.timer.stop(timer)
         return CompressionReport(evictions=self._records(reqs, plans, verify))
 
-    def _score(self, reqs: list[TrackedRequest]) -> _Scored:
+    def _score(self, reqs: list[TrackedRequest], groups: list[range]) -> _Scored:
         if any(req.rows is not None and req.rows.failed for req in reqs):
             raise RuntimeError("window capture failed in the forward pass")
         queries, lse, extents = self.rt.capture_buffers.gather(reqs)
@@ -96,10 +118,16 @@ class Evictor:
             dtype=torch.int32,
         ).to(self.rt.device)
         max_len = max(req.prompt_len for req in reqs)
-        pages = self.rt.executor.layer_pages(self._block_rows(reqs, cdiv(max_len, self.rt.geometry.block_size)))
-        out = self.rt.executor.score(queries, lse, lens[0], lens[1], pages, max_len)
-        local_stats = self.rt.executor.local_statistics(out.mass, lens[1], len(reqs))
-        return _Scored(out.scores, lens[2], pages, local_stats)
+        block_rows = self._block_rows(reqs, cdiv(max_len, self.rt.geometry.block_size))
+        scored = _Scored(queries, lse, lens, block_rows, max_len, groups)
+        local = []
+        for layers in groups:
+            out, pages = scored.score(self.rt.executor, layers)
+            local.append(self.rt.executor.local_statistics(out.mass, lens[1], len(reqs)))
+            if len(groups) == 1:  # everything fits: phase B reuses this pass
+                scored.kept = (out.scores, pages)
+        scored.local_stats = torch.cat(local, dim=2)
+        return scored
 
     def _rewrite(self, reqs, plans, scored: _Scored, progress: _Progress) -> dict[str, Any] | None:
         """Select, compact, relocate and publish; returns the self-check's result (if on)."""
@@ -108,7 +136,15 @@ class Evictor:
         snapshot = observer.snapshot(self.rt, reqs[0]) if checked and observer is not None else None
         score_hook = observer.score_hook if observer is not None else None
         progress.compaction_started = any(plan is not None for plan in plans)
-        keep_of_first = self.rt.executor.compact(plans, scored.scores, scored.prompt_lens, scored.pages, score_hook)
+        keep_of_first: dict[int, torch.Tensor] = {}
+        for layers in scored.groups:
+            # Compaction stays inside each layer's own pages, so later groups still read
+            # their original keys; relocation (across layers' slots) waits for all groups.
+            scores, pages = scored.kept if scored.kept is not None else self._rescore(scored, layers)
+            keep_of_first.update(
+                self.rt.executor.compact(plans, scores, scored.lens[2], pages, score_hook, layers=layers)
+            )
+            del scores
         if observer is not None:
             observer.before("relocate", (reqs,))
         compressed = [(req, plan) for req, plan in zip(reqs, plans) if plan is not None]
@@ -117,6 +153,10 @@ class Evictor:
         if snapshot is not None and observer is not None:
             return observer.check(self.rt, reqs[0], plans[0], keep_of_first, snapshot)
         return None
+
+    def _rescore(self, scored: _Scored, layers: range) -> tuple[torch.Tensor, torch.Tensor]:
+        out, pages = scored.score(self.rt.executor, layers)
+        return out.scores, pages
 
     def _guarded(self, stage: str, fn, *args):
         """(fn(*args), None), or (None, the exception) with one log line."""

@@ -44,17 +44,20 @@ class EvictionExecutor:
         self.tp_size = tp_size
         self.device = pool.device
 
-    def layer_pages(self, block_rows: torch.Tensor) -> torch.Tensor:
-        """[R, P] block ids -> [L * R, P] page ids (page of layer l: l * N + block)."""
-        L, N = self.geo.num_layers, self.geo.blocks_per_layer
-        offsets = torch.arange(L, dtype=torch.int32, device=self.device).view(L, 1, 1) * N
-        return (block_rows.unsqueeze(0) + offsets).reshape(L * block_rows.shape[0], block_rows.shape[1])
+    def layer_pages(self, block_rows: torch.Tensor, layers: range) -> torch.Tensor:
+        """[R, P] block ids -> [len(layers) * R, P] page ids (page of layer l: l * N + block)."""
+        N = self.geo.blocks_per_layer
+        offsets = torch.tensor(list(layers), dtype=torch.int32, device=self.device).view(-1, 1, 1) * N
+        return (block_rows.unsqueeze(0) + offsets).reshape(len(layers) * block_rows.shape[0], block_rows.shape[1])
 
     def score(self, queries, lse, window_lens, scored_lens, pages, max_len):
-        """Observation-window scores of every (layer, request) row: ScoreOutput (scores, mass)."""
+        """Observation-window scores of every (layer, request) row: ScoreOutput (scores, mass).
+
+        queries [Lg, R, W, H, D] and lse [Lg, R, W, H] of the layers scored; rows are layer-major.
+        """
         from vllm_kvcomp.kernels import score_gather
 
-        cfg, L = self.config, self.geo.num_layers
+        cfg, L = self.config, queries.shape[0]
         return score_gather(
             queries.reshape(-1, *queries.shape[2:]),
             window_lens.repeat(L),
@@ -70,8 +73,8 @@ class EvictionExecutor:
         )
 
     def local_statistics(self, mass: torch.Tensor, scored_lens: torch.Tensor, num_reqs: int) -> torch.Tensor:
-        """[2, R, L] sums over this rank's KV heads of MBA and local mass."""
-        L = self.geo.num_layers
+        """[2, R, Lg] sums over this rank's KV heads of MBA and local mass (rows of Lg layers)."""
+        L = mass.shape[0] // num_reqs
         mba, local = head_statistics(mass, scored_lens.repeat(L), **stats_for_policy(self.config))
         return torch.stack([mba.sum(-1).view(L, num_reqs).t(), local.sum(-1).view(L, num_reqs).t()])
 
@@ -114,20 +117,23 @@ class EvictionExecutor:
         prompt_lens: torch.Tensor,
         pages: torch.Tensor,
         score_hook: ScoreHook | None = None,
+        layers: range | None = None,
     ) -> dict[int, torch.Tensor]:
-        """Select and compact every evicted (layer, request) row, one launch each.
+        """Select and compact every evicted (layer, request) row of `layers`, one launch each.
 
-        Returns the first request's keep indices per layer (for the self-check).
+        `scores` and `pages` hold the rows of those layers, layer-major. Returns the
+        first request's keep indices per layer (for the self-check).
         """
         from vllm_kvcomp.kernels import compact_kv_, select_keep_indices
 
         cfg, bs = self.config, self.geo.block_size
+        layers = layers if layers is not None else range(self.geo.num_layers)
         R = len(plans)
         flat, domain_host, keep_host, req_of_row = [], [], [], []
-        for layer in range(self.geo.num_layers):
+        for g, layer in enumerate(layers):
             for r, plan in enumerate(plans):
                 if plan is not None and plan.evicted_layers[layer]:
-                    flat.append(layer * R + r)
+                    flat.append(g * R + r)
                     domain_host.append(plan.full_blocks * bs)
                     keep_host.append(int(plan.compact_pages[layer]) * bs)
                     req_of_row.append(r)
@@ -149,7 +155,7 @@ class EvictionExecutor:
         keep_idx = select_keep_indices(row_scores, domain, keep, 0, 0, max_keep=max(keep_host), validate=False)
         del row_scores
         compact_kv_(self.pool, pages.index_select(0, rows_t), keep_idx, keep)
-        return {flat[k] // R: keep_idx[k, :, : keep_host[k]] for k in range(len(flat)) if req_of_row[k] == 0}
+        return {layers[flat[k] // R]: keep_idx[k, :, : keep_host[k]] for k in range(len(flat)) if req_of_row[k] == 0}
 
     def relocate(self, compressed: list[tuple[list[int], EvictionPlan]]) -> None:
         """Copy overflow pages into free pages of the retained blocks (engine/layout.py)."""

@@ -21,6 +21,7 @@ from vllm.v1.worker.gpu_worker import Worker
 
 from vllm_kvcomp.config import CompressionConfigError, from_additional_config, request_config
 from vllm_kvcomp.engine.kv_cache import CompressedAttentionSpec
+from vllm_kvcomp.engine.memory import plugin_memory
 from vllm_kvcomp.engine.runtime import CompressionRuntime, set_runtime
 
 logger = logging.getLogger("vllm.kvcomp")
@@ -44,6 +45,14 @@ class CompressionModelRunner(GPUModelRunner):
     """vLLM's V2 GPU model runner plus the runtime's hooks (no other change)."""
 
     kvcomp: CompressionRuntime
+
+    def profile_run(self) -> None:
+        super().profile_run()
+        # vLLM sizes the KV cache from the peak memory of this run: allocate what the plugin
+        # will hold besides it (page tables, capture buffers, the eviction workspace) once here.
+        reserve = plugin_memory(self.vllm_config, self.kvcomp.config).total_bytes
+        torch.empty(reserve, dtype=torch.uint8, device=self.device)
+        logger.info("vllm-kvcomp: %.0f MiB reserved for page tables, capture buffers and eviction", reserve / 2**20)
 
     def initialize_kv_cache(self, kv_cache_config) -> None:
         super().initialize_kv_cache(kv_cache_config)
