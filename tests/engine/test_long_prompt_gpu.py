@@ -37,8 +37,7 @@ def test_128k_prompt_at_8b_shape_compresses_within_the_workspace(tmp_path):
         "max_num_seqs": 4,
         "compression": {"method": "uniform", "budget": 0.2},
         "workloads": [
-            {"num_prompts": 1, "prompt_len": PROMPT_LEN, "output_len": 32, "seed": i,
-             "extra_args": {"kv_budget": b}}
+            {"num_prompts": 1, "prompt_len": PROMPT_LEN, "output_len": 32, "seed": i, "extra_args": {"kv_budget": b}}
             for i, b in enumerate(BUDGETS)
         ],  # fmt: skip
     }
