@@ -53,7 +53,7 @@ def test_128k_prompt_at_8b_shape_compresses_within_the_workspace(tmp_path):
         rows.append({"budget": budget, "kept_share": share, "elapsed_s": run["elapsed_s"],
                      "blocks_freed": metrics.get("vllm_kvcomp_blocks_freed_total")})  # fmt: skip
     log = (work / "long_prompt.log").read_text()
-    assert "scored in 2 layer groups" in log  # 256 MiB holds 6 of the 8 layers of one 128k request
+    assert "scored in 2 groups of layers" in log  # 256 MiB holds 6 of the 8 layers of one 128k request
     assert "MiB reserved for page tables, capture buffers and eviction" in log
     out = os.environ.get("KVCOMP_RESULTS_DIR")
     if out:
