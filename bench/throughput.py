@@ -29,6 +29,8 @@ import argparse
 import datetime
 import hashlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,7 +62,39 @@ def plan_workloads(cases: list[str], budgets: list[float] | None, num_prompts: d
     return workloads
 
 
-def _merge(raw: dict, run: str, result: dict) -> None:
+def current_commit() -> str | None:
+    """The commit measured: $KVCOMP_COMMIT (the device has no reliable .git), else git."""
+    if os.environ.get("KVCOMP_COMMIT"):
+        return os.environ["KVCOMP_COMMIT"]
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
+def start_invocation(raw: dict, command: str, runs: list[str]) -> int:
+    """Record this invocation (command, commit, time) in the raw results; returns its id."""
+    invocations = raw.setdefault("invocations", [])
+    invocations.append(
+        {
+            "id": len(invocations),
+            "command": command,
+            "commit": current_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "runs": runs,
+        }
+    )
+    return len(invocations) - 1
+
+
+def _merge(raw: dict, run: str, result: dict, invocation: int | None = None) -> None:
+    """Add a run's workloads to the raw results; each workload keeps the invocation that measured it."""
+    for w in result["workloads"]:
+        w.setdefault("invocation", invocation)
+    if invocation is not None:
+        raw["invocations"][invocation].setdefault("device", result.get("device"))
+        raw["invocations"][invocation].update(vllm=result.get("vllm"), torch=result.get("torch"))
     previous = raw.get(run)
     if previous and "workloads" in previous:
         fresh = {w["workload"]["label"] for w in result["workloads"]}
@@ -89,6 +123,8 @@ def summarize(raw: dict, meta: dict) -> dict:
         metrics = w.get("plugin_metrics", {})
         evictions = metrics.get("vllm_kvcomp_eviction_seconds_count", 0.0)
         entry = {
+            "invocation": w.get("invocation"),
+            "stock_invocation": base.get("invocation") if base else None,
             "case": wl["case"],
             "method": plugin["compression"]["method"],
             "budget": wl["budget"],
@@ -116,27 +152,38 @@ def summarize(raw: dict, meta: dict) -> dict:
             if evictions
             else None,
         }
+        # "same run" holds only when stock and plugin were measured by one invocation
+        entry["same_invocation"] = bool(base) and w.get("invocation") == base.get("invocation")
         if base and "token_digests" in w and "token_digests" in base:
             # greedy outputs of the same prompts, request by request (budget 1.0: nothing evicted)
             entry["identical_to_stock"] = _identical_share(w["token_digests"], base["token_digests"])
         cases.append(entry)
-    return {**meta, "cases": cases}
+    return {**meta, "invocations": raw.get("invocations", []), "cases": cases}
 
 
 def markdown(summary: dict) -> str:
+    invocations = summary.get("invocations", [])
     lines = [
-        "# Throughput: vLLM + vllm-kvcomp vs stock vLLM (same run, same GPU, same KV memory)",
+        "# Throughput: vLLM + vllm-kvcomp vs stock vLLM (same GPU, same KV memory)",
         "",
-        f"Command: `{summary['command']}` ({summary['date']}). Device: {summary['device']}; "
+        f"Last command: `{summary['command']}` ({summary['date']}). Device: {summary['device']}; "
         f"vLLM {summary.get('vllm')}, torch {summary.get('torch')}.",
+        "",
+        "Invocations (the `inv.` column says which one measured each row; a ratio compares one invocation "
+        "only where the plugin's and stock's invocation are the same):",
+        "",
+        *[
+            f"- {i['id']}: `{i['command']}` at commit {i.get('commit')}, {i['date']}, {i.get('device')}"
+            for i in invocations
+        ],
         f"Model: {summary['model']}. KV cache memory {summary['kv_cache_memory_bytes'] / 2**30:g} GiB "
         "(`--kv-cache-memory-bytes`) for both engines: KV capacity, not compute, limits the batch.",
         "Greedy, ignore_eos, random token-id prompts, prefix caching off; all requests submitted at once "
         "(TTFT includes queueing). Budgets are per-request overrides on one plugin engine.",
         "",
         "| case | method | budget | out tok/s | stock | ratio | req/s | TTFT p50 / p99 s | TPOT p50 / p99 ms "
-        "| max running (stock) | eviction ms/req |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| max running (stock) | eviction ms/req | inv. (stock) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def fmt(x, spec=".0f"):
@@ -149,7 +196,8 @@ def markdown(summary: dict) -> str:
             f"| {fmt(c['ttft_p50'], '.1f')} / {fmt(c['ttft_p99'], '.1f')} "
             f"| {fmt(c['tpot_p50'] and 1000 * c['tpot_p50'], '.1f')} "
             f"/ {fmt(c['tpot_p99'] and 1000 * c['tpot_p99'], '.1f')} "
-            f"| {fmt(c['max_running'])} ({fmt(c['stock_max_running'])}) | {fmt(c['eviction_ms_mean'], '.1f')} |"
+            f"| {fmt(c['max_running'])} ({fmt(c['stock_max_running'])}) | {fmt(c['eviction_ms_mean'], '.1f')} "
+            f"| {c.get('invocation')} ({c.get('stock_invocation')}) |"
         )
     identical = [c for c in summary["cases"] if "identical_to_stock" in c]
     if identical:
@@ -202,6 +250,8 @@ def main(argv=None) -> int:
     }
     raw_path = out / "throughput_raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
+    command = "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
+    invocation = start_invocation(raw, command, args.runs)
     for run in args.runs:
         spec = {**base_spec, "name": f"throughput_{run}", "return_tokens": False}
         if run == "stock":
@@ -223,7 +273,7 @@ def main(argv=None) -> int:
                 f"max running {w['max_running']:.0f}, {w['elapsed_s']:.1f} s",
                 flush=True,
             )
-        _merge(raw, run, result)
+        _merge(raw, run, result, invocation)
         raw_path.write_text(json.dumps(raw, indent=1))
 
     first = raw.get("plugin") or raw.get("stock") or {}
@@ -232,7 +282,7 @@ def main(argv=None) -> int:
         "vllm": first.get("vllm"),
         "torch": first.get("torch"),
         "date": datetime.date.today().isoformat(),
-        "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "model": args.model or f"random-weight {args.shape} ({_shape_text(args.shape)})",
         "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
     }

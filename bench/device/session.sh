@@ -4,6 +4,7 @@
 #   OUT=/some/dir bash bench/device/session.sh install kernel_tests runtime_gpu serve engine   (the GPU suite)
 #   OUT=... bash bench/device/session.sh tput_stock tput_plugin_decode tput_plugin_rest   (one per call)
 #   OUT=... bash bench/device/session.sh gguf quality      (after the GGUF parts arrived, one per call)
+# Set KVCOMP_COMMIT=<commit> for the call: results record it (the device's copy of the tree has no reliable .git).
 # Every stage is time-limited and a failing stage does not stop the next. Logs go to $LOGS and
 # results to $RESULTS (both in /tmp: kept while the machine stays up, so results can build up
 # over several calls); after every stage both are packed into ONE file, $OUT/kvcomp.tgz

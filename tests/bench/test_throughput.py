@@ -151,6 +151,7 @@ def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkey
         }
 
     monkeypatch.setattr(offline, "run_in_subprocess", fake_run)
+    monkeypatch.setenv("KVCOMP_COMMIT", "abc1234")
     common = ["--model", "/m", "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--kv-cache-memory-bytes", "1024"]
     assert main([*common, "--runs", "stock,plugin", "--cases", "decode_heavy", "--budgets", "0.2,1.0"]) == 0
     stock_spec, plugin_spec = specs
@@ -174,7 +175,19 @@ def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkey
     assert got[("decode_heavy", 1.0)]["identical_to_stock"] == 0.5
     assert got[("decode_heavy", 0.2)]["eviction_ms_mean"] == pytest.approx(50.0)
     raw = json.loads((tmp_path / "throughput_raw.json").read_text())
-    assert all("tokens" not in w for run in raw.values() for w in run["workloads"])
+    assert all("tokens" not in w for run in ("stock", "plugin") for w in raw[run]["workloads"])
+    # every invocation is recorded with its command and commit, and each row names the one that measured it
+    assert [i["command"].split("--runs ")[1][:12] for i in summary["invocations"]] == [
+        "stock,plugin",
+        "plugin --cas",
+        "stock,plugin",
+    ]
+    assert all(i["commit"] == "abc1234" and i["device"] == "FakeGPU" for i in summary["invocations"])
+    assert (got[("decode_heavy", 1.0)]["invocation"], got[("decode_heavy", 1.0)]["stock_invocation"]) == (1, 0)
+    assert not got[("decode_heavy", 1.0)]["same_invocation"]
+    assert got[("prefill_heavy", 0.5)]["same_invocation"] and got[("decode_heavy", 0.2)]["same_invocation"]
+    text = (tmp_path / "throughput.md").read_text()
+    assert "- 1: `python -m bench.throughput" in text and "| 1 (0) |" in text
     assert len(raw["stock"]["workloads"][0]["token_digests"]) == 2
     assert (tmp_path / "throughput.md").exists() and (tmp_path / "throughput_vs_budget.png").exists()
 
