@@ -19,25 +19,43 @@ def head_statistics(
     tau: float,
     num_sinks: int,
     local_recent: int,
+    exclude_recent: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (request, KV head): ZigZagKV's MBA and SimLayerKV's local mass fraction.
+    """Per (request, head): ZigZagKV's MBA and SimLayerKV's local mass fraction.
 
-    MBA = fewest tokens whose window attention reaches `tau` of the head's total.
+    `mass` [R, H, S]: each window query's softmax (over its causal keys) summed over
+    the window's queries; the head axis is whatever the caller gives: the engine's
+    kernel sums the query heads of each KV head, per-query-head rows give the
+    paper's per-head MBA (docs/ZIGZAG-FAITHFULNESS.md).
+
+    MBA = fewest tokens whose mass reaches `tau` of the head's total over the
+    counted tokens. Every window query's attention sums to 1, so a threshold
+    relative to the total is tau of the window-averaged distribution: summing or
+    averaging over the queries gives the same MBA. Counted tokens: the whole prompt
+    (`exclude_recent` 0, the default and the literal reading), or only those before
+    the last min(exclude_recent, len) tokens (ZigZagKV `mba_scope: prefix`: SnapKV's
+    vote over the tokens before the observation window); no token counted: MBA 0.
     local mass = share of the window attention on the first `num_sinks` and the
-    last `local_recent` tokens. Returns two float32 tensors [R, H].
+    last `local_recent` tokens (always over the whole prompt). Returns two float32
+    tensors [R, H].
     """
     mass = mass.float()
-    positions = torch.arange(mass.shape[-1], device=mass.device)
-    lens = seq_lens.to(mass.device).view(-1, 1)
-    valid = positions.view(1, -1) < lens
-    mass = mass * valid.unsqueeze(1)
+    positions = torch.arange(mass.shape[-1], device=mass.device).view(1, -1)
+    lens = seq_lens.to(mass.device).view(-1, 1).long()
+    valid = positions < lens
+    mass = mass * valid.unsqueeze(1)  # a new tensor: the in-place masking below leaves the caller's intact
     total = mass.sum(-1)
+    local = valid & ((positions < num_sinks) | (positions >= lens - local_recent))
+    local_mass = (mass * local.unsqueeze(1)).sum(-1) / total.clamp_min(1e-30)
+    counted = lens
+    if exclude_recent > 0:
+        counted = lens - lens.clamp(max=exclude_recent)
+        mass.masked_fill_((positions >= counted).unsqueeze(1), 0.0)
+        total = mass.sum(-1)
     ordered = mass.sort(dim=-1, descending=True).values
     reached = ordered.cumsum(-1) >= tau * total.unsqueeze(-1) * (1 - 1e-6)
     mba = (~reached).sum(-1).float() + 1
-    mba = torch.minimum(mba, lens.float())
-    local = valid & ((positions.view(1, -1) < num_sinks) | (positions.view(1, -1) >= lens - local_recent))
-    local_mass = (mass * local.unsqueeze(1)).sum(-1) / total.clamp_min(1e-30)
+    mba = torch.minimum(mba, counted.float())
     return mba, local_mass
 
 
@@ -77,9 +95,16 @@ def selection_scores(
 
 
 def stats_for_policy(config: CompressionConfig) -> dict:
-    """The keyword arguments of `head_statistics` for a config."""
+    """The keyword arguments of `head_statistics` for a config.
+
+    The same statistics serve every method of the server (a request may switch
+    methods): zigzag's options only change the MBA, never SimLayerKV's local mass.
+    """
+    zigzag = config.section("zigzag")
     return {
-        "tau": config.section("zigzag").tau,
+        "tau": zigzag.tau,
         "num_sinks": config.num_sinks,
         "local_recent": config.section("simlayer").recent,
+        # mba_scope "prefix": SnapKV's vote leaves out the observation window (always kept).
+        "exclude_recent": config.window if zigzag.mba_scope == "prefix" else 0,
     }

@@ -48,6 +48,13 @@ def test_zigzag_eq6_hand_checked():
     assert budgets.tolist() == [60, 60, 100, 180]
 
 
+def test_zigzag_floor_applies_after_eq6():
+    # B_min = 0.2 * 100 = 20 < floor 68: Eq. 6 gives [60, 60, 60, 220]; the floor then lifts
+    # three layers and takes the 24 tokens from the fourth (tests/policies/test_zigzag.py).
+    req = BudgetRequest(num_layers=4, seq_len=1000, avg_budget=100, floor=68, stats=stats([1, 1, 1, 5]))
+    assert ZigZagPolicy().budgets(req).tolist() == [68, 68, 68, 196]
+
+
 def test_zigzag_equal_uncertainty_is_uniform():
     req = BudgetRequest(num_layers=3, seq_len=1000, avg_budget=90, floor=10, stats=stats([5, 5, 5]))
     assert ZigZagPolicy().budgets(req).tolist() == [90, 90, 90]
@@ -101,7 +108,13 @@ def budget_requests(draw):
     return BudgetRequest(num_layers=num_layers, seq_len=seq_len, avg_budget=avg, floor=floor, stats=stats(mba, local))
 
 
-POLICIES = [UniformPolicy(), PyramidPolicy(), ZigZagPolicy(), SimLayerPolicy(SimLayerOptions(recent=256))]
+POLICIES = [
+    UniformPolicy(),
+    PyramidPolicy(),
+    ZigZagPolicy(),
+    ZigZagPolicy(ZigZagOptions(min_budget_ratio=0.0)),  # Eq. 6 without a bound: raw budgets down to 0
+    SimLayerPolicy(SimLayerOptions(recent=256)),
+]
 
 
 def assert_budget_invariants(policy, req):

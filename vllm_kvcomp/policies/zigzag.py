@@ -1,10 +1,19 @@
-"""ZigZagKV's allocation from layer uncertainty (Zhong et al. 2024, Eq. 6).
+"""ZigZagKV's allocation from layer uncertainty (Zhong et al. 2024, arXiv 2412.09036, Eq. 6).
 
-u_l = LMBA_l / sum_l LMBA_l, and B_l = B_min + (B_avg - B_min) * L * u_l, with
-B_min = min_budget_ratio * B_avg: layers whose attention is spread out (a high
-minimum budget to hold tau of the mass) get more tokens. The budgets sum to
-L * B_avg by construction.
+Per head h of layer l, MBA = the fewest tokens holding `tau` of the head's
+attention; LMBA_l = the mean over the layer's heads (`scoring.head_statistics`,
+then `planner.layer_stats`). The layer uncertainty is u_l = LMBA_l / sum_l LMBA_l
+and the budget, with the bounded minimum B_min = min_budget_ratio * B_avg, is
+
+    B_l = B_min + (B_avg - B_min) * L * u_l        (Eq. 6, sums to L * B_avg)
+
+taken literally: B_min is not raised to the engine's always-kept tokens before
+the equation (the pre-#13 code did); the engine's bounds [sinks + recent, P]
+are applied afterwards by `allocate`, as for every policy.
+docs/ZIGZAG-FAITHFULNESS.md maps each step of the paper to the code.
 """
+
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -14,10 +23,21 @@ from vllm_kvcomp.policies.registry import register_method
 
 
 class ZigZagOptions(MethodOptions):
-    # MBA = fewest tokens holding `tau` of a head's window attention.
+    # MBA ("minimum budget size to maintain attention"): the fewest tokens holding
+    # `tau` of a head's attention. 0.9 is the kvpress port's threshold (PR #238); the
+    # paper's own value could not be re-read (only its front matter is stored here).
     tau: float = Field(0.9, gt=0.0, lt=1.0)
-    # B_min = min_budget_ratio * B_avg (the kvpress port used 0.1-0.2).
+    # The bounded minimum of Eq. 6: B_min = min_budget_ratio * B_avg (0: Eq. 6
+    # without a bound; 1: uniform). 0.2 is the kvpress port's value (0.1 in its first
+    # version); the paper's own value could not be verified: measure 0.1 / 0.2 / 0.5.
     min_budget_ratio: float = Field(0.2, ge=0.0, le=1.0)
+    # Which tokens the MBA counts (the paper's text available here does not say):
+    #   "prompt": every prompt token, tau of each window query's whole attention
+    #             (the literal reading of "maintain tau of the attention"; default);
+    #   "prefix": only the tokens before the observation window, tau of their mass:
+    #             SnapKV's vote (attn[..., :-window]), which ZigZagKV's token selection
+    #             follows; the window itself is always kept.
+    mba_scope: Literal["prompt", "prefix"] = "prompt"
 
 
 @register_method
@@ -36,8 +56,8 @@ class ZigZagPolicy(BudgetPolicy):
         lmba = np.maximum(request.stats.mba.astype(np.float64), 0.0)
         n = request.num_layers
         b_avg = float(request.avg_budget)
-        b_min = max(self.min_budget_ratio * b_avg, float(request.floor))
-        if lmba.sum() <= 0 or b_min >= b_avg:
+        if lmba.sum() <= 0:  # no statistics (e.g. nothing to count): no layer is more uncertain
             return np.full(n, b_avg)
         uncertainty = lmba / lmba.sum()
+        b_min = self.min_budget_ratio * b_avg
         return b_min + (b_avg - b_min) * n * uncertainty
