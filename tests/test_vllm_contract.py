@@ -538,6 +538,20 @@ def _class_sources(cls):
             continue
 
 
+def _attribute_targets(tree):
+    """Every `x.attr` assigned to (`=`, annotated or augmented) in `tree`."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+            targets = [node.target]
+        else:
+            continue
+        for target in (t for tt in targets for t in _assigned_names(tt)):
+            if isinstance(target, ast.Attribute):
+                yield target
+
+
 def _assigned_names(target) -> list[ast.expr]:
     if isinstance(target, (ast.Tuple, ast.List)):
         return [t for elt in target.elts for t in _assigned_names(elt)]
@@ -553,21 +567,9 @@ def attribute_names(cls) -> set[str]:
         names |= {f.name for f in dataclasses.fields(cls)}
     names |= set(getattr(cls, "__struct_fields__", ()))  # msgspec structs (SamplingParams)
     for klass, tree in _class_sources(cls):
-        for node in ast.walk(tree):
-            targets = (
-                node.targets
-                if isinstance(node, ast.Assign)
-                else [node.target]
-                if isinstance(node, (ast.AnnAssign, ast.AugAssign))
-                else []
-            )
-            for target in (t for tt in targets for t in _assigned_names(tt)):
-                if (
-                    isinstance(target, ast.Attribute)
-                    and isinstance(target.value, ast.Name)
-                    and target.value.id == "self"
-                ):
-                    names.add(target.attr)
+        for target in _attribute_targets(tree):
+            if isinstance(target.value, ast.Name) and target.value.id == "self":
+                names.add(target.attr)
         # nn.Module buffers registered by module-level helpers (the attention layer's scales)
         module_tree = ast.parse(Path(inspect.getsourcefile(klass)).read_text())
         for node in ast.walk(module_tree):
@@ -753,22 +755,10 @@ def plugin_patches() -> dict[str, str]:
             if isinstance(node, ast.ImportFrom) and node.module and node.module.partition(".")[0] == "vllm"
             for alias in node.names
         }
-        for node in ast.walk(tree):
-            targets = (
-                node.targets
-                if isinstance(node, ast.Assign)
-                else [node.target]
-                if isinstance(node, (ast.AnnAssign, ast.AugAssign))
-                else []
-            )
-            for target in (t for tt in targets for t in _assigned_names(tt)):
-                if (
-                    isinstance(target, ast.Attribute)
-                    and isinstance(target.value, ast.Name)
-                    and target.value.id in imported
-                ):
-                    key = f"{imported[target.value.id]}:{target.value.id}.{target.attr}"
-                    found[key] = f"{path.relative_to(ROOT)}:{node.lineno}"
+        for target in _attribute_targets(tree):
+            if isinstance(target.value, ast.Name) and target.value.id in imported:
+                key = f"{imported[target.value.id]}:{target.value.id}.{target.attr}"
+                found[key] = f"{path.relative_to(ROOT)}:{target.lineno}"
     return found
 
 
