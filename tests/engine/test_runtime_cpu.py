@@ -330,3 +330,18 @@ def test_layer_groups_fit_the_budget():
     # 8B shapes (32 query / 8 KV heads per rank) at 128k tokens: ~42 MB per layer -> 6 layers per 256 MiB pass
     per_layer = workspace_bytes_per_row(32, 8, 131072)
     assert len(layer_groups(32, per_layer, 256 << 20)[0]) == 6
+
+
+def test_requests_are_chunked_by_their_longest_prompt(monkeypatch):
+    """Rows of a chunk are padded to its longest prompt: the workspace estimate must count that."""
+    from vllm_kvcomp.engine.memory import workspace_bytes_per_row
+
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    rows, reqs = prepare(runtime, pool, [300, 40, 40], [0, 0, 0], seed=12)
+    # room for two rows of 300 tokens per layer, not three: the 40-token prompts pad to 300
+    runtime.evictor.workspace_bytes = 2 * L * workspace_bytes_per_row(HQ, HKV, 300)
+    chunks = []
+    evict_chunk = runtime.evictor._evict_chunk
+    monkeypatch.setattr(runtime.evictor, "_evict_chunk", lambda r, g: chunks.append(len(r)) or evict_chunk(r, g))
+    runtime._evict(reqs)
+    assert chunks == [2, 1]

@@ -67,14 +67,14 @@ class Evictor:
         report = CompressionReport()
         start = 0
         while start < len(batch):
-            per_layer = 0
-            end = start
+            # The kernels pad every row of a chunk to its longest prompt.
+            per_layer, longest, end = 0, 0, start
             while end < len(batch):
-                row = workspace_bytes_per_row(g.num_heads, g.num_kv_heads, batch[end].prompt_len)
-                if end > start and (per_layer + row) * g.num_layers > budget:
+                candidate = max(longest, batch[end].prompt_len)
+                needed = (end - start + 1) * workspace_bytes_per_row(g.num_heads, g.num_kv_heads, candidate)
+                if end > start and needed * g.num_layers > budget:
                     break
-                per_layer += row
-                end += 1
+                per_layer, longest, end = needed, candidate, end + 1
             groups = layer_groups(g.num_layers, per_layer, budget)
             if len(groups) > 1:
                 logger.info(
