@@ -51,6 +51,11 @@ stage_long_prompt() {
     -q -p no:cacheprovider 2>&1 | tee "$LOGS/long_prompt_gpu_tests.log" | tail -20
   cp "$WORK/long_prompt.log" "$LOGS/" 2>/dev/null || true
 }
+stage_identity() {
+  # budget 1.0 and per-request "none" vs stock, batch-invariant and normal mode (TP=2 on nvidia-h200-x2)
+  KVCOMP_RESULTS_DIR="$RESULTS" KVCOMP_WORK_DIR="$WORK" timeout 580 $PY -m pytest -m gpu tests/engine/test_identity_gpu.py \
+    -q -p no:cacheprovider 2>&1 | tee "$LOGS/identity_gpu_tests.log" | tail -20
+}
 stage_runtime_gpu() {
   # warm-up covers every serving shape (no compilation while serving)
   timeout 300 $PY -m pytest -m gpu tests/engine/test_runtime_gpu.py -q -p no:cacheprovider 2>&1 | tee "$LOGS/runtime_gpu_tests.log" | tail -8
