@@ -161,6 +161,23 @@ def test_allocate_projection(raw, lo, span, data):
     assert out.sum() == total and out.min() >= lo and out.max() <= hi
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.floats(0, 5000), min_size=2, max_size=12), st.integers(0, 100), st.integers(0, 3000), st.data())
+def test_allocate_never_inverts_two_layers(raw, lo, span, data):
+    hi = lo + span
+    total = data.draw(st.integers(len(raw) * lo, len(raw) * hi))
+    out = allocate(np.array(raw), total, lo, hi)
+    r = np.array(raw)
+    smaller = r[:, None] < r[None, :] - 1e-6 * (1 + r[None, :])  # differences that survive float rounding
+    inverted = smaller & (out[:, None] > out[None, :])  # a smaller raw budget got more
+    assert not inverted.any(), (raw, lo, hi, total, out.tolist())
+
+
+def test_allocate_shrinks_a_capped_layer_no_further_than_the_others():
+    # was [1, 0]: the layer capped at hi lost the whole difference in proportion to its raw weight
+    assert allocate(np.array([1.0, 200.0]), 1, 0, 100).tolist() == [0, 1]
+
+
 def test_allocate_keeps_shape_when_feasible():
     raw = np.array([10.0, 20.0, 30.0, 40.0])
     assert allocate(raw, 100, 0, 100).tolist() == [10, 20, 30, 40]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_kvcomp import planner
@@ -149,14 +149,12 @@ def test_budget_properties(case):
 @given(zigzag_requests())
 def test_more_uncertain_layers_never_get_less(case):
     req, ratio = case
-    # Only when no layer is lifted to the floor: `allocate` takes the lift from the layers above
-    # it in proportion to raw - floor, also from one already capped at P, which can invert two
-    # layers when both bounds bind at once (policies/base.py, shared by every method).
-    assume(ratio * req.avg_budget >= req.floor)
     budgets = zigzag(ratio).budgets(req)
-    order = np.argsort(req.stats.mba, kind="stable")
-    # Monotone up to the rounding unit handed out by the largest remainder.
-    assert np.all(np.diff(budgets[order]) >= -1)
+    mba = req.stats.mba
+    # `allocate` scales every layer by one factor, so the order holds even where the floor and
+    # the prompt length both bind (policies/base.py); equal layers may differ by the rounding unit.
+    less = mba[:, None] < mba[None, :] - 1e-6 * (1 + mba[None, :])  # differences that survive float rounding
+    assert not (less & (budgets[:, None] > budgets[None, :])).any()
 
 
 @pytest.mark.parametrize("field,value", [("tau", 1.0), ("min_budget_ratio", 1.5), ("mba_scope", "window")])

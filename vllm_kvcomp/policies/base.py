@@ -114,9 +114,11 @@ class BudgetPolicy(ABC):
 def allocate(raw: np.ndarray, total: int, lo: int, hi: int) -> np.ndarray:
     """Integer budgets close to `raw` with sum == total and lo <= b <= hi.
 
-    First a projection onto {lo <= x <= hi, sum x = total} that keeps the shape
-    of `raw` (entries pinned at a bound stay there, the rest absorb the
-    difference in proportion to their weight), then largest-remainder rounding.
+    First the projection x_i = clip(lo + t * (raw_i - lo), lo, hi) onto
+    {lo <= x <= hi, sum x = total}: one scale t for every layer, so the order of
+    the layers is kept (a layer with a larger raw budget never gets less) and,
+    where nothing is clipped, x is `raw` scaled around `lo`. Then
+    largest-remainder rounding.
     """
     n = len(raw)
     if n == 0:
@@ -125,44 +127,53 @@ def allocate(raw: np.ndarray, total: int, lo: int, hi: int) -> np.ndarray:
         raise ValueError(f"allocate: total {total} infeasible for {n} layers in [{lo}, {hi}]")
     if not np.all(np.isfinite(raw)):
         raise ValueError("allocate: raw budgets must be finite")
-    x = np.clip(raw.astype(np.float64), lo, hi)
-    weight = np.maximum(raw.astype(np.float64) - lo, 0.0) + 1e-12
-    for _ in range(n + 1):
-        diff = total - x.sum()
-        if abs(diff) <= 1e-9 * max(1.0, total):
-            break
-        movable = x < hi if diff > 0 else x > lo
-        if not movable.any():
-            break
-        w = weight * movable
-        x = np.clip(x + diff * w / w.sum(), lo, hi)
-    # Largest remainder: floor, then hand out the missing units by fractional part.
-    base = np.floor(x + 1e-9).astype(np.int64)
-    base = np.clip(base, lo, hi)
+    x = _scaled_projection(np.maximum(raw.astype(np.float64) - lo, 0.0), float(total), lo, hi)
+    return _round_to_total(x, raw.astype(np.float64), total, lo, hi)
+
+
+def _round_to_total(x: np.ndarray, raw: np.ndarray, total: int, lo: int, hi: int) -> np.ndarray:
+    """Largest remainder: floor, then hand out the missing units by fractional part.
+
+    Ties (within rounding noise) go to the layer with the larger raw budget, then
+    to the lower index, so a layer never gets more than one with a larger raw budget.
+    """
+    n = len(x)
+    base = np.clip(np.floor(x + 1e-9).astype(np.int64), lo, hi)
     missing = int(total - base.sum())
-    frac = x - base
-    if missing > 0:
-        order = sorted(range(n), key=lambda i: (-frac[i], i))
+    frac = np.round(x - base, 6)
+    step = 1 if missing > 0 else -1
+    if step > 0:
+        order = sorted(range(n), key=lambda i: (-frac[i], -raw[i], i))
+    else:
+        order = sorted(range(n), key=lambda i: (frac[i], raw[i], -i))
+    while missing != 0:  # one pass hands out at most one unit per layer
         for i in order:
-            if missing == 0:
-                break
-            if base[i] < hi:
-                base[i] += 1
-                missing -= 1
-        # Fractions all consumed but units remain (rounding of clipped entries).
-        i = 0
-        while missing > 0:
-            if base[i % n] < hi:
-                base[i % n] += 1
-                missing -= 1
-            i += 1
-    elif missing < 0:
-        order = sorted(range(n), key=lambda i: (frac[i], -i))
-        i = 0
-        while missing < 0:
-            j = order[i % n]
-            if base[j] > lo:
-                base[j] -= 1
-                missing += 1
-            i += 1
+            if missing != 0 and lo <= base[i] + step <= hi:
+                base[i] += step
+                missing -= step
     return base
+
+
+def _scaled_projection(weight: np.ndarray, total: float, lo: int, hi: int) -> np.ndarray:
+    """x = clip(lo + t * weight, lo, hi) with sum(x) == total, for the one t that gives it.
+
+    sum(x) is piecewise linear and nondecreasing in t, with a breakpoint where each
+    layer reaches `hi`: walk the breakpoints (largest weight first) and solve the
+    linear piece that crosses `total`. Layers of weight 0 get a tiny weight (so they
+    are the last to rise, all together).
+    """
+    n = len(weight)
+    if hi == lo:
+        return np.full(n, float(lo))
+    weight = weight + 1e-9 * max(1.0, float(weight.max()))
+    order = np.argsort(-weight, kind="stable")
+    w_sorted = weight[order]
+    breakpoints = (hi - lo) / w_sorted  # ascending: t at which each layer reaches hi
+    unsaturated = w_sorted.sum() - np.concatenate([[0.0], np.cumsum(w_sorted)[:-1]])  # weight still below hi
+    k = np.arange(n)
+    t = (total - k * hi - (n - k) * lo) / unsaturated  # the crossing if exactly k layers are at hi
+    start = np.concatenate([[0.0], breakpoints[:-1]])
+    valid = (t >= start - 1e-12) & (t <= breakpoints + 1e-12)
+    if not valid.any():  # total == n * hi
+        return np.full(n, float(hi))
+    return np.clip(lo + t[np.flatnonzero(valid)[0]] * weight, lo, hi)
