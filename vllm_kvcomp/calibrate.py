@@ -117,7 +117,7 @@ class Calibration:
             return "varies a lot across prompts: per-request zigzag is likely better than a static profile"
         return (
             "moderately stable: a profile fits one model and one workload; compare it with zigzag "
-            "on your prompts (vllm-kvcomp eval)"
+            "on your prompts (python -m evaluation, from a checkout)"
         )
 
 
