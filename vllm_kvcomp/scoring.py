@@ -45,7 +45,7 @@ def head_statistics(
     valid = positions < lens
     mass = mass * valid.unsqueeze(1)  # a new tensor: the in-place masking below leaves the caller's intact
     total = mass.sum(-1)
-    local = valid & ((positions < num_sinks) | (positions >= lens - local_recent))
+    local = forced_keep_mask(lens.view(-1), mass.shape[-1], num_sinks, local_recent)
     local_mass = (mass * local.unsqueeze(1)).sum(-1) / total.clamp_min(1e-30)
     counted = lens
     if exclude_recent > 0:
