@@ -134,14 +134,16 @@ class WindowCapture:
     def gather(self, reqs: list[TrackedRequest]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
         """Window queries [L, R, W, H, D] and LSE [L, R, W, H] of captured requests,
         each request's captured run moved to rows 0.., plus (rows, scored length) each."""
-        extents = [req.rows.extent(req.prompt_len) for req in reqs]  # type: ignore[union-attr]
-        slots = torch.tensor([req.rows.slot for req in reqs], dtype=torch.long, device=self.device)  # type: ignore[union-attr]
+        captured = [req.rows for req in reqs]
+        assert all(rows is not None for rows in captured), "gather() takes requests holding a capture slot"
+        windows = [rows for rows in captured if rows is not None]
+        extents = [rows.extent(req.prompt_len) for rows, req in zip(windows, reqs)]
+        slots = torch.tensor([rows.slot for rows in windows], dtype=torch.long, device=self.device)
         queries, lse = self.queries[:, slots], self.lse[:, slots]
         # Rows are stored right-aligned at the end of the window; with a shortened
         # window (rows missing at the end) shift each request's run to start at 0.
         first_rows = [
-            req.rows.window - rows - (req.prompt_len - scored)  # type: ignore[union-attr]
-            for req, (rows, scored) in zip(reqs, extents)
+            rows.window - n - (req.prompt_len - scored) for rows, req, (n, scored) in zip(windows, reqs, extents)
         ]
         if any(first_rows):
             R = len(reqs)
