@@ -4,8 +4,9 @@
 
 SPEC (json): {"model", "compression": {...} | null, "kv_cache_memory_bytes",
 "max_model_len", "max_num_seqs", "workload": {"num_prompts", "prompt_len",
-"output_len", "seed", "extra_args"} (or "workloads": [...], run one after the
-other on the same engine), "env": {...}, "enforce_eager", "return_tokens"}.
+"output_len", "seed", "extra_args" (or "extra_args_cycle": one per request, in
+turn), "logprobs": bool} (or "workloads": [...], run one after the other on the
+same engine), "env": {...}, "enforce_eager", "return_tokens"}.
 
 Each configuration gets its own process (a clean GPU and a clean vLLM), so that
 stock vLLM and vLLM + plugin run the same prompts with the same KV memory on
@@ -114,9 +115,19 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
     from vllm import SamplingParams
 
     prompts = [{"prompt_token_ids": ids} for ids in make_prompts(workload)]
-    params = SamplingParams(
-        max_tokens=workload["output_len"], temperature=0.0, ignore_eos=True, extra_args=workload.get("extra_args")
-    )
+    # `extra_args_cycle`: request i gets entry i % n (mixed batches); else `extra_args` for all.
+    # `logprobs`: also return each generated token's log-probability (SamplingParams.logprobs=0).
+    cycle = workload.get("extra_args_cycle") or [workload.get("extra_args")]
+    params = [
+        SamplingParams(
+            max_tokens=workload["output_len"],
+            temperature=0.0,
+            ignore_eos=True,
+            extra_args=cycle[i % len(cycle)],
+            logprobs=0 if workload.get("logprobs") else None,
+        )
+        for i in range(len(prompts))
+    ]
     before = scrape_plugin_metrics(metrics_port) if plugin else {}
 
     max_running = [0.0]
@@ -166,7 +177,14 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
         result["plugin_metrics"] = _counter_delta(scrape_plugin_metrics(metrics_port), before)
     if return_tokens:
         result["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]
+    if workload.get("logprobs"):
+        result["logprobs"] = [chosen_logprobs(o.outputs[0]) for o in outputs]
     return result
+
+
+def chosen_logprobs(completion) -> list[float]:
+    """The log-probability of each generated token (vLLM returns the chosen one with logprobs=0)."""
+    return [float(step[token].logprob) for token, step in zip(completion.token_ids, completion.logprobs or [])]
 
 
 def run(spec: dict, result_path: Path | None = None) -> dict:

@@ -12,9 +12,12 @@
 #   tar xzf <files_at>/kvcomp.tgz -C bench/results   (results/ and logs/ inside)
 set -uo pipefail
 OUT=${OUT:-/tmp/kvcomp-out}
-WORK=/tmp/kvcomp-work
-RESULTS=/tmp/kvcomp-pack/results
-LOGS=/tmp/kvcomp-pack/logs
+# Two sessions may run at once on a two-GPU machine (CUDA_VISIBLE_DEVICES apart): give each its own
+# WORK and PACK (results + logs).
+WORK=${WORK:-/tmp/kvcomp-work}
+PACK=${PACK:-/tmp/kvcomp-pack}
+RESULTS=$PACK/results
+LOGS=$PACK/logs
 REPO=$(pwd)
 mkdir -p "$OUT" "$WORK" "$RESULTS" "$LOGS"
 # The tooling (bench/, evaluation/) is not installed: /tmp/kvtools links just those two folders of the
@@ -78,6 +81,26 @@ stage_serve() {
   cp "$WORK/serve.log" "$LOGS/" 2>/dev/null || true
 }
 
+# --- hardening issue, item 10: the chaos run (TP=2 needs nvidia-h200-x2)
+stage_chaos_tp1() {
+  (cd "$WORK" && timeout 580 $PY -m bench.chaos --tp 1 --out "$RESULTS" --work "$WORK/chaos" 2>&1 \
+    | tee "$LOGS/chaos_tp1.log" | grep -E "^\[chaos\]|Error|error" | tail -10)
+}
+stage_chaos_tp2() {
+  (cd "$WORK" && timeout 580 $PY -m bench.chaos --tp 2 --out "$RESULTS" --work "$WORK/chaos" 2>&1 \
+    | tee "$LOGS/chaos_tp2.log" | grep -E "^\[chaos\]|Error|error" | tail -10)
+}
+stage_identity_tp1() {
+  KVCOMP_RESULTS_DIR="$RESULTS" KVCOMP_WORK_DIR="$WORK" timeout 580 $PY -m pytest -m gpu tests/engine/test_identity_gpu.py \
+    -k "1" -q -p no:cacheprovider 2>&1 | tee "$LOGS/identity_tp1_gpu_tests.log" | tail -20
+  cp "$WORK"/*_tp1.log "$LOGS/" 2>/dev/null || true
+}
+stage_identity_tp2() {
+  KVCOMP_RESULTS_DIR="$RESULTS" KVCOMP_WORK_DIR="$WORK" timeout 580 $PY -m pytest -m gpu tests/engine/test_identity_gpu.py \
+    -k "2" -q -p no:cacheprovider 2>&1 | tee "$LOGS/identity_tp2_gpu_tests.log" | tail -20
+  cp "$WORK"/*_tp2.log "$LOGS/" 2>/dev/null || true
+}
+
 # --- issue #5: throughput (stock and plugin in the same machine session, same KV memory)
 TPUT="$PY -m bench.throughput --out $RESULTS --work /tmp/kvcomp-throughput"
 stage_tput_stock() {
@@ -114,6 +137,6 @@ for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   "stage_$stage"
   cp /tmp/kvcomp-throughput/logs/*.log "$LOGS/" 2>/dev/null || true
-  tar czf "$OUT/kvcomp.tgz" -C /tmp/kvcomp-pack results logs
+  tar czf "$OUT/kvcomp.tgz" -C "$PACK" results logs
 done
 echo "=== done $(date +%T)"

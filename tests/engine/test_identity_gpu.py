@@ -21,11 +21,33 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-WORKLOAD = {"num_prompts": 24, "prompt_len": [1000, 8000], "output_len": 64, "seed": 3}
+WORKLOAD = {"num_prompts": 24, "prompt_len": [1000, 8000], "output_len": 64, "seed": 3, "logprobs": True}
+# a mixed batch: every other request compressed, the rest full KV, all in one batch
+MIXED = {**WORKLOAD, "extra_args_cycle": [{"kv_compression": "none"}, {"kv_compression": "uniform", "kv_budget": 0.2}]}
 
 
 def _share(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def logprob_gap(tokens, logprobs, ref_tokens, ref_logprobs, members) -> dict:
+    """|log p(token)| differences against the reference on each request's common prefix of tokens
+    (after the first different token the two sequences no longer condition on the same text)."""
+    diffs, first = [], []
+    for i in members:
+        same = 0
+        while same < min(len(tokens[i]), len(ref_tokens[i])) and tokens[i][same] == ref_tokens[i][same]:
+            same += 1
+        gap = [abs(a - b) for a, b in zip(logprobs[i][: same + 1], ref_logprobs[i][: same + 1])]
+        diffs += gap
+        first += gap[:1]
+    return {
+        "requests": len(members),
+        "identical_share": sum(tokens[i] == ref_tokens[i] for i in members) / len(members),
+        "max_abs_logprob_diff": max(diffs, default=0.0),
+        "mean_abs_logprob_diff": sum(diffs) / max(1, len(diffs)),
+        "max_abs_logprob_diff_first_token": max(first, default=0.0),
+    }
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -45,28 +67,39 @@ def test_budget_one_and_none_match_stock(tmp_path, mode, tp):
         "return_tokens": True,
         "env": {"VLLM_BATCH_INVARIANT": "1"} if mode == "deterministic" else {},
     }
-    # stock twice on one engine (its own run-to-run agreement), then the plugin:
-    # server budget 1.0, and a per-request "none" on a compressing server
+    torch.cuda.empty_cache()
+    # stock twice on one engine (its own run-to-run agreement), then the plugin: server
+    # budget 1.0, a per-request "none" on a compressing server, and a mixed batch
     stock = run_in_subprocess({**base, "name": f"stock_{mode}_tp{tp}", "workloads": [WORKLOAD, WORKLOAD]}, work)
     plugin = run_in_subprocess(
         {
             **base,
             "name": f"plugin_{mode}_tp{tp}",
             "compression": {"method": "uniform", "budget": 1.0},
-            "workloads": [WORKLOAD, {**WORKLOAD, "extra_args": {"kv_compression": "none"}}],
+            "workloads": [WORKLOAD, {**WORKLOAD, "extra_args": {"kv_compression": "none"}}, MIXED],
         },
         work,
     )
-    stock_a, stock_b = (w["tokens"] for w in stock["workloads"])
-    budget_one, none = (w["tokens"] for w in plugin["workloads"])
+    stock_a, stock_b = stock["workloads"]
+    budget_one, none, mixed = plugin["workloads"]
+    n = WORKLOAD["num_prompts"]
+    ref = (stock_a["tokens"], stock_a["logprobs"])
     record = {
         "mode": mode,
         "tp": tp,
         "prompt_lens": WORKLOAD["prompt_len"],
-        "num_prompts": WORKLOAD["num_prompts"],
-        "stock_vs_stock_share": _share(stock_a, stock_b),
-        "identical_share_budget_1": _share(budget_one, stock_a),
-        "identical_share_none": _share(none, stock_a),
+        "num_prompts": n,
+        "stock_vs_stock_share": _share(stock_a["tokens"], stock_b["tokens"]),
+        "identical_share_budget_1": _share(budget_one["tokens"], stock_a["tokens"]),
+        "identical_share_none": _share(none["tokens"], stock_a["tokens"]),
+        "stock_vs_stock_logprobs": logprob_gap(stock_b["tokens"], stock_b["logprobs"], *ref, range(n)),
+        "budget_1_logprobs": logprob_gap(budget_one["tokens"], budget_one["logprobs"], *ref, range(n)),
+        # the mixed batch against stock: full-KV members (must not feel their compressed
+        # neighbours) and compressed members (uniform, budget 0.2: the compression's own effect)
+        "mixed_batch": {
+            "full_kv_members": logprob_gap(mixed["tokens"], mixed["logprobs"], *ref, range(0, n, 2)),
+            "compressed_members_budget_0.2": logprob_gap(mixed["tokens"], mixed["logprobs"], *ref, range(1, n, 2)),
+        },
         "command": f"pytest -m gpu tests/engine/test_identity_gpu.py -k '{mode} and {tp}'",
         "commit": os.environ.get("KVCOMP_COMMIT"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -84,3 +117,7 @@ def test_budget_one_and_none_match_stock(tmp_path, mode, tp):
         assert record["stock_vs_stock_share"] == 1.0, "batch-invariant stock is not deterministic here"
         assert record["identical_share_budget_1"] == 1.0
         assert record["identical_share_none"] == 1.0
+        assert record["mixed_batch"]["full_kv_members"]["identical_share"] == 1.0
+        assert record["mixed_batch"]["full_kv_members"]["max_abs_logprob_diff"] == 0.0
+    # in either mode the first token comes from the same prefill kernels as stock's
+    assert record["budget_1_logprobs"]["max_abs_logprob_diff_first_token"] < 0.05

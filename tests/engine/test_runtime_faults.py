@@ -180,3 +180,24 @@ def test_window_of_one_inside_a_full_cuda_graph_is_skipped_visibly():
     runtime.begin_step(_chunk(runtime, "a", 199, 1, 200))
     report = runtime.end_step()
     assert [(s.req_id, s.reason) for s in report.skips] == [("a", "no_window_queries")]
+
+
+def test_fault_injector_rank1_faults_fire_on_rank_one_only(monkeypatch):
+    """`kvfault-rank1-<stage>` (the TP=2 chaos run) fails the batch on rank 1 alone; rank 0 goes on."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fault_injector", Path(__file__).with_name("fault_injector.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for rank, expected in ((0, []), (1, ["eviction_error_score"])):
+        monkeypatch.setattr(module, "_tp_rank", lambda rank=rank: rank)
+        runtime, pool = make_runtime("uniform", budget="0.3")
+        runtime.observer = module.FaultInjector()
+        snapshot = pool.clone()
+        report = prefill_step(runtime, {"cmpl-kvfault-rank1-score-7": 200})
+        assert [s.reason for s in report.skips] == expected
+        assert (len(report.evictions) == 1) == (rank == 0)
+        if rank == 1:
+            assert torch.equal(pool, snapshot)
