@@ -192,6 +192,7 @@ def build_engine(args, model: Path):
         kv_cache_memory_bytes=kv_tokens * KV_BYTES_PER_TOKEN // args.tp,
         enable_prefix_caching=False,
         disable_log_stats=False,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tp,
         additional_config={"kv_compression": {"method": args.method, "budget": args.budget}},
     )
@@ -276,6 +277,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--verify", type=int, default=24, help="evictions self-checked per worker")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="low: other jobs may share the GPU")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--work", type=Path, default=Path("/tmp/kvcomp-chaos"))
     return p.parse_args(argv)

@@ -101,6 +101,8 @@ def build_llm(spec: dict):
         enforce_eager=spec.get("enforce_eager", False),
         tensor_parallel_size=spec.get("tensor_parallel_size", 1),
     )
+    if spec.get("gpu_memory_utilization"):  # below vLLM's default when another engine shares the GPU
+        kwargs["gpu_memory_utilization"] = spec["gpu_memory_utilization"]
     if spec.get("compression"):
         kwargs["additional_config"] = {"kv_compression": spec["compression"]}
     return LLM(**kwargs)
