@@ -1,12 +1,17 @@
-"""Off means stock, provably (hardening issue, item 8). Not yet run on a GPU: see the issue notes.
+"""Off means stock, provably (hardening issue, item 8).
 
 Random-weight stock vLLM is not token-deterministic from run to run, so one
-plugin-vs-stock comparison proves little. In vLLM's batch-invariant mode
-(`VLLM_BATCH_INVARIANT=1`; the plugin's backend inherits FlashAttention's
-support: one KV split per query) budget 1.0 and a per-request "none" must give
-exactly stock's tokens, with mixed prompt lengths. In normal mode the
-agreement is reported beside stock's agreement with itself on the same
-workload. Set KVCOMP_RESULTS_DIR to write identity.json.
+plugin-vs-stock comparison proves little. Three modes, each with stock twice
+(its agreement with itself) and the plugin (server budget 1.0, a per-request
+"none", and a mixed batch of full-KV and compressed requests):
+
+  * sequential: one request at a time (max_num_seqs=1), so no timing-dependent
+    batching is left; budget 1.0 and "none" must give exactly stock's tokens;
+  * deterministic: vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`);
+    reported (on the H200 stock itself was not run-to-run identical there);
+  * normal: reported beside stock's agreement with itself.
+
+Set KVCOMP_RESULTS_DIR to write identity.json.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ def logprob_gap(tokens, logprobs, ref_tokens, ref_logprobs, members) -> dict:
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("mode", ["deterministic", "normal"])
+@pytest.mark.parametrize("mode", ["sequential", "deterministic", "normal"])
 def test_budget_one_and_none_match_stock(tmp_path, mode, tp):
     from bench.offline import run_in_subprocess
     from evaluation.random_model import make_random_model
@@ -67,6 +72,8 @@ def test_budget_one_and_none_match_stock(tmp_path, mode, tp):
         "return_tokens": True,
         "gpu_memory_utilization": 0.45,  # the chaos run may share the GPUs (bench/device/session.sh)
         "env": {"VLLM_BATCH_INVARIANT": "1"} if mode == "deterministic" else {},
+        # sequential: one request at a time, so no timing-dependent batching is left
+        "max_num_seqs": 1 if mode == "sequential" else 256,
     }
     torch.cuda.empty_cache()
     # stock twice on one engine (its own run-to-run agreement), then the plugin: server
@@ -114,8 +121,10 @@ def test_budget_one_and_none_match_stock(tmp_path, mode, tp):
         cases = json.loads(path.read_text())["cases"] if path.exists() else []
         cases = [c for c in cases if (c["mode"], c["tp"]) != (mode, tp)] + [record]
         path.write_text(json.dumps({"cases": cases}, indent=1))
-    if mode == "deterministic":
-        assert record["stock_vs_stock_share"] == 1.0, "batch-invariant stock is not deterministic here"
+    if mode == "sequential":
+        # (batch-invariant stock was not run-to-run identical on the H200: 0.5 at TP=1, see
+        # bench/results/identity.json, so the exact check runs on the schedule without timing)
+        assert record["stock_vs_stock_share"] == 1.0, "stock is not deterministic one request at a time"
         assert record["identical_share_budget_1"] == 1.0
         assert record["identical_share_none"] == 1.0
         assert record["mixed_batch"]["full_kv_members"]["identical_share"] == 1.0
