@@ -46,6 +46,9 @@ FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.0)
 TOKEN_BUDGETS = (128, 512, 1024, 2048, 4096, 16384)
 BAD_INPUTS = ({"kv_budget": "lots"}, {"kv_budjet": 0.2}, {"kv_budget": 1e30}, {"kv_compression": "zigzagg"})
 INTACT_FAULTS = ("score", "plan", "compact")
+# On one rank only, a fault before compaction is served uncompressed only up to the plan: once
+# another rank has begun compacting, the batch is finished with an error by design (no rollback).
+RANK1_INTACT_FAULTS = ("score", "plan")
 
 
 @dataclass
@@ -82,8 +85,8 @@ def plan_requests(args, methods: list[str]) -> list[Planned]:
         if rng.random() < args.bad_share:
             req.extra_args, req.bad = dict(rng.choice(BAD_INPUTS)), True
         elif rng.random() < args.fault_share:
-            stage = rng.choice(INTACT_FAULTS)
             rank1 = args.tp > 1 and rng.random() < 0.5
+            stage = rng.choice(RANK1_INTACT_FAULTS if rank1 else INTACT_FAULTS)
             req.request_id = f"chaos-{i}-kvfault-{'rank1-' if rank1 else ''}{stage}"
         if not req.bad and rng.random() < args.abort_share:
             if rng.random() < 0.5:

@@ -201,3 +201,23 @@ def test_fault_injector_rank1_faults_fire_on_rank_one_only(monkeypatch):
         assert (len(report.evictions) == 1) == (rank == 0)
         if rank == 1:
             assert torch.equal(pool, snapshot)
+
+
+def test_a_plan_failure_on_another_rank_stops_this_rank_before_it_compacts(monkeypatch):
+    """TP: planning is host work after the shared statistics; if another rank fails there, this
+    rank (whose plan succeeded) must not rewrite its KV (found by the TP=2 chaos run)."""
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    snapshot = pool.clone()
+    calls = []
+
+    def other_rank_failed_planning(flags):  # the first agreement after the statistics is the plan's
+        calls.append(list(flags))
+        return [True] + list(flags[1:]) if len(calls) == 1 else list(flags)
+
+    monkeypatch.setattr(runtime.executor, "any_rank", other_rank_failed_planning)
+    report = prefill_step(runtime, {"a": 200})
+    assert calls[0] == [False]  # this rank planned fine
+    assert [s.reason for s in report.skips] == ["eviction_error_other_rank_plan"] and not report.failures
+    assert torch.equal(pool, snapshot)
+    report = prefill_step(runtime, {"b": 200}, seed=4)  # and the next batch compresses
+    assert len(report.evictions) == 1

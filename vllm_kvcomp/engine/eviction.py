@@ -88,10 +88,11 @@ class Evictor:
         """Compress a batch of requests; a failure stays in the batch.
 
         Phase A (score, statistics) only reads the KV pool: if it fails on any
-        rank, every rank serves the batch uncompressed. Phase B (plan, select,
-        compact, relocate, publish) rewrites it: if it fails on any rank after
-        compaction began, the requests are finished with an error (their KV is no
-        longer what they prefilled); before that, they are served uncompressed.
+        rank, every rank serves the batch uncompressed. So does a failed plan on
+        any rank (the ranks agree before rewriting). Phase B (select, compact,
+        relocate, publish) rewrites it: if it fails on any rank after compaction
+        began on some rank, the requests are finished with an error (their KV is
+        no longer what they prefilled); before that, they are served uncompressed.
         """
         timer = self.rt.timer.start(len(reqs))
         scored, error = self._guarded("score", self._score, reqs, groups)
@@ -99,13 +100,15 @@ class Evictor:
         if stats is None or scored is None:
             return self._contained(reqs, "score", error, intact=True)
         plans, error = self._guarded("plan", self._plans, reqs, stats)
+        # Planning runs on the host from the shared statistics; a rank that failed there must
+        # stop the others before any of them rewrites its KV (found by the TP=2 chaos run).
+        if self.rt.executor.any_rank([plans is None])[0]:
+            return self._contained(reqs, "plan", error, intact=True)
         progress = _Progress()
-        verify = None
-        if plans is not None:
-            verify, error = self._guarded("compact", self._rewrite, reqs, plans, scored, progress)
+        verify, error = self._guarded("compact", self._rewrite, reqs, plans, scored, progress)
         failed, compacted = self.rt.executor.any_rank([error is not None, progress.compaction_started])
         if failed or plans is None:
-            return self._contained(reqs, "plan" if plans is None else "compact", error, intact=not compacted)
+            return self._contained(reqs, "compact", error, intact=not compacted)
         self.rt.timer.stop(timer)
         return CompressionReport(evictions=self._records(reqs, plans, verify))
 
