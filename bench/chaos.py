@@ -273,7 +273,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--abort-share", type=float, default=0.3)
     p.add_argument("--bad-share", type=float, default=0.02)
     p.add_argument("--fault-share", type=float, default=0.02)
-    p.add_argument("--kv-tokens", type=int, default=131072, help="KV pool size in tokens (forces preemption)")
+    p.add_argument("--kv-tokens", type=int, default=98304, help="KV pool size in tokens (forces preemption)")
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--method", default="zigzag", help="the server's method (requests override it)")

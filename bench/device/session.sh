@@ -91,13 +91,16 @@ stage_chaos_tp2() {
     | tee "$LOGS/chaos_tp2.log" | grep -E "^\[chaos\]|Error|error" | tail -10)
 }
 stage_identity_tp1() {
+  # IDENTITY_K picks the modes (pytest -k), e.g. "sequential"; default: all three
   KVCOMP_RESULTS_DIR="$RESULTS" KVCOMP_WORK_DIR="$WORK" timeout 580 $PY -m pytest -m gpu tests/engine/test_identity_gpu.py \
-    -k "1" -q -p no:cacheprovider 2>&1 | tee "$LOGS/identity_tp1_gpu_tests.log" | tail -20
+    -k "(${IDENTITY_K:-sequential or deterministic or normal}) and 1" -q -p no:cacheprovider 2>&1 \
+    | tee "$LOGS/identity_tp1_gpu_tests.log" | tail -20
   cp "$WORK"/*_tp1.log "$LOGS/" 2>/dev/null || true
 }
 stage_identity_tp2() {
   KVCOMP_RESULTS_DIR="$RESULTS" KVCOMP_WORK_DIR="$WORK" timeout 580 $PY -m pytest -m gpu tests/engine/test_identity_gpu.py \
-    -k "(sequential or deterministic) and 2" -q -p no:cacheprovider 2>&1 | tee "$LOGS/identity_tp2_gpu_tests.log" | tail -20
+    -k "(${IDENTITY_K:-sequential or deterministic}) and 2" -q -p no:cacheprovider 2>&1 \
+    | tee "$LOGS/identity_tp2_gpu_tests.log" | tail -20
   cp "$WORK"/*_tp2.log "$LOGS/" 2>/dev/null || true
 }
 

@@ -66,7 +66,7 @@ def test_budget_one_and_none_match_stock(tmp_path, mode, tp):
     work = Path(os.environ.get("KVCOMP_WORK_DIR", tmp_path))
     base = {
         "model": str(make_random_model(work / "llama-1b", "llama-1b")),
-        "kv_cache_memory_bytes": 8 << 30,
+        "kv_cache_memory_bytes": 4 << 30,
         "max_model_len": 8192 + 128,
         "tensor_parallel_size": tp,
         "return_tokens": True,
