@@ -341,3 +341,102 @@ def test_packaged_profile_options_match_the_model():
         4,
         64,
     )
+
+
+# --- a per-model SimLayerKV threshold (vllm_kvcomp/lazy_layers.py) ---------------------
+
+
+def test_local_mass_is_the_share_on_sinks_and_recent_tokens():
+    from vllm_kvcomp.lazy_layers import layer_local_mass
+
+    # 1 sink + the last 2 of 8 tokens: head 0 puts 1 + 1 + 3 of 10 there, head 1 all of it.
+    head0 = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0])
+    head1 = torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    assert layer_local_mass([torch.stack([head0, head1])], 8, num_sinks=1, recent=2).tolist() == [0.75]
+
+
+def test_suggested_threshold_marks_the_layers_clearly_above_the_rest():
+    from vllm_kvcomp.lazy_layers import suggest_threshold
+
+    # layers 1 and 4 near 0.95, the rest 0.3-0.5: the largest drop (0.92 -> 0.5) is in the top half.
+    rows = np.array([[0.3, 0.96, 0.4, 0.5, 0.94, 0.35], [0.32, 0.94, 0.42, 0.5, 0.9, 0.33]])
+    found = suggest_threshold(rows)
+    assert found.lazy_layers == [1, 4] and found.threshold == pytest.approx((0.92 + 0.5) / 2)
+    assert found.gap == pytest.approx(0.42) and found.agreement == 1.0
+    # one prompt where layer 3 crosses the threshold: 1 of 12 (prompt, layer) pairs disagrees
+    rows[1, 3] = 0.8
+    assert suggest_threshold(rows).agreement == pytest.approx(11 / 12)
+    # a continuum (drops < 0.1), more than half the layers apart, or one layer: nothing suggested
+    assert suggest_threshold(np.array([[0.9, 0.85, 0.8, 0.75, 0.7]])).threshold is None
+    assert suggest_threshold(np.array([[0.95, 0.95, 0.95, 0.2]])).threshold is None
+    assert suggest_threshold(np.array([[0.95]])).threshold is None
+
+
+def test_render_says_why_when_nothing_is_suggested():
+    from vllm_kvcomp.lazy_layers import render
+
+    header, yaml_lines = render(np.ones((2, 3)), recent=1024, num_sinks=4)
+    assert "every token is local" in header[-1] and yaml_lines == []
+    header, yaml_lines = render(np.array([[0.5, 0.52, 0.49]]), recent=1024, num_sinks=4)
+    assert "no layer stands apart" in header[-1] and yaml_lines == []
+    header, yaml_lines = render(np.array([[0.5, 0.95, 0.49]]), recent=64, num_sinks=4)
+    assert "suggested simlayer.threshold 0.725" in header[-1] and "lazy layers [1]" in header[-1]
+    assert yaml.safe_load("\n".join(yaml_lines)) == {"simlayer": {"threshold": 0.725, "recent": 64}}
+    assert render(None, 1024, 4) == ([], [])
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory):
+    """The tiny Llama with layer 1 made local: constant q and k (biases only), so after RoPE
+    every query attends to itself and its nearest neighbours (SimLayerKV's lazy layer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evaluation.random_model import make_tokenizer
+
+    path = tmp_path_factory.mktemp("local")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        attention_bias=True,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for proj in (model.model.layers[1].self_attn.q_proj, model.model.layers[1].self_attn.k_proj):
+            proj.weight.zero_()
+            proj.bias.fill_(3.0)
+    model.save_pretrained(path)
+    make_tokenizer(path)
+    return str(path)
+
+
+def test_calibrate_suggests_a_simlayer_threshold(local_model, tiny_model, tmp_path):
+    from vllm_kvcomp.cli import main
+    from vllm_kvcomp.config import request_config
+    from vllm_kvcomp.policies import LayerStats
+
+    common = ["--lengths", "300", "--samples", "2", "--window", "8", "--threads", "1"]
+    out = tmp_path / "local.yaml"
+    assert main(["calibrate", local_model, *common, "--simlayer-recent", "64", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "# SimLayerKV: suggested simlayer.threshold" in text and "lazy layers [1];" in text
+    server = build_config(config_path=out)
+    threshold = server.simlayer.threshold
+    assert 0.3 < threshold < 0.95 and server.simlayer.recent == 64
+    # a request for simlayer on this server marks layer 1 lazy from stats like the calibration's
+    config = request_config(server, {"kv_compression": "simlayer"})
+    policy = make_policy(config)
+    stats = LayerStats(mba=np.ones(NUM_LAYERS), local_mass=np.array([0.2, 0.99, 0.2]))
+    assert policy.lazy_layers(BudgetRequest(NUM_LAYERS, 4000, 800, 68, stats)).tolist() == [False, True, False]
+    # the random model: no layer stands apart; with the default recent (1024) every token of
+    # a 300-token prompt is local. Neither writes a simlayer section (the server's 0.9 stays).
+    for extra, needle in (["--simlayer-recent", "64"], "no layer stands apart"), ([], "every token is local"):
+        out = tmp_path / "tiny.yaml"
+        assert main(["calibrate", tiny_model, *common, *extra, "--out", str(out)]) == 0
+        assert needle in out.read_text() and "simlayer" not in yaml.safe_load(out.read_text())
+        assert build_config(config_path=out).simlayer.threshold == 0.9

@@ -18,6 +18,9 @@ prompt: per-request zigzag then adapts better than a static profile. The header
 says how much of the flexible budget (B_avg - B_min per layer) per-request zigzag
 would place on other layers than the profile (< 10%: stable, > 25%: use zigzag;
 heuristic thresholds), next to how far the profile is from uniform budgets.
+It also measures each layer's SimLayerKV local mass on the same prompts and
+suggests a per-model `simlayer.threshold` (the rule: vllm_kvcomp/lazy_layers.py),
+written as the profile's `simlayer` section when one is found.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import torch
 
 from vllm_kvcomp.calibration_data import TASKS, PromptsFileError, load_prompts, sample_prompts
 from vllm_kvcomp.config import CompressionConfig, CompressionConfigError, build_config, parse_budget
+from vllm_kvcomp.lazy_layers import layer_local_mass
+from vllm_kvcomp.lazy_layers import render as render_lazy
 
 DEFAULT_TASKS = ("niah_text", "niah_noise")
 PROFILES_DIR = Path("configs") / "profiles"
@@ -54,6 +59,8 @@ class Calibration:
     prompt_tokens: list[int] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    local_mass: np.ndarray | None = None  # [S, L] SimLayerKV local mass (sinks + last simlayer_recent)
+    simlayer_recent: int = 1024
 
     @property
     def num_layers(self) -> int:
@@ -155,6 +162,7 @@ def calibrate(
     seed: int = 0,
     model_name: str | None = None,
     progress: bool = True,
+    simlayer_recent: int = 1024,
 ) -> Calibration:
     """Prefill the sample prompts and measure every layer's uncertainty.
 
@@ -176,13 +184,14 @@ def calibrate(
         prompts = load_prompts(prompts_file, evaluator.tokenizer)[:samples]
     else:
         prompts = sample_prompts(evaluator.tokenizer, list(tasks), list(lengths), samples or 8, seed)
-    rows, tokens, names = [], [], []
+    rows, tokens, names, local = [], [], [], []
     bar = tqdm(prompts, desc="calibrate", unit="prompt", disable=not progress, file=sys.stderr)
     for task, _length, text in bar:
         _cache, pre = evaluator.prefill(text, scorer)
         del _cache
         lmba = layer_uncertainty(pre.mass, pre.prompt_len, scorer.section("zigzag").tau)
         rows.append(normalized_weights(lmba))
+        local.append(layer_local_mass(pre.mass, pre.prompt_len, scorer.num_sinks, simlayer_recent))
         tokens.append(pre.prompt_len)
         names.append(task)
         bar.set_postfix(tokens=pre.prompt_len, task=task)
@@ -193,6 +202,8 @@ def calibrate(
         prompt_tokens=tokens,
         tasks=names,
         seconds=time.time() - t0,
+        local_mass=np.stack(local),
+        simlayer_recent=simlayer_recent,
     )
 
 
@@ -210,6 +221,7 @@ def render_profile(
 ) -> str:
     """The profile YAML: a commented header, then a complete compression config."""
     w, sd, tasks = cal.weights, cal.stddev, cal.by_task()
+    simlayer = render_lazy(cal.local_mass, cal.simlayer_recent, CompressionConfig().num_sinks)
     lo, hi = int(np.argmin(w)), int(np.argmax(w))
     lines = [
         f"# vllm-kvcomp calibration profile for {cal.model} (method: profile).",
@@ -234,6 +246,7 @@ def render_profile(
             for task, (n, within, between) in (tasks.items() if len(tasks) > 1 else ())
         ),
         f"# Verdict: {cal.verdict()}.",
+        *simlayer[0],
         "# Use: vllm serve MODEL --kv-compression-config THIS_FILE [--kv-budget B]",
         "method: profile",
         f"budget: {budget:g}",
@@ -245,6 +258,7 @@ def render_profile(
         f"  min_budget_ratio: {min_budget_ratio:g}",
         f"  model: {json.dumps(cal.model)}",
         f"  source: {json.dumps(source)}",
+        *simlayer[1],
         "",
     ]
     return "\n".join(lines)
@@ -267,8 +281,8 @@ def _argument_error(args) -> str | None:
         return "need --samples >= 1 and --lengths of at least 256 tokens"
     if args.prompts is not None and not Path(args.prompts).is_file():
         return f"--prompts: no such file: {args.prompts}"
-    if not (0 < args.tau < 1) or args.window < 1:
-        return "need 0 < --tau < 1 and --window >= 1"
+    if not (0 < args.tau < 1) or args.window < 1 or args.simlayer_recent < 1:
+        return "need 0 < --tau < 1, --window >= 1 and --simlayer-recent >= 1"
     if not Path(args.model_dir, "config.json").is_file():
         return f"{args.model_dir} is not a Hugging Face model folder (no config.json)"
     return None
@@ -308,6 +322,7 @@ def main(args) -> int:
             threads=args.threads,
             seed=args.seed,
             model_name=model_name,
+            simlayer_recent=args.simlayer_recent,
         )
     except PromptsFileError as err:
         print(f"vllm-kvcomp calibrate: {err}", file=sys.stderr)

@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--tau", type=float, default=0.9, help="ZigZagKV attention-mass threshold (default 0.9)")
     p.add_argument("--window", type=int, default=32, help="observation window, last prompt queries (default 32)")
+    p.add_argument("--simlayer-recent", type=int, default=1024, help="simlayer.recent of the SimLayerKV threshold")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", default="0.2", help="budget written to the profile (default 0.2)")

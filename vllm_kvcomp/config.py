@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllm_kvcomp.errors import CompressionConfigError
+from vllm_kvcomp.presets import Preset, check_presets, check_resolvable
 
 __all__ = ["CompressionConfig", "CompressionConfigError", "build_config", "from_additional_config", "request_config"]
 
@@ -87,6 +88,9 @@ class CompressionConfig(_Section):
     # The smallest budget a request may ask for: as a fraction of its prompt, and as tokens.
     min_request_fraction: float = Field(0.0, ge=0.0, le=1.0)
     min_request_tokens: int = Field(0, ge=0)
+    # Named variants a request selects with `kv_compression: <name>` (vllm_kvcomp/presets.py):
+    # {name: {method: M, M: {options}}}. A request's own config holds none.
+    presets: dict[str, Preset] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -95,6 +99,7 @@ class CompressionConfig(_Section):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        data["presets"] = check_presets(data.get("presets"))
         sections = {name: policy.Options for name, policy in _policy_classes().items() if policy.Options}
         for key in data:
             if key not in cls.model_fields and key not in sections:
@@ -106,7 +111,7 @@ class CompressionConfig(_Section):
             try:
                 data[name] = options_model.model_validate(value if value is not None else {})
             except ValidationError as err:
-                raise ValueError(_section_error(name, err)) from None
+                raise ValueError(section_error(name, err)) from None
         return data
 
     @field_validator("method")
@@ -149,6 +154,7 @@ class CompressionConfig(_Section):
         policy = _policy_classes().get(self.method)
         if policy is not None:
             policy.check_config(self)
+        check_resolvable(self)
         return self
 
     # --- derived values -------------------------------------------------
@@ -195,16 +201,19 @@ def _error_text(first: Any) -> tuple[str, str]:
     return field, msg
 
 
-def _section_error(section: str, err: ValidationError) -> str:
+def section_error(section: str, err: ValidationError) -> str:
     field, msg = _error_text(err.errors()[0])
     return f"{section}.{field}: {msg}" if field else f"{section}: {msg}"
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def error_line(err: ValidationError) -> str:
+    """'field: message' of the first error (model validators' errors carry their own field)."""
     field, msg = _error_text(err.errors()[0])
-    # Errors raised by the model validators carry their own "field: message".
-    text = f"{field}: {msg}" if field else msg
-    return f"kv-compression config ({source}): {text}"
+    return f"{field}: {msg}" if field else msg
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    return f"kv-compression config ({source}): {error_line(err)}"
 
 
 def check_method(method: Any, source: str = "kv-compression") -> str:

@@ -15,7 +15,7 @@ import torch
 
 from vllm_kvcomp.config import CompressionConfig
 from vllm_kvcomp.engine.layout import EvictionPlan, plan_eviction
-from vllm_kvcomp.policies import BudgetPolicy, BudgetRequest, LayerStats, make_policy
+from vllm_kvcomp.policies import BudgetPolicy, BudgetRequest, LayerStats, make_policy, policy_classes
 
 
 def budget_request(
@@ -57,14 +57,27 @@ def layer_stats(mba: torch.Tensor | np.ndarray, local_mass: torch.Tensor | np.nd
     return LayerStats(mba=mba_np.mean(-1), local_mass=local_np.mean(-1))
 
 
+def options_key(config: CompressionConfig) -> str:
+    """The option section of the config's method, as text ("" for a method without options).
+
+    With the method, it is what a policy is built from: a request's preset changes the
+    section; every other field a policy reads (e.g. num_sinks) is the server's.
+    """
+    cls = policy_classes().get(config.method)
+    return config.section(config.method).model_dump_json() if cls is not None and cls.Options else ""
+
+
 class PolicyCache:
-    """One policy object per method (per-request overrides switch methods)."""
+    """One policy object per method and option section (per-request overrides and presets switch them)."""
 
     def __init__(self) -> None:
-        self._policies: dict[str, BudgetPolicy] = {}
+        # method -> options_key -> policy
+        self._policies: dict[str, dict[str, BudgetPolicy]] = {}
 
     def policy_for(self, config: CompressionConfig) -> BudgetPolicy:
-        policy = self._policies.get(config.method)
+        by_options = self._policies.setdefault(config.method, {})
+        key = options_key(config)
+        policy = by_options.get(key)
         if policy is None:
-            policy = self._policies[config.method] = make_policy(config)
+            policy = by_options[key] = make_policy(config)
         return policy

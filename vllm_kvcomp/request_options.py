@@ -4,7 +4,10 @@ The rules (README, "Per-request method and budget"):
   * Keys: `kv_compression` and `kv_budget`. Any other key starting with `kv_` is
     refused, so a typo (`kv_budjet`) is never silently ignored; keys without
     that prefix belong to other consumers and are left alone.
-  * `kv_compression`: a string naming a registered method, or "none" (full KV).
+  * `kv_compression`: a string naming a registered method, "none" (full KV), or
+    one of the server's presets (vllm_kvcomp/presets.py): the preset's method with
+    its options. `request_overrides: budget` lets a request pick a preset only
+    when the preset's method is the server's (the operator defined it).
   * `kv_budget`: a JSON number or a numeric string (form fields arrive as
     strings), never a boolean: a fraction in (0, 1] or an integer token count
     from num_sinks + num_recent up to the server's max_model_len. The integer 1
@@ -77,15 +80,20 @@ def parse_request_budget(value: Any, server: CompressionConfig, max_tokens: int 
     return number
 
 
-def _method(value: Any, server: CompressionConfig) -> str:
+def _method(value: Any, server: CompressionConfig) -> dict[str, Any]:
+    """The fields a request's `kv_compression` (a method or a preset of the server) changes."""
     from vllm_kvcomp.config import method_names
+    from vllm_kvcomp.presets import preset_update
 
     names = method_names()
-    if not isinstance(value, str) or value not in names:
-        raise _refuse("kv_compression", f"unknown method {shorten(value)}; choose one of {', '.join(names)}")
-    if server.request_overrides != "allow" and value != server.method:
+    preset = server.presets.get(value) if isinstance(value, str) else None
+    if preset is None and (not isinstance(value, str) or value not in names):
+        presets = f"; presets: {', '.join(server.presets)}" if server.presets else ""
+        raise _refuse("kv_compression", f"unknown method {shorten(value)}; choose one of {', '.join(names)}{presets}")
+    method = preset.method if preset is not None else value
+    if server.request_overrides != "allow" and method != server.method:
         raise _refuse("kv_compression", f"this server does not let requests change the method ({server.method})")
-    return value
+    return preset_update(server, preset) if preset is not None else {"method": value}
 
 
 def _check_keys(extra_args: dict[str, Any], server: CompressionConfig) -> None:
@@ -102,8 +110,9 @@ def request_config(
 ) -> CompressionConfig:
     """The config one request runs with: the server's, or its method/budget overridden.
 
-    Only the method and the budget can change per request: the scorer options
-    (window, pooling, protected tokens) size GPU buffers and are the server's.
+    Only the method (with a preset: and that method's options) and the budget can
+    change per request: the scorer options (window, pooling, protected tokens)
+    size GPU buffers and are the server's.
     `max_tokens`: the model's max_model_len (the largest meaningful token budget).
     """
     extra_args = extra_args or {}
@@ -112,7 +121,7 @@ def request_config(
     _check_keys(extra_args, server)
     update: dict[str, Any] = {}
     if "kv_compression" in extra_args:
-        update["method"] = _method(extra_args["kv_compression"], server)
+        update.update(_method(extra_args["kv_compression"], server))
     if "kv_budget" in extra_args:
         update["budget"] = parse_request_budget(extra_args["kv_budget"], server, max_tokens)
     if not update:
@@ -134,6 +143,7 @@ def _validated(server: CompressionConfig, update: dict[str, Any]) -> Compression
     from vllm_kvcomp.config import CompressionConfig, format_validation_error
 
     try:
-        return CompressionConfig.model_validate({**server.model_dump(), **update})
+        # A request's config is one method's: the server's presets are not carried.
+        return CompressionConfig.model_validate({**server.model_dump(exclude={"presets"}), **update})
     except ValidationError as err:
         raise CompressionConfigError(format_validation_error(err, "per-request kv_compression/kv_budget")) from None

@@ -115,7 +115,7 @@ def test_equal_uncertainty_is_uniform_and_no_statistics_is_uniform():
 
 def test_packaged_yaml_and_deployed_copy_hold_the_option_defaults():
     defaults = ZigZagOptions().model_dump()
-    assert defaults == {"tau": 0.9, "min_budget_ratio": 0.2, "mba_scope": "prompt"}
+    assert defaults == {"tau": 0.9, "min_budget_ratio": 0.2, "mba_scope": "prompt", "shrink": 1.0, "floor": 0.0}
     for path in ("configs/zigzag.yaml", "deploy/k8s/base/config/zigzag.yaml"):
         assert yaml.safe_load((REPO / path).read_text())["zigzag"] == defaults
     assert build_config(method="zigzag").zigzag == ZigZagOptions()

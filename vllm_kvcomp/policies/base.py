@@ -22,9 +22,15 @@ if TYPE_CHECKING:
 
 
 class MethodOptions(BaseModel):
-    """A method's own options: the YAML section named after the method (e.g. `zigzag:`)."""
+    """A method's own options: the YAML section named after the method (e.g. `zigzag:`).
+
+    `server_only`: the options that change the statistics the engine computes once
+    per batch with the server's config (`scoring.stats_for_policy`) or its GPU
+    buffers, each with why; a preset (vllm_kvcomp/presets.py) may not set them.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    server_only: ClassVar[dict[str, str]] = {}
 
 
 @dataclass(frozen=True)

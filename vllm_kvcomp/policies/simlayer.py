@@ -4,6 +4,17 @@ A layer is lazy when its observation window puts more than `threshold` of the
 attention on the sinks and the most recent tokens: such a layer keeps only
 those (num_sinks + simlayer.recent tokens); the other layers share what is left
 of the request's L * B_avg tokens equally.
+
+Where it applies (it equals `uniform` otherwise):
+  * B_avg > num_sinks + recent (1,028 tokens by default): a lazy layer never keeps
+    more than B_avg, so below that every layer keeps B_avg. With the defaults
+    that means prompts over 5,140 tokens at budget 0.2, over 10,280 at 0.1.
+  * The threshold finds lazy layers on the model: 0.9 is the paper's value for
+    Llama-3; on Qwen2.5-Coder-0.5B it marks no layer. `vllm-kvcomp calibrate`
+    measures each layer's local mass and suggests a per-model threshold
+    (vllm_kvcomp/lazy_layers.py: only when some layers stand clearly apart).
+`threshold` is the policy's own (a preset may change it per request); `recent`
+also defines the statistic the engine computes, so it is the server's.
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ if TYPE_CHECKING:
 
 
 class SimLayerOptions(MethodOptions):
+    server_only = {"recent": "the local mass is computed once per batch with the server's simlayer.recent"}
+
     # Lazy: the window's attention mass on the sinks + the last `recent` tokens
     # exceeds `threshold` (0.9 reported for Llama-3).
     threshold: float = Field(0.9, gt=0.0, le=1.0)
