@@ -29,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from evaluation.suite import label
 from vllm_kvcomp import planner
 from vllm_kvcomp.calibration_data import chat_prompt
 from vllm_kvcomp.config import CompressionConfig
@@ -167,7 +168,7 @@ def run_suite(
                 rows.append(
                     {
                         "config": name,
-                        "method": config.method,
+                        "method": label(name),  # the method or preset name
                         "budget": config.budget if config.enabled else 1.0,
                         "task": sample.task,
                         "context_len": sample.context_len,

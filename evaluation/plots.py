@@ -44,10 +44,36 @@ def plot_score_vs_budget(rows: list[dict], protocol: str, path) -> None:
     plt.close(fig)
 
 
-def plot_needle_heatmaps(rows: list[dict], protocol: str, path) -> None:
-    """Score by needle depth x context length, one panel per (method, budget); full KV first."""
+def _needle_grid(rows: list[dict], method: str, budget: float, depths, lengths) -> np.ndarray:
+    """Mean score per (depth, length) of one method at one budget (full KV: any budget)."""
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for di, d in enumerate(depths):
+        for li, n in enumerate(lengths):
+            vals = [
+                r["score"]
+                for r in rows
+                if r["method"] == method
+                and (method == "none" or r["budget"] == budget)
+                and r["depth"] == d
+                and r["context_len"] == n
+            ]
+            if vals:
+                grid[di, li] = np.mean(vals)
+    return grid
+
+
+def plot_needle_heatmaps(rows: list[dict], protocol: str, path, methods=None, budgets=None) -> None:
+    """Score by needle depth x context length, one panel per (method, budget); full KV first.
+
+    methods / budgets: only these (default: every one in the rows)."""
     plt = _pyplot()
-    rows = [r for r in rows if r["protocol"] == protocol]
+    rows = [
+        r
+        for r in rows
+        if r["protocol"] == protocol
+        and (methods is None or r["method"] in methods or r["method"] == "none")
+        and (budgets is None or r["budget"] in budgets or r["method"] == "none")
+    ]
     if not rows:
         return
     depths = sorted({r["depth"] for r in rows})
@@ -68,19 +94,7 @@ def plot_needle_heatmaps(rows: list[dict], protocol: str, path) -> None:
             if method == "none" and j > 0:
                 ax.axis("off")
                 continue
-            grid = np.full((len(depths), len(lengths)), np.nan)
-            for di, d in enumerate(depths):
-                for li, n in enumerate(lengths):
-                    vals = [
-                        r["score"]
-                        for r in rows
-                        if r["method"] == method
-                        and (method == "none" or r["budget"] == budget)
-                        and r["depth"] == d
-                        and r["context_len"] == n
-                    ]
-                    if vals:
-                        grid[di, li] = np.mean(vals)
+            grid = _needle_grid(rows, method, budget, depths, lengths)
             image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
             for di in range(len(depths)):
                 for li in range(len(lengths)):

@@ -8,7 +8,7 @@ from evaluation.report import aggregate, bootstrap_ci, overall, paired_delta_ci
 from vllm_kvcomp.calibration_data import TASKS, TaskGenerator
 from vllm_kvcomp.config import build_config
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")  # fixtures (tiny_model, fake_vllm): conftest.py
 
 
 class WordTokenizer:
@@ -73,28 +73,6 @@ def test_aggregate_reports_full_score_beside_each_method():
     assert table[("uniform", 0.25)]["score"] == 0.5 and table[("uniform", 0.25)]["full_score"] == 1.0
     summary = overall(rows, "aware")
     assert summary[("zigzag", 0.25)]["delta_vs_uniform"][0] == 0.5
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from evaluation.random_model import make_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    make_tokenizer(path)
-    return str(path)
 
 
 def test_masked_eviction_equals_removing_the_tokens(tiny_model):
@@ -243,48 +221,13 @@ def test_heatmap_cells_are_the_mean_score(tmp_path, monkeypatch):
     assert zig[0, 0] == pytest.approx(1 / 3) and zig[1, 1] == 0.0
 
 
-def test_vllm_backend_sends_every_config_as_a_per_request_override(tiny_model, tmp_path, monkeypatch):
+def test_vllm_backend_sends_every_config_as_a_per_request_override(tiny_model, tmp_path, fake_vllm):
     """`python -m evaluation --backend vllm` with the engine faked: one request per (sample, config),
     the method/budget in SamplingParams.extra_args, rows scored against the answers."""
     import json
 
-    import vllm
-
     from evaluation.__main__ import main
-    from vllm_kvcomp.config import from_additional_config, request_config
 
-    seen = {}
-
-    class FakeLLM:
-        def __init__(self, **kwargs):
-            seen["kwargs"] = kwargs
-
-        def generate(self, prompts, params, use_tqdm=True):
-            seen["requests"] = list(zip(prompts, params, strict=True))
-            server = from_additional_config(seen["kwargs"]["additional_config"])
-            outs = []
-            for prompt, p in zip(prompts, params, strict=True):
-                config = request_config(server, p.extra_args)  # what the worker will do
-                answer = seen["answers"][tuple(prompt["prompt_token_ids"])]
-                text = answer if (not config.enabled or config.budget >= 0.5) else "no idea"
-                outs.append(type("O", (), {"outputs": [type("C", (), {"text": text})()]})())
-            return outs
-
-    import vllm_kvcomp.calibration_data as tasks
-
-    original_suite = tasks.TaskGenerator.suite
-
-    def recording_suite(self, *args, **kwargs):
-        samples = original_suite(self, *args, **kwargs)
-        seen["answers"] = {}
-        for s in samples:
-            head, question = tasks.chat_prompt(self.tokenizer, s)
-            ids = self.tokenizer(head + question, add_special_tokens=False)["input_ids"]
-            seen["answers"][tuple(ids)] = " ".join(s.answers)
-        return samples
-
-    monkeypatch.setattr(vllm, "LLM", FakeLLM)
-    monkeypatch.setattr(tasks.TaskGenerator, "suite", recording_suite)
     rc = main(
         [
             "--backend",
@@ -308,9 +251,11 @@ def test_vllm_backend_sends_every_config_as_a_per_request_override(tiny_model, t
         ]
     )
     assert rc == 0
+    seen = fake_vllm
     assert seen["kwargs"]["additional_config"]["kv_compression"]["method"] == "uniform"
     assert seen["kwargs"]["enable_prefix_caching"] is False
-    extras = [p.extra_args for _, p in seen["requests"]]
+    assert seen["kwargs"]["gpu_memory_utilization"] == 0.45
+    extras = [p.extra_args for call in seen["calls"] for _, p in call]
     assert len(extras) == 2 * 5  # 2 samples x (none + 2 methods x 2 budgets)
     assert {"kv_compression": "none"} in extras and {"kv_compression": "zigzag", "kv_budget": 0.1} in extras
     data = json.loads((tmp_path / "quality.json").read_text())

@@ -1,0 +1,78 @@
+"""Fixtures of the evaluation tests: a tiny random Llama and a fake vLLM engine."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evaluation.random_model import make_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    make_tokenizer(path)
+    return str(path)
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """vllm.LLM replaced by a recorder: each prompt is answered right when its request keeps
+    full KV or a budget >= 0.5, and "no idea" otherwise. `seen` holds the engine's kwargs, every
+    generate call's requests (`calls`) and the answers by prompt ids; `seen["fail_on_call"] = n`
+    makes the n-th generate call (0-based) raise, as a run stopped mid-way."""
+    import vllm
+
+    import vllm_kvcomp.calibration_data as tasks
+    from vllm_kvcomp.config import from_additional_config, method_names, request_config
+
+    seen: dict = {"calls": [], "answers": {}}
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            seen["kwargs"] = kwargs
+
+        def generate(self, prompts, params, use_tqdm=True):
+            if seen.get("fail_on_call") == len(seen["calls"]):
+                raise RuntimeError("engine died")
+            seen["calls"].append(list(zip(prompts, params, strict=True)))
+            server = from_additional_config(seen["kwargs"]["additional_config"])
+            outs = []
+            for prompt, p in zip(prompts, params, strict=True):
+                args = p.extra_args
+                if args["kv_compression"] in method_names():
+                    config = request_config(server, args)  # what the worker will do
+                    full, budget = not config.enabled, config.budget
+                else:  # a preset: the plugin may not know presets yet (tests of the harness only)
+                    full, budget = False, args["kv_budget"]
+                answer = seen["answers"][tuple(prompt["prompt_token_ids"])]
+                text = answer if (full or budget >= 0.5) else "no idea"
+                outs.append(type("O", (), {"outputs": [type("C", (), {"text": text})()]})())
+            return outs
+
+    original_suite = tasks.TaskGenerator.suite
+
+    def recording_suite(self, *args, **kwargs):
+        samples = original_suite(self, *args, **kwargs)
+        for s in samples:
+            head, question = tasks.chat_prompt(self.tokenizer, s)
+            ids = self.tokenizer(head + question, add_special_tokens=False)["input_ids"]
+            seen["answers"][tuple(ids)] = " ".join(s.answers)
+        return samples
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setattr(tasks.TaskGenerator, "suite", recording_suite)
+    return seen
