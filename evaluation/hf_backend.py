@@ -97,6 +97,9 @@ class HFEvaluator(HFPrefiller):
         lens = torch.tensor([P])
         # every layer at once: layers as the batch of head_statistics, [L, Hkv] each
         mba, local_mass = head_statistics(torch.stack(pre.mass), torch.full((L,), P), **stats_for_policy(config))
+        # `layer_share`: each layer uses its share group's first layer (as the engine does)
+        scoring = [layer - layer % config.layer_share for layer in range(L)]
+        mba, local_mass = mba[scoring], local_mass[scoring]
         plan = planner.plan(config, planner.layer_stats(mba, local_mass), P, L, bs)
         if plan is None:
             return {}, 1.0
@@ -107,7 +110,7 @@ class HFEvaluator(HFPrefiller):
                 continue
             keep = int(plan.compact_pages[layer]) * bs
             scores = selection_scores(
-                pre.scores[layer][None],
+                pre.scores[scoring[layer]][None],
                 lens,
                 torch.tensor([domain]),
                 num_sinks=config.num_sinks,

@@ -75,6 +75,11 @@ class CompressionConfig(_Section):
     min_prompt_len: int = Field(0, ge=0)
     # Requests whose observation window is being captured at one time (GPU buffer slots).
     max_pending_requests: int = Field(16, ge=1, le=1024)
+    # Inter-layer attention similarity (arXiv 2412.02252): adjacent layers attend alike, so
+    # each group of `layer_share` layers is scored once, with its first layer's window, and
+    # every layer of the group keeps the tokens those scores rank first (within its own
+    # budget). 1: every layer scored (the default); k: about 1/k of the scoring work.
+    layer_share: int = Field(1, ge=1, le=64)
     # Transient GPU memory of one eviction pass (reserved in vLLM's memory profile, engine/memory.py).
     eviction_workspace_mb: int = Field(256, ge=16, le=1 << 20)
     # The plugin's metrics are on vLLM's /metrics; `metrics_port` also serves them

@@ -264,3 +264,20 @@ def test_vllm_backend_sends_every_config_as_a_per_request_override(tiny_model, t
     assert scores[("uniform", 0.1, "vt")] == 0.0
     assert all(r["full_score"] == 1.0 for r in data["results"])
     assert (tmp_path / "quality_aware_heatmap.png").exists()
+
+
+def test_cpu_path_shares_scores_within_layer_groups(tiny_model):
+    """`layer_share` on the CPU path as in the engine: a group's layers keep the same tokens."""
+    from evaluation.hf_backend import HFEvaluator
+
+    ev = HFEvaluator(tiny_model, threads=1)
+    text = " ".join(f"w{(i * 37) % 997}" for i in range(300))
+    options = {"window": 8, "num_recent": 16, "metrics_port": None}
+    own = build_config(method="uniform", budget="0.3", overrides=options)
+    shared = build_config(method="uniform", budget="0.3", overrides={**options, "layer_share": 64})
+    _, pre = ev.prefill(text, own)
+    own_masks, _ = ev.eviction_masks(pre, own)
+    shared_masks, _ = ev.eviction_masks(pre, shared)
+    assert len(shared_masks) > 1 and all(torch.equal(m, shared_masks[0]) for m in shared_masks.values())
+    assert torch.equal(shared_masks[0], own_masks[0])
+    assert any(not torch.equal(m, own_masks[0]) for m in own_masks.values())

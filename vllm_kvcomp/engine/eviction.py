@@ -40,14 +40,23 @@ class _Scored:
     max_len: int
     groups: list[range]  # layer groups that fit in the workspace
     local_stats: torch.Tensor | None = None  # [2, R, L] this rank's sums over KV heads
-    kept: tuple[torch.Tensor, torch.Tensor] | None = None  # (scores, pages) when one group holds every layer
+    # (scores, pages, score_of) when one group holds every layer
+    kept: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
 
     def score(self, executor, layers: range):
-        """ScoreOutput and page ids of the rows of `layers` (layer-major)."""
+        """ScoreOutput of the scoring layers of `layers` (all of them unless `layer_share` > 1),
+        the page ids of the rows of `layers` (layer-major), and each layer's scoring layer."""
+        scoring, score_of = executor.shared_layers(layers)
         pages = executor.layer_pages(self.block_rows, layers)
-        sl = slice(layers.start, layers.stop)
-        out = executor.score(self.queries[sl], self.lse[sl], self.lens[0], self.lens[1], pages, self.max_len)
-        return out, pages
+        if scoring == list(layers):  # every layer scores itself: views, no copies
+            sl = slice(layers.start, layers.stop)
+            queries, lse, scoring_pages = self.queries[sl], self.lse[sl], pages
+        else:
+            index = torch.tensor(scoring, device=self.queries.device)
+            queries, lse = self.queries.index_select(0, index), self.lse.index_select(0, index)
+            scoring_pages = executor.layer_pages(self.block_rows, scoring)
+        out = executor.score(queries, lse, self.lens[0], self.lens[1], scoring_pages, self.max_len)
+        return out, pages, score_of
 
 
 @dataclass
@@ -125,10 +134,11 @@ class Evictor:
         scored = _Scored(queries, lse, lens, block_rows, max_len, groups)
         local = []
         for layers in groups:
-            out, pages = scored.score(self.rt.executor, layers)
-            local.append(self.rt.executor.local_statistics(out.mass, lens[1], len(reqs)))
+            out, pages, score_of = scored.score(self.rt.executor, layers)
+            stats = self.rt.executor.local_statistics(out.mass, lens[1], len(reqs))
+            local.append(stats[:, :, score_of])  # a shared layer's statistics are its scoring layer's
             if len(groups) == 1:  # everything fits: phase B reuses this pass
-                scored.kept = (out.scores, pages)
+                scored.kept = (out.scores, pages, score_of)
         scored.local_stats = torch.cat(local, dim=2)
         return scored
 
@@ -140,12 +150,16 @@ class Evictor:
         score_hook = observer.score_hook if observer is not None else None
         progress.compaction_started = any(plan is not None for plan in plans)
         keep_of_first: dict[int, torch.Tensor] = {}
-        for layers in scored.groups:
+        for layers in reversed(scored.groups):
             # Compaction stays inside each layer's own pages, so later groups still read
             # their original keys; relocation (across layers' slots) waits for all groups.
-            scores, pages = scored.kept if scored.kept is not None else self._rescore(scored, layers)
+            # Last layers first: a layer is scored by its share group's first layer
+            # (`layer_share`), which may sit in an earlier group and must not be compacted yet.
+            scores, pages, score_of = scored.kept if scored.kept is not None else self._rescore(scored, layers)
             keep_of_first.update(
-                self.rt.executor.compact(plans, scores, scored.lens[2], pages, score_hook, layers=layers)
+                self.rt.executor.compact(
+                    plans, scores, scored.lens[2], pages, score_hook, layers=layers, score_of=score_of
+                )
             )
             del scores
         if observer is not None:
@@ -157,9 +171,9 @@ class Evictor:
             return observer.check(self.rt, reqs[0], plans[0], keep_of_first, snapshot)
         return None
 
-    def _rescore(self, scored: _Scored, layers: range) -> tuple[torch.Tensor, torch.Tensor]:
-        out, pages = scored.score(self.rt.executor, layers)
-        return out.scores, pages
+    def _rescore(self, scored: _Scored, layers: range) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        out, pages, score_of = scored.score(self.rt.executor, layers)
+        return out.scores, pages, score_of
 
     def _guarded(self, stage: str, fn, *args):
         """(fn(*args), None), or (None, the exception) with one log line."""

@@ -9,7 +9,7 @@ The decisions in between (budgets, block plans) are the planner's
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,11 +44,24 @@ class EvictionExecutor:
         self.tp_size = tp_size
         self.device = pool.device
 
-    def layer_pages(self, block_rows: torch.Tensor, layers: range) -> torch.Tensor:
+    def layer_pages(self, block_rows: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
         """[R, P] block ids -> [len(layers) * R, P] page ids (page of layer l: l * N + block)."""
         N = self.geo.blocks_per_layer
         offsets = torch.tensor(list(layers), dtype=torch.int32, device=self.device).view(-1, 1, 1) * N
         return (block_rows.unsqueeze(0) + offsets).reshape(len(layers) * block_rows.shape[0], block_rows.shape[1])
+
+    def shared_layers(self, layers: range) -> tuple[list[int], list[int]]:
+        """The layers whose windows score `layers` (`layer_share`), and for each layer of
+        `layers` the position of its scoring layer in that list.
+
+        Layer l is scored by l - l % layer_share (the first of its group), also when that
+        layer lies before `layers` (a workspace group that starts inside a share group):
+        the result never depends on how the workspace splits the layers, and there are
+        never more scoring layers than `layers`.
+        """
+        share = self.config.layer_share
+        scoring = sorted({layer - layer % share for layer in layers})
+        return scoring, [scoring.index(layer - layer % share) for layer in layers]
 
     def score(self, queries, lse, window_lens, scored_lens, pages, max_len):
         """Observation-window scores of every (layer, request) row: ScoreOutput (scores, mass).
@@ -118,32 +131,37 @@ class EvictionExecutor:
         pages: torch.Tensor,
         score_hook: ScoreHook | None = None,
         layers: range | None = None,
+        score_of: list[int] | None = None,
     ) -> dict[int, torch.Tensor]:
         """Select and compact every evicted (layer, request) row of `layers`, one launch each.
 
-        `scores` and `pages` hold the rows of those layers, layer-major. Returns the
-        first request's keep indices per layer (for the self-check).
+        `pages` holds the rows of those layers, layer-major; `scores` the rows of their
+        scoring layers, layer `layers[g]` reading block `score_of[g]` (default g: each layer
+        its own). Returns the first request's keep indices per layer (for the self-check).
         """
         from vllm_kvcomp.kernels import compact_kv_, select_keep_indices
 
         cfg, bs = self.config, self.geo.block_size
         layers = layers if layers is not None else range(self.geo.num_layers)
         R = len(plans)
-        flat, domain_host, keep_host, req_of_row = [], [], [], []
+        score_of = score_of if score_of is not None else list(range(len(layers)))
+        flat, score_rows, domain_host, keep_host, req_of_row = [], [], [], [], []
         for g, layer in enumerate(layers):
             for r, plan in enumerate(plans):
                 if plan is not None and plan.evicted_layers[layer]:
                     flat.append(g * R + r)
+                    score_rows.append(score_of[g] * R + r)
                     domain_host.append(plan.full_blocks * bs)
                     keep_host.append(int(plan.compact_pages[layer]) * bs)
                     req_of_row.append(r)
         if not flat:
             return {}
-        host = torch.from_numpy(np.array([flat, domain_host, keep_host, req_of_row], dtype=np.int64)).to(self.device)
-        rows_t, domain, keep = host[0], host[1].to(torch.int32), host[2].to(torch.int32)
+        host = np.array([flat, domain_host, keep_host, req_of_row, score_rows], dtype=np.int64)
+        dev = torch.from_numpy(host).to(self.device)
+        rows_t, domain, keep = dev[0], dev[1].to(torch.int32), dev[2].to(torch.int32)
         row_scores = selection_scores(
-            scores.index_select(0, rows_t),
-            prompt_lens.index_select(0, host[3]),
+            scores.index_select(0, dev[4]),
+            prompt_lens.index_select(0, dev[3]),
             domain,
             num_sinks=cfg.num_sinks,
             num_recent=cfg.num_recent,
