@@ -229,3 +229,16 @@ def test_eval_and_bench_point_to_the_checkout_tooling(capsys):
     assert "python -m evaluation" in err and "\n" not in err
     assert main(["bench", "throughput", "--runs", "stock"]) == 2
     assert "python -m bench.throughput" in capsys.readouterr().err
+
+
+def test_evict_every_is_refused_until_decode_eviction_exists():
+    """Issue #12 is being built: the option validates but the engine refuses it (never ignored)."""
+    from vllm_kvcomp.engine.requirements import check_vllm_config
+
+    config = build_config(method="zigzag", overrides={"evict_every": 128})
+    with pytest.raises(CompressionConfigError, match="evict_every: decode-time eviction is not available yet"):
+        check_vllm_config(fake_vllm_config(), config)
+    with pytest.raises(CompressionConfigError, match=r"evict_every \(8\)|greater than or equal to 16"):
+        build_config(method="zigzag", overrides={"evict_every": 8})
+    with pytest.raises(CompressionConfigError, match=r"evict_every \(32\) must be >= decode_window \(64\)"):
+        build_config(method="zigzag", overrides={"evict_every": 32, "decode_window": 64})

@@ -80,6 +80,12 @@ class CompressionConfig(_Section):
     # every layer of the group keeps the tokens those scores rank first (within its own
     # budget). 1: every layer scored (the default); k: about 1/k of the scoring work.
     layer_share: int = Field(1, ge=1, le=64)
+    # Lifetime budgets (issue #12, docs/LIFETIME-BUDGETS.md; being built, not yet verified on a
+    # GPU): evict again every `evict_every` generated tokens (a multiple of the KV block size,
+    # >= decode_window), scored by the last `decode_window` decode queries of each request.
+    # None: one eviction after the prefill only (today's behaviour).
+    evict_every: int | None = Field(None, ge=16, le=1 << 20)
+    decode_window: int = Field(16, ge=1, le=256)
     # Transient GPU memory of one eviction pass (reserved in vLLM's memory profile, engine/memory.py).
     eviction_workspace_mb: int = Field(256, ge=16, le=1 << 20)
     # The plugin's metrics are on vLLM's /metrics; `metrics_port` also serves them
@@ -150,6 +156,11 @@ class CompressionConfig(_Section):
             raise ValueError(
                 f"window ({self.window}) must be <= num_recent ({self.num_recent}): "
                 "the observation window is part of the protected recent tokens"
+            )
+        if self.evict_every is not None and self.evict_every < self.decode_window:
+            raise ValueError(
+                f"evict_every ({self.evict_every}) must be >= decode_window ({self.decode_window}): "
+                "the decode queries' stored LSE is exact only if no eviction happened since they ran"
             )
         if self.is_absolute_budget and self.protected_tokens > self.budget:
             raise ValueError(

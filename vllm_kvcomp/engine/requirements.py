@@ -111,6 +111,12 @@ def check_vllm_config(vllm_config, config: CompressionConfig) -> None:
             f"kv-compression config: num_recent ({config.num_recent}) must be >= the KV block size "
             f"({block_size}): the block holding the last prompt token is always kept whole"
         )
+    if config.evict_every is not None:
+        # Issue #12 is being built (docs/LIFETIME-BUDGETS.md): refuse rather than ignore it.
+        raise CompressionConfigError(
+            "kv-compression config: evict_every: decode-time eviction is not available yet "
+            "(budgets hold after the prefill only); remove evict_every"
+        )
     # A calibrated profile (method profile, or available to per-request
     # kv_compression=profile) must match the model's depth: refuse at startup,
     # not at the first request's eviction.
