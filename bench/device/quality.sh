@@ -44,7 +44,7 @@ CONFIG=${CONFIG:-configs/eval/zigzag-candidates.yaml}
 case "$CONFIG" in /*) ;; *) CONFIG="$REPO/$CONFIG" ;; esac
 CONFIG_ARGS=(--kv-compression-config "$CONFIG")
 [ -f "$CONFIG" ] || { echo "quality.sh: no $CONFIG: the methods' defaults (no presets)" >&2; CONFIG_ARGS=(); }
-NAME=quality_$KEY
+NAME=${NAME:-quality_$KEY}  # e.g. NAME=quality_qwen05_share2 with CONFIG=configs/eval/layer-share-2.yaml
 WORK=/tmp/kvcomp-work
 STATE=${STATE:-/tmp/kvcomp-quality}
 # session.sh's conventions: the tooling (bench/, evaluation/) through links in /tmp/kvtools, the plugin
@@ -81,24 +81,24 @@ pack() {  # $OUT: the JSON, the markdown, and <name>.tgz (results, plots, logs: 
   cp "$RESULTS/$NAME.json" "$RESULTS/$NAME.md" "$OUT/" 2>/dev/null
   echo "=== packed: $(ls "$OUT" | tr '\n' ' ')($(date +%T), ${SECONDS}s)"
 }
-running() { [ -f "$STATE/$KEY.pid" ] && kill -0 "$(cat "$STATE/$KEY.pid")" 2>/dev/null; }
+running() { [ -f "$STATE/$NAME.pid" ] && kill -0 "$(cat "$STATE/$NAME.pid")" 2>/dev/null; }
 
 if [ "$ACTION" = status ]; then
   while running && [ "$SECONDS" -lt "${WAIT:-0}" ]; do sleep 5; done
-  running && echo "=== $NAME running (pid $(cat "$STATE/$KEY.pid"))" || echo "=== $NAME not running"
+  running && echo "=== $NAME running (pid $(cat "$STATE/$NAME.pid"))" || echo "=== $NAME not running"
   grep -vE "it/s|s/it|^INFO|^\(EngineCore" "$LOGS/$NAME.driver.log" 2>/dev/null | tail -"${TAIL:-15}"
   pack
   exit 0
 fi
 if [ "${DETACH:-0}" = 1 ]; then
-  running && { echo "$NAME is already running (pid $(cat "$STATE/$KEY.pid"))"; exit 1; }
+  running && { echo "$NAME is already running (pid $(cat "$STATE/$NAME.pid"))"; exit 1; }
   DETACH=0 DETACHED=1 DEADLINE=0 setsid nohup bash "$0" "$KEY" "$METHODS" > "$LOGS/$NAME.driver.log" 2>&1 < /dev/null &
-  echo $! > "$STATE/$KEY.pid" && sleep 1
+  echo $! > "$STATE/$NAME.pid" && sleep 1
   echo "=== $NAME started in the background (pid $!); 'bash $0 status $KEY' shows it and packs its results"
   exit 0
 fi
 
-[ "${DETACHED:-0}" = 1 ] && echo $$ > "$STATE/$KEY.pid"  # this process, whether or not setsid forked
+[ "${DETACHED:-0}" = 1 ] && echo $$ > "$STATE/$NAME.pid"  # this process, whether or not setsid forked
 echo "=== quality $KEY ($METHODS) $(date +%T)"
 [ -d "$KVC/vllm_kvcomp" ] || { echo "no plugin in $KVC: run 'bash bench/device/session.sh install' first"; exit 3; }
 if ! python3 -c "import gguf" 2>/dev/null; then
