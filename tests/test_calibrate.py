@@ -14,30 +14,15 @@ from vllm_kvcomp.policies.profile import ProfileOptions, ProfilePolicy
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_llama import build_tiny_llama  # noqa: E402
+
 NUM_LAYERS = 3
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A 3-layer random Llama + word tokenizer (as tests/eval/test_eval.py builds it)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from evaluation.random_model import make_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    make_tokenizer(path)
-    return str(path)
+    """A 3-layer random Llama + word tokenizer (tests/conftest.py, as the evaluation tests build it)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), num_hidden_layers=NUM_LAYERS)
 
 
 def profile_config(weights, **profile):
@@ -389,30 +374,15 @@ def test_render_says_why_when_nothing_is_suggested():
 def local_model(tmp_path_factory):
     """The tiny Llama with layer 1 made local: constant q and k (biases only), so after RoPE
     every query attends to itself and its nearest neighbours (SimLayerKV's lazy layer)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from evaluation.random_model import make_tokenizer
-
-    path = tmp_path_factory.mktemp("local")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        attention_bias=True,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
+    def make_layer_one_local(model):
         for proj in (model.model.layers[1].self_attn.q_proj, model.model.layers[1].self_attn.k_proj):
             proj.weight.zero_()
             proj.bias.fill_(3.0)
-    model.save_pretrained(path)
-    make_tokenizer(path)
-    return str(path)
+
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("local"), edit=make_layer_one_local, num_hidden_layers=NUM_LAYERS, attention_bias=True
+    )
 
 
 def test_calibrate_suggests_a_simlayer_threshold(local_model, tiny_model, tmp_path):

@@ -1,31 +1,15 @@
 """Fixtures of the evaluation tests: a tiny random Llama and a fake vLLM engine."""
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_llama import build_tiny_llama
 
-    from evaluation.random_model import make_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    make_tokenizer(path)
-    return str(path)
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
