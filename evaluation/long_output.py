@@ -1,12 +1,18 @@
 """A graded long-output task for lifetime budgets (issue #12): late output depends on a few early facts.
 
-The prompt defines a handful of rules (code words for numbers divisible by small
-primes, chosen at random per prompt) inside filler text; the answer applies them
-to the numbers 1..N, one line each ("17: 17", "21: KOVAR LIMES", ...), so an
-answer of N = 600 lines is about 4-5k tokens. The information the answer needs
-is the rules: a few dozen tokens, far below a 1024-token budget, so a compressed
-KV cache can in principle keep everything needed. It is not a copy task: the
-prompt holds no line of the answer.
+The prompt names the ten digits with random code words (stated once, early, in
+filler text); the answer applies them to the numbers 1..N, one line each, the
+name of the number's last digit ("17: HOLAK", "20: MIRFE", ...), so an answer of
+N = 800 lines is about 4-5k tokens. The information the answer needs is the ten
+names: about 70 tokens, far below a 1024-token budget, so a compressed KV cache
+can in principle keep everything needed; it is not a copy task (the prompt holds
+no line of the answer). A first version (code words for divisibility by 3, 5
+and 7) was beyond Qwen2.5-Coder-0.5B even with full KV (2 of 40 items, CPU);
+this one is a lookup it can do.
+
+Checked on CPU with Qwen2.5-Coder-0.5B and full KV (transformers, greedy, 60 items, 1.2k-token
+prompts): 60 of 60 items right on one prompt; on another it stopped after 10 lines (end of
+sequence), so generate with `ignore_eos` and `max_tokens = answer_tokens(task)`.
 
 Scored per item (line i is right iff it is exactly the rule's output for i), and
 against full KV on the same prompt: the greedy-agreement curve (the share of
@@ -20,7 +26,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-PRIMES = (3, 5, 7)
+DIGITS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 0)  # stated in this order: item n's name follows the list
 WORDS = (
     "KOVAR LIMES TORAN BELUX QUIRT ZANDO MIRFE HOLAK SEVRO DUNIK PALOR VEXIM "
     "RUTAN GOLBE NIVEX CAROM FELTA JORIN WASKO YELMU"
@@ -30,16 +36,15 @@ _LINE = re.compile(r"^\s*(\d+)\s*:\s*(.*?)\s*$")
 
 @dataclass
 class LongOutputTask:
-    rules: dict[int, str]  # divisor -> code word
+    rules: dict[int, str]  # digit -> code word
     num_items: int
     prompt: str  # the user message (rules inside filler text, then the instruction)
     index: int = 0
     meta: dict = field(default_factory=dict)
 
     def expected(self, n: int) -> str:
-        """Line n of a correct answer: the code words of n's divisors in increasing order, or n."""
-        words = [self.rules[p] for p in sorted(self.rules) if n % p == 0]
-        return f"{n}: {' '.join(words) if words else n}"
+        """Line n of a correct answer: n and the code word of its last digit."""
+        return f"{n}: {self.rules[n % 10]}"
 
     def score(self, output: str) -> list[bool]:
         """Per item 1..N: is the answer's line for it exactly right (missing lines are wrong)."""
@@ -51,23 +56,26 @@ class LongOutputTask:
         return [got.get(n) == self.expected(n) for n in range(1, self.num_items + 1)]
 
 
-def make_task(seed: int, num_items: int = 600, filler: list[str] | None = None, index: int = 0) -> LongOutputTask:
-    """One prompt: random code words for 3, 5 and 7, stated once early in `filler` sentences."""
+def make_task(seed: int, num_items: int = 800, filler: list[str] | None = None, index: int = 0) -> LongOutputTask:
+    """One prompt: random code words for the ten digits, stated once early in `filler` sentences."""
     rng = random.Random(f"long-output-{seed}-{index}")
-    words = rng.sample(WORDS, len(PRIMES))
-    rules = dict(zip(PRIMES, words))
-    statement = " ".join(f"Numbers divisible by {p} are marked with the code word {w}." for p, w in rules.items())
+    words = rng.sample(WORDS, len(DIGITS))
+    rules = dict(zip(DIGITS, words))
+    statement = " ".join(f"The digit {d} is called {w}." for d, w in rules.items())
     sentences = list(filler or [])
     cut = max(1, len(sentences) // 10)  # the rules come early, then more text
     document = " ".join(sentences[:cut] + [statement] + sentences[cut:])
     instruction = (
-        f"Using the marking rules stated in the text above, write one line for every number from 1 to {num_items}, "
-        "in order, in the form `n: marks`, where marks are the code words of all the rules that apply to n, "
-        "in the order the rules were given, separated by one space, or n itself if no rule applies. "
-        "Write only these lines."
+        f"Using the digit names defined in the text above, write one line for every number from 1 to {num_items}, "
+        "in order, in the form `n: NAME` where NAME is the name of the last digit of n. Write only these lines."
     )
     prompt = f"<text>\n{document}\n</text>\n\n{instruction}"
     return LongOutputTask(rules, num_items, prompt, index, {"seed": seed})
+
+
+def answer_tokens(task: LongOutputTask, tokens_per_line: float = 6.0) -> int:
+    """A generation length that holds a whole answer (lines like "734: HOLAK" are about 5-6 tokens)."""
+    return int(task.num_items * tokens_per_line) + 32
 
 
 def item_accuracy(tasks: list[LongOutputTask], outputs: list[str], last_items: int | None = None) -> float:
