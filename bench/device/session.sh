@@ -23,15 +23,17 @@ mkdir -p "$OUT" "$WORK" "$RESULTS" "$LOGS"
 # The tooling (bench/, evaluation/) is not installed: /tmp/kvtools links just those two folders of the
 # checkout, so `python3 -P -m bench.throughput` / `-m evaluation` and the GPU tests import them without
 # the repository root (whose top-level kernels/ would shadow the PyPI `kernels` transformers probes).
-TOOLS=/tmp/kvtools
+TOOLS=${TOOLS:-/tmp/kvtools}
+# KVC: where `install` puts the plugin (a second checkout on the same machine sets its own TOOLS and KVC)
+KVC=${KVC:-/tmp/kvc}
 mkdir -p "$TOOLS" && ln -sfn "$REPO/bench" "$TOOLS/bench" && ln -sfn "$REPO/evaluation" "$TOOLS/evaluation"
-export PYTHONPATH=$TOOLS:/tmp/kvc:/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$TOOLS:$KVC:/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 # -P: never import the source tree from the cwd (kernels/ is installed as vllm_kvcomp.kernels)
 PY="python3 -P"
 
 stage_install() {
-  rm -rf /tmp/kvc && mkdir -p /tmp/kvc
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/kvc . > "$LOGS/install.log" 2>&1 \
+  rm -rf "$KVC" && mkdir -p "$KVC"
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$KVC" . > "$LOGS/install.log" 2>&1 \
     || { echo "pip install failed"; tail -20 "$LOGS/install.log"; return 1; }
   python3 -c "import gguf" 2>&1 | tail -1; python3 -c "import numpy, yaml, tqdm, transformers; print('deps ok')"
   (cd "$WORK" && $PY -c "import vllm, torch, triton, vllm_kvcomp.kernels, bench.offline, evaluation.random_model; \
