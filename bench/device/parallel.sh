@@ -9,7 +9,8 @@
 #   C  GPUs 0+1   chaos_tp2, identity_tp2 (sequential)
 # The suite's engines start with vLLM's default gpu_memory_utilization (free memory >= 90%): the chaos
 # and identity engines beside them use small explicit KV pools (a few GiB), which leaves that much free.
-# Results: $OUT/parallel.tgz holds A/, B/, C/ (results/ and logs/ each) and the three job logs.
+# Results: $OUT/parallel.tgz holds A/, B/, C/ (results/ and logs/ each) and the job logs; `wait` also
+# waits for and packs any other job started with the same conventions (log in $JOBS, PACK=/tmp/kvcomp-pack-X).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvcomp-out}
 JOBS=/tmp/kvcomp-jobs
@@ -35,13 +36,14 @@ job() {
 wait_jobs() {
   local limit=$1 start=$SECONDS
   while [ $((SECONDS - start)) -lt "$limit" ]; do
-    [ "$(grep -l '=== done' "$JOBS"/*.log 2>/dev/null | wc -l)" -ge 3 ] && break
+    [ "$(grep -l '=== done' "$JOBS"/*.log 2>/dev/null | wc -l)" -ge "$(ls "$JOBS"/*.log | wc -l)" ] && break
     sleep 10
   done
   for f in "$JOBS"/*.log; do echo "## $f"; grep -E "^===|passed|failed|^\[chaos\]" "$f" | cut -c1-400 | tail -n 8; done
   mkdir -p /tmp/kvcomp-bundle
-  for name in A B C; do
-    [ -d /tmp/kvcomp-pack-$name ] && rm -rf /tmp/kvcomp-bundle/$name && cp -r /tmp/kvcomp-pack-$name /tmp/kvcomp-bundle/$name
+  for pack in /tmp/kvcomp-pack-*; do  # A, B, C and any job started beside them the same way
+    name=${pack#/tmp/kvcomp-pack-}
+    rm -rf "/tmp/kvcomp-bundle/$name" && cp -r "$pack" "/tmp/kvcomp-bundle/$name"
   done
   cp "$JOBS"/*.log /tmp/kvcomp-bundle/
   tar czf "$OUT/parallel.tgz" -C /tmp/kvcomp-bundle .
