@@ -218,6 +218,8 @@ async def drive(args, model: Path) -> dict:
     result["engine_alive"] = not llm.errored
     # vLLM's pool is empty (only its null block used) exactly when this succeeds
     result["idle_pool_empty"] = bool(await llm.reset_prefix_cache()) if not llm.errored else False
+    # reset_prefix_cache succeeds only when no block but vLLM's null block is held; vLLM logs the count otherwise
+    result["leaked_blocks"] = 0 if result["idle_pool_empty"] else "some (see vLLM's reset_prefix_cache warning)"
     after = registry_metrics()
     result["preemptions"] = after.get("vllm:num_preemptions_total", 0.0) - before.get("vllm:num_preemptions_total", 0)
     result["kv_cache_usage_when_idle"] = after.get("vllm:kv_cache_usage_perc")
