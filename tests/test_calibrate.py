@@ -76,26 +76,11 @@ def test_profile_for_another_model_is_refused():
 
 
 def test_engine_startup_refuses_a_profile_of_another_depth():
-    from types import SimpleNamespace
+    from test_cli import fake_vllm_config
 
     from vllm_kvcomp.engine.requirements import check_vllm_config
 
-    model = SimpleNamespace(
-        runner_type="generate",
-        use_mla=False,
-        is_encoder_decoder=False,
-        is_multimodal_model=False,
-        is_hybrid=False,
-        is_attention_free=False,
-        hf_text_config=SimpleNamespace(layer_types=None),
-        get_sliding_window=lambda: None,
-        get_total_num_hidden_layers=lambda: 24,
-    )
-    vllm_config = SimpleNamespace(
-        model_config=model,
-        use_v2_model_runner=True,
-        cache_config=SimpleNamespace(enable_prefix_caching=False, cache_dtype="auto", block_size=16),
-    )
+    vllm_config = fake_vllm_config(get_total_num_hidden_layers=lambda: 24)
     check_vllm_config(vllm_config, profile_config([1.0] * 24))
     with pytest.raises(CompressionConfigError, match="calibrated for 3 layers and the model has 24"):
         check_vllm_config(vllm_config, profile_config([0.5, 0.25, 0.25]))
