@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 MODEL_SHAPE = "llama-tiny"  # 16 layers, 2 KV heads of 64: 8 KiB of KV per token, prefill is cheap
-KV_BYTES_PER_TOKEN = 16 * 2 * 2 * 64 * 2
 FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.0)
 TOKEN_BUDGETS = (128, 512, 1024, 2048, 4096, 16384)
 BAD_INPUTS = ({"kv_budget": "lots"}, {"kv_budjet": 0.2}, {"kv_budget": 1e30}, {"kv_compression": "zigzagg"})
@@ -182,7 +181,8 @@ def build_engine(args, model: Path):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    kv_tokens = args.kv_tokens
+    from evaluation.random_model import kv_bytes_per_token
+
     engine_args = AsyncEngineArgs(
         model=str(model),
         skip_tokenizer_init=True,
@@ -192,7 +192,7 @@ def build_engine(args, model: Path):
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         # per GPU: each rank holds 1/tp of the KV heads, so the pool holds the same tokens at any TP
-        kv_cache_memory_bytes=kv_tokens * KV_BYTES_PER_TOKEN // args.tp,
+        kv_cache_memory_bytes=args.kv_tokens * kv_bytes_per_token(MODEL_SHAPE) // args.tp,
         enable_prefix_caching=False,
         disable_log_stats=False,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -251,13 +251,15 @@ def record(args, result: dict) -> dict:
     import torch
     import vllm
 
+    from bench.offline import current_commit
+
     return {
         "tp": args.tp,
         "passed": passed(result),
         **result,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
         "command": "python -m bench.chaos " + " ".join(sys.argv[1:]),
-        "commit": os.environ.get("KVCOMP_COMMIT"),
+        "commit": current_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}",
         "vllm": vllm.__version__,

@@ -31,6 +31,17 @@ from pathlib import Path
 import numpy as np
 
 
+def current_commit() -> str | None:
+    """The commit measured: $KVCOMP_COMMIT (the device has no reliable .git), else git."""
+    if os.environ.get("KVCOMP_COMMIT"):
+        return os.environ["KVCOMP_COMMIT"]
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
 def make_prompts(workload: dict) -> list[list[int]]:
     rng = np.random.default_rng(workload.get("seed", 0))
     length = workload["prompt_len"]

@@ -29,8 +29,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -62,17 +60,6 @@ def plan_workloads(cases: list[str], budgets: list[float] | None, num_prompts: d
     return workloads
 
 
-def current_commit() -> str | None:
-    """The commit measured: $KVCOMP_COMMIT (the device has no reliable .git), else git."""
-    if os.environ.get("KVCOMP_COMMIT"):
-        return os.environ["KVCOMP_COMMIT"]
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() or None
-
-
 def start_invocation(raw: dict, command: str, runs: list[str]) -> int:
     """Record this invocation (command, commit, time) in the raw results; returns its id."""
     invocations = raw.setdefault("invocations", [])
@@ -80,7 +67,7 @@ def start_invocation(raw: dict, command: str, runs: list[str]) -> int:
         {
             "id": len(invocations),
             "command": command,
-            "commit": current_commit(),
+            "commit": offline.current_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "runs": runs,
         }

@@ -36,6 +36,13 @@ CHAT_TEMPLATE = (
 )
 
 
+def kv_bytes_per_token(shape: str, dtype_bytes: int = 2) -> int:
+    """KV cache bytes of one token over all layers (K and V, every KV head) for a shape of SHAPES."""
+    s = SHAPES[shape]
+    head_dim = s["hidden_size"] // s["num_attention_heads"]
+    return s["num_hidden_layers"] * 2 * s["num_key_value_heads"] * head_dim * dtype_bytes
+
+
 def make_tokenizer(path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -113,3 +113,10 @@ def test_verdict_passes_a_clean_run_and_fails_each_broken_invariant():
     broken = _verdict(_outcomes(plan), plan)
     broken["self_check"] = {"exact": 3, "mismatch": 1}
     assert not chaos.passed(broken)
+
+
+def test_kv_pool_is_sized_from_the_model_shape():
+    from evaluation.random_model import kv_bytes_per_token
+
+    assert kv_bytes_per_token("llama-tiny") == 16 * 2 * 2 * 64 * 2  # 8 KiB: 16 layers, 2 KV heads of 64, bf16
+    assert kv_bytes_per_token("llama-1b") == 32 << 10  # README: 32 KiB of KV per token
