@@ -141,9 +141,7 @@ def main(argv=None) -> int:
     model = args.model_name or Path(args.model).name
     try:
         # Scorer options (window, pooling...) are shared by every method; "none" is full KV.
-        server, configs, presets = build_configs(
-            args.methods, args.budgets, args.kv_compression_config, engine=args.backend == "vllm"
-        )
+        server, configs, presets = build_configs(args.methods, args.budgets, args.kv_compression_config)
         previous, runs = load_previous(out / f"{name}.json", model) if args.resume else ([], [])
     except ValueError as err:  # CompressionConfigError is one
         print(f"{PROG}: {err}", file=sys.stderr)

@@ -21,7 +21,7 @@ def fake_vllm(monkeypatch):
     import vllm
 
     import vllm_kvcomp.calibration_data as tasks
-    from vllm_kvcomp.config import from_additional_config, method_names, request_config
+    from vllm_kvcomp.config import from_additional_config, request_config
 
     seen: dict = {"calls": [], "answers": {}}
 
@@ -37,11 +37,8 @@ def fake_vllm(monkeypatch):
             outs = []
             for prompt, p in zip(prompts, params, strict=True):
                 args = p.extra_args
-                if args["kv_compression"] in method_names():
-                    config = request_config(server, args)  # what the worker will do
-                    full, budget = not config.enabled, config.budget
-                else:  # a preset: the plugin may not know presets yet (tests of the harness only)
-                    full, budget = False, args["kv_budget"]
+                config = request_config(server, args)  # what the worker will do (methods and presets)
+                full, budget = not config.enabled, config.budget
                 answer = seen["answers"][tuple(prompt["prompt_token_ids"])]
                 text = answer if (full or budget >= 0.5) else "no idea"
                 outs.append(type("O", (), {"outputs": [type("C", (), {"text": text})()]})())

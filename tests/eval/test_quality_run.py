@@ -7,7 +7,6 @@ import pytest
 from evaluation import suite
 from evaluation.__main__ import main, parser
 from evaluation.vllm_backend import max_model_len
-from vllm_kvcomp.config import CompressionConfig, build_config
 
 PRESETS_YAML = """
 window: 16
@@ -49,21 +48,7 @@ def presets_yaml(tmp_path):
     return str(path)
 
 
-@pytest.fixture
-def engine_knows_presets(monkeypatch):
-    """The plugin's per-request check, as the engine runs it, stands in for presets support."""
-
-    def accepts(server, name, budget):
-        return build_config(
-            method="zigzag", budget=budget, overrides={"window": 16, "zigzag": {"min_budget_ratio": 0.5}}
-        )
-
-    monkeypatch.setattr(suite, "engine_config", accepts)
-
-
-def test_a_preset_name_is_passed_through_to_the_request(
-    tiny_model, tmp_path, fake_vllm, presets_yaml, engine_knows_presets
-):
+def test_a_preset_name_is_passed_through_to_the_request(tiny_model, tmp_path, fake_vllm, presets_yaml):
     rc = main(_args(tiny_model, tmp_path, "--kv-compression-config", presets_yaml))
     assert rc == 0
     extras = [p.extra_args for call in fake_vllm["calls"] for _, p in call]
@@ -93,21 +78,13 @@ def test_unknown_names_are_refused_with_the_choices(tiny_model, tmp_path, fake_v
     assert "unknown method or preset 'zz_typo'" in err and "zz_half" in err and "zigzag" in err
 
 
-@pytest.mark.skipif("presets" not in CompressionConfig.model_fields, reason="the plugin has no presets yet")
 def test_the_plugin_resolves_the_preset_as_the_engine_will(presets_yaml):
-    server, configs, _ = suite.build_configs(["zz_half"], [0.1], presets_yaml, engine=True)
+    server, configs, presets = suite.build_configs(["uniform", "zz_half"], [0.1], presets_yaml)
     assert "zz_half" in server.presets
     config = configs["zz_half@0.1"]
     assert config.method == "zigzag" and config.budget == 0.1
     assert config.zigzag.min_budget_ratio == 0.5 and config.window == 16
-
-
-def test_without_plugin_presets_the_cpu_path_builds_the_preset_itself(presets_yaml, monkeypatch):
-    monkeypatch.setattr(suite, "engine_config", lambda server, name, budget: "refused")
-    _, configs, presets = suite.build_configs(["uniform", "zz_half"], [0.2], presets_yaml, engine=False)
-    config = configs["zz_half@0.2"]
-    assert config.method == "zigzag" and config.zigzag.min_budget_ratio == 0.5 and config.window == 16
-    assert configs["uniform@0.2"].window == 16 and set(presets) == {"zz_half"}
+    assert configs["uniform@0.1"].window == 16 and set(presets) == {"zz_half"}
 
 
 def test_max_model_len_covers_the_longest_prompt_and_its_answer():
