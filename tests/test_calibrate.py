@@ -190,11 +190,11 @@ def test_per_task_stability():
 
 
 def test_layer_uncertainty_is_the_mba_mean_over_heads():
-    from vllm_kvcomp.calibrate import layer_uncertainty
+    from vllm_kvcomp.calibrate import layer_statistics
 
     # head 0: all mass on one token (MBA 1); head 1: spread over 4 tokens (MBA ceil(0.9*4) = 4)
     mass = torch.tensor([[0.0, 8.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
-    assert layer_uncertainty([mass, mass[[1, 1]]], 4, tau=0.9).tolist() == [2.5, 4.0]
+    assert layer_statistics([mass, mass[[1, 1]]], 4, tau=0.9, num_sinks=0, recent=1).mba.tolist() == [2.5, 4.0]
 
 
 def test_calibrate_command_writes_a_loadable_profile(tiny_model, tmp_path, capsys):
@@ -317,12 +317,13 @@ def test_packaged_profile_options_match_the_model():
 
 
 def test_local_mass_is_the_share_on_sinks_and_recent_tokens():
-    from vllm_kvcomp.lazy_layers import layer_local_mass
+    from vllm_kvcomp.calibrate import layer_statistics
 
     # 1 sink + the last 2 of 8 tokens: head 0 puts 1 + 1 + 3 of 10 there, head 1 all of it.
     head0 = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0])
     head1 = torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
-    assert layer_local_mass([torch.stack([head0, head1])], 8, num_sinks=1, recent=2).tolist() == [0.75]
+    stats = layer_statistics([torch.stack([head0, head1])], 8, tau=0.9, num_sinks=1, recent=2)
+    assert stats.local_mass.tolist() == [0.75]
 
 
 def test_suggested_threshold_marks_the_layers_clearly_above_the_rest():

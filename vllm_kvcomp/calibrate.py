@@ -39,7 +39,6 @@ import torch
 
 from vllm_kvcomp.calibration_data import TASKS, PromptsFileError, load_prompts, sample_prompts
 from vllm_kvcomp.config import CompressionConfig, CompressionConfigError, build_config, parse_budget
-from vllm_kvcomp.lazy_layers import layer_local_mass
 from vllm_kvcomp.lazy_layers import render as render_lazy
 
 DEFAULT_TASKS = ("niah_text", "niah_noise")
@@ -128,16 +127,16 @@ class Calibration:
         )
 
 
-def layer_uncertainty(mass: list[torch.Tensor], prompt_len: int, tau: float) -> np.ndarray:
-    """LMBA_l: mean over KV heads of the MBA of each layer's window mass [Hkv, P]."""
+def layer_statistics(mass: list[torch.Tensor], prompt_len: int, tau: float, num_sinks: int, recent: int):
+    """Per layer, the mean over KV heads of each layer's window mass [Hkv, P]: LMBA_l (ZigZagKV's
+    MBA at `tau`) and SimLayerKV's local mass (on the first `num_sinks` and last `recent` tokens),
+    in one pass over the stacked layers, as `planner.LayerStats` (`mba`, `local_mass`)."""
+    from vllm_kvcomp.planner import layer_stats
     from vllm_kvcomp.scoring import head_statistics
 
-    lens = torch.tensor([prompt_len])
-    out = []
-    for layer_mass in mass:
-        mba, _ = head_statistics(layer_mass[None], lens, tau=tau, num_sinks=0, local_recent=1)
-        out.append(float(mba[0].mean()))
-    return np.asarray(out, dtype=np.float64)
+    lens = torch.full((len(mass),), prompt_len)
+    mba, local = head_statistics(torch.stack(mass), lens, tau=tau, num_sinks=num_sinks, local_recent=recent)
+    return layer_stats(mba, local)
 
 
 def normalized_weights(lmba: np.ndarray) -> np.ndarray:
@@ -189,9 +188,11 @@ def calibrate(
     for task, _length, text in bar:
         _cache, pre = evaluator.prefill(text, scorer)
         del _cache
-        lmba = layer_uncertainty(pre.mass, pre.prompt_len, scorer.section("zigzag").tau)
-        rows.append(normalized_weights(lmba))
-        local.append(layer_local_mass(pre.mass, pre.prompt_len, scorer.num_sinks, simlayer_recent))
+        stats = layer_statistics(
+            pre.mass, pre.prompt_len, scorer.section("zigzag").tau, scorer.num_sinks, simlayer_recent
+        )
+        rows.append(normalized_weights(stats.mba))
+        local.append(stats.local_mass)
         tokens.append(pre.prompt_len)
         names.append(task)
         bar.set_postfix(tokens=pre.prompt_len, task=task)

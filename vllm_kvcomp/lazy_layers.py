@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 MIN_GAP = 0.1
 MAX_LAZY_SHARE = 0.5
@@ -38,18 +37,6 @@ class LazySuggestion:
     lazy_layers: list[int]
     gap: float  # the largest drop found (local mass units)
     agreement: float  # share of (prompt, layer) pairs on the threshold's side of the mean (1.0 without one)
-
-
-def layer_local_mass(mass: list[torch.Tensor], prompt_len: int, num_sinks: int, recent: int) -> np.ndarray:
-    """Per layer: the mean over KV heads of the window mass [Hkv, P] on the sinks + last `recent` tokens."""
-    from vllm_kvcomp.scoring import head_statistics
-
-    lens = torch.tensor([prompt_len])
-    out = []
-    for layer_mass in mass:
-        _, local = head_statistics(layer_mass[None], lens, tau=0.9, num_sinks=num_sinks, local_recent=recent)
-        out.append(float(local[0].mean()))
-    return np.asarray(out, dtype=np.float64)
 
 
 def suggest_threshold(per_sample: np.ndarray, min_gap: float = MIN_GAP) -> LazySuggestion:
