@@ -231,12 +231,15 @@ def test_eval_and_bench_point_to_the_checkout_tooling(capsys):
     assert "python -m bench.throughput" in capsys.readouterr().err
 
 
-def test_evict_every_is_refused_until_decode_eviction_exists():
-    """Issue #12 is being built: the option validates but the engine refuses it (never ignored)."""
+def test_evict_every_must_be_a_multiple_of_the_block_size():
+    """Decode-time eviction (issue #12) runs at the prefill's offset in its block: whole blocks apart."""
     from vllm_kvcomp.engine.requirements import check_vllm_config
 
-    config = build_config(method="zigzag", overrides={"evict_every": 128})
-    with pytest.raises(CompressionConfigError, match="evict_every: decode-time eviction is not available yet"):
+    check_vllm_config(fake_vllm_config(), build_config(method="zigzag", overrides={"evict_every": 128}))
+    config = build_config(method="zigzag", overrides={"evict_every": 40})
+    with pytest.raises(
+        CompressionConfigError, match=r"evict_every \(40\) must be a multiple of the KV block size \(16\)"
+    ):
         check_vllm_config(fake_vllm_config(), config)
     with pytest.raises(CompressionConfigError, match=r"evict_every \(8\)|greater than or equal to 16"):
         build_config(method="zigzag", overrides={"evict_every": 8})

@@ -200,6 +200,9 @@ CALLED: dict[str, str] = {
     "vllm.v1.request:Request.get_finished_reason": "Request.get_finished_reason(self)",
     "vllm.v1.request:Request.is_finished": "Request.is_finished(self)",
     "vllm.v1.request:Request.take_events": "Request.take_events(self)",
+    "vllm.v1.worker.gpu.buffer_utils:StagedWriteTensor.stage_write": (
+        "StagedWriteTensor.stage_write(self, index, start, x)"
+    ),
 }
 
 # Parameter names and default expressions, read from vLLM's source.
@@ -253,6 +256,7 @@ CALL_SITES: dict[str, list[str]] = {
     "vllm.v1.worker.gpu_worker:Worker.sample_tokens": ["returns self.model_runner.sample_tokens(grammar_output)"],
     "vllm.v1.worker.gpu.model_runner:GPUModelRunner.execute_model": [
         "calls self.add_requests",
+        "calls self.block_tables.apply_staged_writes",
         "calls self.finish_requests",
         "calls self.prepare_attn",
         "calls self.prepare_dummy_attn",
@@ -369,7 +373,7 @@ ATTRIBUTES: dict[str, list[str]] = {
     "vllm.v1.kv_cache_interface:KVCacheConfig": ["kv_cache_groups", "kv_cache_tensors", "num_blocks"],
     "vllm.v1.kv_cache_interface:KVCacheGroupSpec": ["kv_cache_spec", "layer_names"],
     "vllm.v1.worker.gpu.async_utils:AsyncOutput": ["model_runner_output"],
-    "vllm.v1.worker.gpu.block_table:BlockTables": ["input_block_tables"],
+    "vllm.v1.worker.gpu.block_table:BlockTables": ["block_tables", "blocks_per_kv_block", "input_block_tables"],
     "vllm.v1.worker.gpu.input_batch:InputBatch": [
         "idx_mapping",
         "is_prefilling_np",

@@ -22,10 +22,12 @@ from hypothesis import strategies as st
 import vllm_kvcomp
 from vllm_kvcomp import planner
 from vllm_kvcomp.config import build_config, request_config
+from vllm_kvcomp.engine.decode_eviction import decode_budgets
 from vllm_kvcomp.engine.kv_cache import CompressedAttentionSpec
-from vllm_kvcomp.engine.layout import cdiv
+from vllm_kvcomp.engine.layout import cdiv, plan_eviction
 from vllm_kvcomp.engine.records import CompressionReport, EvictionRecord, SkipRecord
-from vllm_kvcomp.policies import LayerStats
+from vllm_kvcomp.engine.reeviction import RequestLayout, plan_reeviction
+from vllm_kvcomp.policies import LayerStats, make_policy
 
 vllm_kvcomp.register()
 
@@ -66,14 +68,14 @@ def vllm_config(tmp_path_factory):
     return config
 
 
-def make_scheduler(vllm_config, method: str, async_scheduling: bool):
+def make_scheduler(vllm_config, method: str, async_scheduling: bool, **options):
     from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
     from vllm.v1.structured_output import StructuredOutputManager
 
     from vllm_kvcomp.engine.scheduler import AsyncCompressionScheduler, CompressionScheduler
 
     vllm_config.additional_config = {
-        "kv_compression": {"method": method, "budget": 0.25, "num_recent": 16, "window": 8}
+        "kv_compression": {"method": method, "budget": 0.25, "num_recent": 16, "window": 8, **options}
     }
     spec = CompressedAttentionSpec(block_size=BS, num_kv_heads=2, head_size=32, dtype=torch.bfloat16)
     names = [f"layers.{i}" for i in range(LAYERS)]
@@ -96,6 +98,9 @@ class FakeWorker:
 
     def __init__(self, server, rng: np.random.Generator, fail_rate: float):
         self.server, self.rng, self.fail_rate = server, rng, fail_rate
+        # decode-time eviction (evict_every): per request, its layout, last eviction and budget ratios
+        self.follow: dict[str, dict] = {}
+        self.decode_evictions = 0
         self.blocks: dict[str, list[int]] = {}
         self.prompt: dict[str, int] = {}
         self.prefill: dict[str, int] = {}
@@ -107,7 +112,7 @@ class FakeWorker:
         from vllm.v1.outputs import ModelRunnerOutput
 
         for req_id in out.finished_req_ids | (out.preempted_req_ids or set()):
-            for table in (self.blocks, self.prompt, self.prefill, self.computed, self.config):
+            for table in (self.blocks, self.prompt, self.prefill, self.computed, self.config, self.follow):
                 table.pop(req_id, None)
         for new in out.scheduled_new_reqs:
             self.blocks[new.req_id] = list(new.block_ids[0])
@@ -127,6 +132,8 @@ class FakeWorker:
             sampled.append([int(self.rng.integers(1, 999))] if after >= self.prefill[req_id] else [])
             if before < self.prompt[req_id] <= after:  # the prompt completes: the runtime compresses now
                 self._compress(req_id, report)
+            elif after > self.prefill[req_id] + self.server.decode_window:  # a decode step, the ring is full
+                self._decode_evict(req_id, after, report)
         output = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                    sampled_token_ids=sampled)  # fmt: skip
         output.kvcomp_report = report if report else None
@@ -135,6 +142,8 @@ class FakeWorker:
     def _compress(self, req_id: str, report: CompressionReport) -> None:
         config, prompt = self.config[req_id], self.prompt[req_id]
         if not config.should_compress(prompt):
+            if config.enabled and config.evict_every is not None:  # within budget: followed from here
+                self._follow(req_id, None, None, prompt)
             return
         draw = self.rng.random()
         if draw < self.fail_rate:  # eviction failed after compaction: finished with an error
@@ -144,12 +153,51 @@ class FakeWorker:
             report.skips.append(SkipRecord(req_id, "eviction_error_score"))
             return
         stats = LayerStats(mba=self.rng.uniform(1, prompt, LAYERS), local_mass=self.rng.uniform(0, 1, LAYERS))
-        plan = planner.plan(config, stats, prompt, LAYERS, BS)
+        budgets = make_policy(config).budgets(planner.budget_request(config, stats, prompt, LAYERS))
+        plan = plan_eviction(budgets, prompt, BS)
+        if config.evict_every is not None:
+            self._follow(req_id, plan, budgets, prompt)
         if plan is None:
             return
         freed = [self.blocks[req_id][i] for i in plan.freed_block_indices]
         report.evictions.append(EvictionRecord(req_id, freed, prompt, plan.kept_tokens.tolist()))
         self.evictions += 1
+
+    def _follow(self, req_id: str, plan, budgets, prompt: int) -> None:
+        layout = RequestLayout.from_plan(plan) if plan is not None else RequestLayout.uncompressed(LAYERS, BS)
+        average = self.config[req_id].average_budget(prompt)
+        ratios = np.ones(LAYERS) if budgets is None else budgets / average
+        self.follow[req_id] = dict(layout=layout, evicted_at=prompt, ratios=ratios)
+
+    def _decode_evict(self, req_id: str, context: int, report: CompressionReport) -> None:
+        """What engine/decode_eviction.py reports: the freed ids of the row, re-homed ids moved within it."""
+        state, config = self.follow.get(req_id), self.config[req_id]
+        if state is None or context - state["evicted_at"] < config.evict_every:
+            return
+        state["evicted_at"] = context
+        draw = self.rng.random()
+        if draw < self.fail_rate / 4:  # failed after compaction: finished with an error
+            report.failures.append(SkipRecord(req_id, "decode_eviction_error_compact"))
+            del self.follow[req_id]
+            return
+        if draw < self.fail_rate / 2:  # failed before: the layout stays, retried later
+            report.deferred.append(SkipRecord(req_id, "decode_eviction_error_score"))
+            return
+        budgets = decode_budgets(state["ratios"], config, context)
+        plan = plan_reeviction(state["layout"], budgets, context, config.num_sinks, config.num_recent)
+        if plan is None:
+            return
+        row = self.blocks[req_id]
+        freed = plan.freed_ids(row)
+        self.blocks[req_id] = plan.new_row(row)
+        state["layout"] = plan.after
+        evicted = plan.before.live_tokens(context) - plan.kept_tokens
+        report.evictions.append(
+            EvictionRecord(
+                req_id, freed, context, plan.kept_tokens.tolist(), phase="decode", evicted_tokens=list(evicted)
+            )
+        )
+        self.decode_evictions += 1
 
 
 def check_accounting(scheduler) -> None:
@@ -249,4 +297,87 @@ def test_preemption_resume_and_failures_under_pressure(vllm_config, async_schedu
     assert worker.evictions > 0
     assert set(finished) == {f"r{i}" for i in range(6)}
     assert "error" in finished.values() or worker.fail_rate == 0
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == NUM_BLOCKS - 1
+
+
+DECODE_OVERRIDES = st.sampled_from([{}, {"kv_budget": 0.1}, {"kv_compression": "none"}, {"kv_budget": 64},
+                                    {"kv_compression": "pyramid", "kv_budget": 80}])  # fmt: skip
+
+
+def decode_server(evict_every: int):
+    return build_config(
+        method="uniform", budget=0.25, overrides={"num_recent": 16, "window": 8, "evict_every": evict_every}
+    )
+
+
+def check_bounded(scheduler, worker) -> None:
+    """Section 1 of docs/LIFETIME-BUDGETS.md: a followed request holds at most
+    ceil(B_avg / bs) + 2 + evict_every / bs blocks (+ the scheduled lookahead)."""
+    manager = scheduler.kvcomp_manager
+    lookahead = cdiv(scheduler.max_num_scheduled_tokens, BS)
+    for req_id, state in worker.follow.items():
+        request, blocks = scheduler.requests.get(req_id), manager.req_to_blocks.get(req_id)
+        if request is None or not blocks or state["evicted_at"] <= worker.prompt[req_id]:
+            continue  # not evicted while decoding yet
+        config = worker.config[req_id]
+        bound = cdiv(config.average_budget(request.num_computed_tokens), BS) + 2 + config.evict_every // BS
+        assert len(blocks) <= bound + lookahead, (req_id, len(blocks), bound)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.data(),
+    num=st.integers(1, 6),
+    async_scheduling=st.booleans(),
+    fail_rate=st.sampled_from([0.0, 0.2]),
+    evict_every=st.sampled_from([16, 32, 48]),
+    seed=st.integers(0, 2**16),
+)
+def test_repeated_decode_evictions_keep_the_block_pool_whole(
+    vllm_config, data, num, async_scheduling, fail_rate, evict_every, seed
+):
+    """Every request is evicted again and again while decoding (freed ids anywhere in its list,
+    re-homed ids kept): the real scheduler's accounting holds at every step."""
+    scheduler = make_scheduler(vllm_config, "uniform", async_scheduling, evict_every=evict_every)
+    worker = FakeWorker(decode_server(evict_every), np.random.default_rng(seed), fail_rate)
+    lengths = data.draw(st.lists(st.integers(20, 300), min_size=num, max_size=num))
+    outputs = data.draw(st.lists(st.integers(1, 400), min_size=num, max_size=num))
+    overrides = data.draw(st.lists(DECODE_OVERRIDES, min_size=num, max_size=num))
+    aborts: dict[int, list[str]] = {}
+    if data.draw(st.booleans()):
+        aborts[data.draw(st.integers(0, 200))] = [f"r{data.draw(st.integers(0, num - 1))}"]
+    update = scheduler.update_from_output
+
+    def checked(*args):
+        outputs = update(*args)
+        check_bounded(scheduler, worker)
+        return outputs
+
+    scheduler.update_from_output = checked
+    finished, _ = run_stream(scheduler, worker, make_requests(lengths, outputs, overrides), aborts, max_steps=3000)
+    assert not scheduler.has_requests(), "the stream did not drain"
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == NUM_BLOCKS - 1
+    assert not scheduler.kvcomp_manager.req_to_blocks and not scheduler.kvcomp_manager.evicted_blocks
+    assert len(finished) + len({r for ids in aborts.values() for r in ids}) >= num
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_long_generation_is_evicted_many_times(vllm_config, async_scheduling):
+    """Absolute budgets: two requests generate 800 tokens each in a pool of 47 blocks, which stock
+    vLLM would need 126 blocks for (it would preempt): no preemption, blocks bounded throughout."""
+    scheduler = make_scheduler(vllm_config, "uniform", async_scheduling, evict_every=32)
+    worker = FakeWorker(decode_server(32), np.random.default_rng(3), fail_rate=0.0)
+    requests = make_requests([200, 150], [800, 800], [{"kv_budget": 64}, {"kv_budget": 96}])
+    update = scheduler.update_from_output
+
+    def checked(*args):
+        outputs = update(*args)
+        check_bounded(scheduler, worker)
+        return outputs
+
+    scheduler.update_from_output = checked
+    finished, preempted = run_stream(scheduler, worker, requests, aborts={}, max_steps=3000)
+    assert finished == {"r0": "length", "r1": "length"} and preempted == 0
+    assert cdiv(1000, BS) + cdiv(950, BS) > NUM_BLOCKS
+    assert worker.decode_evictions >= 2 * (800 // 32 - 2)  # every 32 tokens, once the ring is full
     assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == NUM_BLOCKS - 1

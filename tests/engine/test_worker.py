@@ -47,8 +47,10 @@ def test_an_unvalidated_request_config_falls_back_to_the_servers(caplog):
     assert "using the server's settings" in caplog.text
 
 
-def test_profile_run_reserves_the_plugins_memory(monkeypatch):
-    """vLLM sizes the KV cache from the profiled peak: the plugin's buffers and workspace are in it."""
+@pytest.mark.parametrize("evict_every", [None, 128])
+def test_profile_run_reserves_the_plugins_memory(monkeypatch, evict_every):
+    """vLLM sizes the KV cache from the profiled peak: the plugin's buffers and workspace are in it,
+    and the decode-query ring only when decode-time eviction is on."""
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
     from vllm_kvcomp.engine import worker
@@ -58,16 +60,19 @@ def test_profile_run_reserves_the_plugins_memory(monkeypatch):
     monkeypatch.setattr(worker.torch, "empty", lambda n, **kw: allocated.append(n))
     runner = object.__new__(CompressionModelRunner)
     runner.device = torch.device("cpu")
-    runner.kvcomp = SimpleNamespace(config=build_config(method="zigzag", overrides={"eviction_workspace_mb": 64}))
+    overrides = {"eviction_workspace_mb": 64, "evict_every": evict_every, "decode_window": 16}
+    runner.kvcomp = SimpleNamespace(config=build_config(method="zigzag", overrides=overrides))
     model = SimpleNamespace(
         get_num_layers=lambda p: 32, get_num_attention_heads=lambda p: 32, get_head_size=lambda: 128,
         dtype=torch.bfloat16, max_model_len=131072,
     )  # fmt: skip
     runner.vllm_config = SimpleNamespace(
         model_config=model, parallel_config=None, cache_config=SimpleNamespace(block_size=16),
-        scheduler_config=SimpleNamespace(max_num_seqs=256),
+        scheduler_config=SimpleNamespace(max_num_seqs=256, max_num_batched_tokens=8192),
     )  # fmt: skip
     runner.profile_run()
     tables = 32 * 256 * (8192 + 1) * 4
     capture = 32 * 16 * 32 * 32 * (128 * 2 + 4)
-    assert allocated == [tables + 3 * 257 * 32 * 4 + capture + (64 << 20)]
+    # 257 ring slots (one per running request + scratch) x 16 decode queries, and the token index.
+    ring = 0 if evict_every is None else 32 * 257 * 16 * 32 * (128 * 2 + 4) + 8192 * 8
+    assert allocated == [tables + 3 * 257 * 32 * 4 + capture + ring + (64 << 20)]

@@ -10,6 +10,9 @@ compression is on). Differences from vLLM's FlashAttention backend:
 * On prefill steps that end inside a request's observation window, the
   post-RoPE queries of the window and their softmax LSE (returned by the same
   FlashAttention call) are captured for scoring.
+* With `evict_every` set, every step also writes each decode query of a tracked
+  request and its LSE into the decode ring (engine/decode_ring.py), with
+  fixed-shape copies that FULL CUDA graphs capture.
 * FA3 ahead-of-time scheduling and cascade attention are off: both assume every
   layer sees the batch's sequence lengths.
 """
@@ -97,6 +100,9 @@ class CompressedFlashAttentionImpl(FlashAttentionImpl):
         value_cache = canonicalize_singleton_dim_strides(value_cache)
         descale_shape = (attn_metadata.query_start_loc.shape[0] - 1, self.num_kv_heads)
         capture = attn_metadata.capture
+        ring = runtime.decode_ring
+        # FlashAttention computes the LSE anyway; it is only returned when asked for.
+        want_lse = capture is not None or ring is not None
         result = fa_utils.flash_attn_varlen_func(
             q=query[:num_tokens],
             k=key_cache,
@@ -119,11 +125,13 @@ class CompressedFlashAttentionImpl(FlashAttentionImpl):
             v_descale=layer._v_scale.expand(descale_shape),
             num_splits=attn_metadata.max_num_splits,
             s_aux=self.sinks,
-            return_softmax_lse=capture is not None,
+            return_softmax_lse=want_lse,
         )
         if capture is not None:
-            _, lse = result
-            runtime.capture(index, query, lse, capture)
+            runtime.capture(index, query, result[1], capture)
+        if ring is not None:
+            # Every step and batch shape (inside FULL graphs too): untracked tokens go to scratch.
+            ring.record(index, query[:num_tokens], result[1])
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):

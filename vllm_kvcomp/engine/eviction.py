@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from vllm_kvcomp import planner
-from vllm_kvcomp.engine.layout import EvictionPlan, cdiv
+from vllm_kvcomp.engine.layout import EvictionPlan, cdiv, plan_eviction
 from vllm_kvcomp.engine.memory import layer_groups, workspace_bytes_per_row
 from vllm_kvcomp.engine.records import CompressionReport, EvictionRecord, SkipRecord
-from vllm_kvcomp.engine.requests import TrackedRequest
+from vllm_kvcomp.engine.requests import DecodeState, TrackedRequest
 from vllm_kvcomp.policies import LayerStats
 
 if TYPE_CHECKING:
@@ -72,25 +72,14 @@ class Evictor:
     def evict(self, batch: list[TrackedRequest]) -> CompressionReport:
         """Requests in chunks whose rows fit in the workspace; a request that does not fit
         alone is scored in groups of layers (engine/memory.py)."""
-        g, budget = self.rt.geometry, self.workspace_bytes
         report = CompressionReport()
-        start = 0
-        while start < len(batch):
-            # The kernels pad every row of a chunk to its longest prompt.
-            per_layer, longest, end = 0, 0, start
-            while end < len(batch):
-                candidate = max(longest, batch[end].prompt_len)
-                needed = (end - start + 1) * workspace_bytes_per_row(g.num_heads, g.num_kv_heads, candidate)
-                if end > start and needed * g.num_layers > budget:
-                    break
-                per_layer, longest, end = needed, candidate, end + 1
-            groups = layer_groups(g.num_layers, per_layer, budget)
+        lengths = [req.prompt_len for req in batch]
+        for start, end, groups in workspace_chunks(lengths, self.rt.geometry, self.workspace_bytes):
             if len(groups) > 1:
                 logger.info(
                     "vllm-kvcomp: %s scored in %d groups of layers (workspace)", batch[start].req_id, len(groups)
                 )
             report.extend(self._evict_chunk(batch[start:end], groups))
-            start = end
         return report
 
     def _evict_chunk(self, reqs: list[TrackedRequest], groups: list[range]) -> CompressionReport:
@@ -176,15 +165,7 @@ class Evictor:
         return out.scores, pages, score_of
 
     def _guarded(self, stage: str, fn, *args):
-        """(fn(*args), None), or (None, the exception) with one log line."""
-        try:
-            if self.rt.observer is not None:
-                self.rt.observer.before(stage, args)
-            return fn(*args), None
-        except Exception as exc:  # contained: one request batch must never take the engine down
-            logger.error("vllm-kvcomp: eviction failed at %s: %s: %s", stage, type(exc).__name__, str(exc)[:200])
-            logger.debug("vllm-kvcomp: eviction failure", exc_info=True)
-            return None, exc
+        return guarded(self.rt, stage, fn, *args)
 
     def _contained(self, reqs, stage: str, error, intact: bool) -> CompressionReport:
         """What the scheduler hears about a failed batch (the same on every rank)."""
@@ -204,12 +185,13 @@ class Evictor:
         return [self._plan(req, stats[:, r]) for r, req in enumerate(reqs)]
 
     def _plan(self, req: TrackedRequest, stats: np.ndarray) -> EvictionPlan | None:
+        """`planner.plan`, keeping the budgets (decode-time eviction scales them later)."""
         config = req.config or self.rt.config
         layer_stats = LayerStats(mba=stats[0], local_mass=stats[1])
         policy = self.rt.policies.policy_for(config)
-        return planner.plan(
-            config, layer_stats, req.prompt_len, self.rt.num_layers, self.rt.geometry.block_size, policy
-        )
+        request = planner.budget_request(config, layer_stats, req.prompt_len, self.rt.num_layers)
+        req.budgets = policy.budgets(request)
+        return plan_eviction(req.budgets, req.prompt_len, self.rt.geometry.block_size)
 
     def _block_rows(self, reqs: list[TrackedRequest], num_pages: int) -> torch.Tensor:
         """[R, num_pages] int32 block ids of the prompts."""
@@ -229,5 +211,48 @@ class Evictor:
                 kept = plan.kept_tokens.tolist()
                 freed = [req.block_ids[i] for i in plan.freed_block_indices]
             records.append(EvictionRecord(req.req_id, freed, req.prompt_len, kept))
+            self._follow_decode(req, plan)
         records[0].verify = verify
         return records
+
+    def _follow_decode(self, req: TrackedRequest, plan: EvictionPlan | None) -> None:
+        """With `evict_every`, decode-time eviction takes the request from here (engine/decode_eviction.py)."""
+        config = req.config or self.rt.config
+        if config.evict_every is not None:
+            average = config.average_budget(req.prompt_len)
+            g = self.rt.geometry
+            req.decode = DecodeState.after_prefill(
+                plan, req.budgets, average, req.prompt_len, g.num_layers, g.block_size
+            )
+
+
+def workspace_chunks(lengths: list[int], geometry, budget: int) -> list[tuple[int, int, list[range]]]:
+    """(start, end, layer groups) of consecutive items whose rows fit in `budget` bytes.
+
+    The kernels pad every row of a chunk to its longest item; an item that does not
+    fit alone is one chunk scored in groups of layers (engine/memory.py).
+    """
+    g, chunks, start = geometry, [], 0
+    while start < len(lengths):
+        per_layer, longest, end = 0, 0, start
+        while end < len(lengths):
+            candidate = max(longest, lengths[end])
+            needed = (end - start + 1) * workspace_bytes_per_row(g.num_heads, g.num_kv_heads, candidate)
+            if end > start and needed * g.num_layers > budget:
+                break
+            per_layer, longest, end = needed, candidate, end + 1
+        chunks.append((start, end, layer_groups(g.num_layers, per_layer, budget)))
+        start = end
+    return chunks
+
+
+def guarded(runtime: CompressionRuntime, stage: str, fn, *args):
+    """(fn(*args), None), or (None, the exception) with one log line."""
+    try:
+        if runtime.observer is not None:
+            runtime.observer.before(stage, args)
+        return fn(*args), None
+    except Exception as exc:  # contained: one request batch must never take the engine down
+        logger.error("vllm-kvcomp: eviction failed at %s: %s: %s", stage, type(exc).__name__, str(exc)[:200])
+        logger.debug("vllm-kvcomp: eviction failure", exc_info=True)
+        return None, exc

@@ -17,6 +17,7 @@ import torch
 
 from vllm_kvcomp.config import CompressionConfig
 from vllm_kvcomp.engine.layout import EvictionPlan
+from vllm_kvcomp.engine.reeviction import ReevictionPlan
 from vllm_kvcomp.scoring import head_statistics, selection_scores, stats_for_policy
 
 # Optional rewrite of the selection scores [rows, H, S] before top-k (a test oracle hook).
@@ -34,6 +35,20 @@ class PoolGeometry:
     head_size: int
     num_heads: int  # query heads of this rank
     scale: float
+
+
+def to_device(array: np.ndarray, device) -> torch.Tensor:
+    """A host array on `device` without synchronizing it: a pinned staging copy on CUDA,
+    kept alive by the caching host allocator until the copy ran."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _domain_pages(plan: EvictionPlan | ReevictionPlan, layer: int) -> int:
+    """Pages `layer` selects from: the prompt's whole blocks, or its logical pages before the tail block."""
+    return int(plan.domain_pages[layer]) if isinstance(plan, ReevictionPlan) else plan.full_blocks
 
 
 class EvictionExecutor:
@@ -66,7 +81,9 @@ class EvictionExecutor:
     def score(self, queries, lse, window_lens, scored_lens, pages, max_len):
         """Observation-window scores of every (layer, request) row: ScoreOutput (scores, mass).
 
-        queries [Lg, R, W, H, D] and lse [Lg, R, W, H] of the layers scored; rows are layer-major.
+        queries [Lg, R, W, H, D] and lse [Lg, R, W, H] (None: recomputed, one more pass over
+        the keys) of the layers scored; rows are layer-major. `scored_lens` is [R] (every
+        layer the same length, the prefill) or [Lg, R] (each layer its own, decode time).
         """
         from vllm_kvcomp.kernels import score_gather
 
@@ -76,9 +93,9 @@ class EvictionExecutor:
             window_lens.repeat(L),
             self.pool,
             pages,
-            scored_lens.repeat(L),
+            scored_lens.reshape(-1) if scored_lens.dim() == 2 else scored_lens.repeat(L),
             scale=self.geo.scale,
-            window_lse=lse.reshape(-1, *lse.shape[2:]),
+            window_lse=None if lse is None else lse.reshape(-1, *lse.shape[2:]),
             pool_kernel=cfg.pool_kernel,
             pool_type=cfg.pool_type,
             square=cfg.square,
@@ -125,7 +142,7 @@ class EvictionExecutor:
 
     def compact(
         self,
-        plans: list[EvictionPlan | None],
+        plans: Sequence[EvictionPlan | ReevictionPlan | None],
         scores: torch.Tensor,
         prompt_lens: torch.Tensor,
         pages: torch.Tensor,
@@ -137,38 +154,43 @@ class EvictionExecutor:
 
         `pages` holds the rows of those layers, layer-major; `scores` the rows of their
         scoring layers, layer `layers[g]` reading block `score_of[g]` (default g: each layer
-        its own). Returns the first request's keep indices per layer (for the self-check).
+        its own). `prompt_lens` [R] is the length whose last `num_recent` tokens are kept
+        (the prompt); [L, R] gives each (layer, request) its own (its logical length at
+        decode time). The domain is the prompt's whole blocks, or a `ReevictionPlan`'s
+        `domain_pages` of the layer. Returns the first request's keep indices per layer
+        (for the self-check).
         """
         from vllm_kvcomp.kernels import compact_kv_, select_keep_indices
 
         cfg, bs = self.config, self.geo.block_size
         layers = layers if layers is not None else range(self.geo.num_layers)
-        R = len(plans)
+        R, per_layer = len(plans), prompt_lens.dim() == 2
         score_of = score_of if score_of is not None else list(range(len(layers)))
-        flat, score_rows, domain_host, keep_host, req_of_row = [], [], [], [], []
+        flat, score_rows, domain_host, keep_host, req_of_row, len_rows = [], [], [], [], [], []
         for g, layer in enumerate(layers):
             for r, plan in enumerate(plans):
                 if plan is not None and plan.evicted_layers[layer]:
                     flat.append(g * R + r)
                     score_rows.append(score_of[g] * R + r)
-                    domain_host.append(plan.full_blocks * bs)
+                    domain_host.append(_domain_pages(plan, layer) * bs)
                     keep_host.append(int(plan.compact_pages[layer]) * bs)
                     req_of_row.append(r)
+                    len_rows.append(layer * R + r if per_layer else r)
         if not flat:
             return {}
-        host = np.array([flat, domain_host, keep_host, req_of_row, score_rows], dtype=np.int64)
-        dev = torch.from_numpy(host).to(self.device)
+        host = np.array([flat, domain_host, keep_host, len_rows, score_rows], dtype=np.int64)
+        dev = to_device(host, self.device)
         rows_t, domain, keep = dev[0], dev[1].to(torch.int32), dev[2].to(torch.int32)
         row_scores = selection_scores(
             scores.index_select(0, dev[4]),
-            prompt_lens.index_select(0, dev[3]),
+            prompt_lens.reshape(-1).index_select(0, dev[3]),
             domain,
             num_sinks=cfg.num_sinks,
             num_recent=cfg.num_recent,
         )
         if score_hook is not None:
             row_scores = score_hook(row_scores)
-        # No host-side validation (it syncs): plan_eviction guarantees keep <= domain
+        # No host-side validation (it syncs): the plans guarantee keep <= domain
         # and budgets >= sinks + recent, so the forced tokens always fit.
         keep_idx = select_keep_indices(row_scores, domain, keep, 0, 0, max_keep=max(keep_host), validate=False)
         del row_scores

@@ -15,7 +15,10 @@ the last prompt token and everything after it, and frees the prompt blocks
 between. The worker reports the freed block ids; this manager drops them from
 the request and returns them to the BlockPool. From then on the request needs
 `cdiv(num_tokens, block_size) - evicted` blocks, which is all the scheduler must
-know.
+know. With `evict_every` the worker evicts a running request again and again
+(engine/decode_eviction.py): each report frees ids the request still holds,
+wherever they sit in its list (held blocks are a multiset to this manager; the
+worker may move ids inside its block-table row), and `evicted` adds up.
 """
 
 from __future__ import annotations

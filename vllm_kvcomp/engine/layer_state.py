@@ -9,11 +9,15 @@ before the next build or publish).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
+from vllm_kvcomp.engine.executor import to_device
 from vllm_kvcomp.engine.layout import EvictionPlan
 from vllm_kvcomp.engine.page_tables import RequestLayouts, build_layer_page_tables
+from vllm_kvcomp.engine.reeviction import ReevictionPlan
 
 
 class LayerPageState:
@@ -43,7 +47,7 @@ class LayerPageState:
 
     def apply_resets(self) -> None:
         if self._pending_resets:
-            index = torch.tensor(sorted(self._pending_resets), dtype=torch.long, device=self.device)
+            index = to_device(np.array(sorted(self._pending_resets), dtype=np.int64), self.device)
             for tensor in (self.layouts.compact_pages, self.layouts.entry_offsets, self.layouts.shift_pages):
                 tensor[index] = 0
             self._pending_resets.clear()
@@ -81,11 +85,13 @@ class LayerPageState:
         table = torch.zeros(1, self.tables.shape[2], dtype=torch.int32, device=self.device)
         self.build(table, torch.ones(1, dtype=torch.int32, device=self.device), None, 1)
 
-    def publish(self, compressed: list[tuple[int, list[int], EvictionPlan]]) -> None:
+    def publish(self, compressed: Sequence[tuple[int, list[int], EvictionPlan | ReevictionPlan]]) -> None:
         """Write the entry tables and (c, C, d) of compressed requests.
 
-        `compressed`: (request slot, block ids, plan) per request. Runs after the
-        overflow pages were copied (their sources are about to be freed).
+        `compressed`: (request slot, block ids, plan) per request: a prefill plan, or a
+        decode-time one with the block-table row after re-homing (engine/reeviction.py:
+        its entry array is in the same (entry position, slot, page position, slot) form).
+        Runs after the overflow pages were copied (their sources are about to be freed).
         """
         if not compressed:
             return
@@ -102,12 +108,12 @@ class LayerPageState:
         if len(at):
             self.layouts.entries.index_copy_(
                 0,
-                torch.from_numpy(at).to(self.device),
-                torch.from_numpy(np.concatenate(entry_page).astype(np.int32)).to(self.device),
+                to_device(at, self.device),
+                to_device(np.concatenate(entry_page).astype(np.int32), self.device),
             )
         self.apply_resets()
-        slots = torch.tensor([index for index, _, _ in compressed], dtype=torch.long, device=self.device)
-        values = torch.from_numpy(state).to(self.device)
+        slots = to_device(np.array([index for index, _, _ in compressed], dtype=np.int64), self.device)
+        values = to_device(state, self.device)
         self.layouts.compact_pages[slots] = values[0]
         self.layouts.entry_offsets[slots] = values[1]
         self.layouts.shift_pages[slots] = values[2]

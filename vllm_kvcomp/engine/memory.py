@@ -1,7 +1,8 @@
 """GPU memory the plugin needs beyond vLLM's own, so that vLLM can account for it.
 
 * Persistent buffers, allocated when the KV pool is bound: per-layer page tables
-  and lengths, the window-query capture buffers, the per-request layouts.
+  and lengths, the window-query capture buffers, the per-request layouts, and,
+  only with `evict_every` set, the decode-query ring (engine/decode_ring.py).
 * The eviction workspace, transient: fp32 temporaries of one eviction pass (the
   window sums per query head, then scores, mass and the sorts of the statistics
   and of the selection per KV head). It is bounded by `eviction_workspace_mb`:
@@ -41,6 +42,18 @@ class PluginMemory:
     capture_slots: int
     window: int
     workspace_bytes: int
+    ring_slots: int = 0  # decode-ring slots (0: evict_every unset, no ring)
+    decode_window: int = 0
+    max_num_tokens: int = 0  # the ring's per-token row index
+
+    @property
+    def ring_bytes(self) -> int:
+        """Decode ring: queries and fp32 LSE of `decode_window` rows per slot, plus a
+        scratch slot, and the int64 row index of every token of a batch."""
+        if not self.ring_slots:
+            return 0
+        rows = self.num_layers * (self.ring_slots + 1) * self.decode_window * self.num_heads
+        return rows * (self.head_size * self.dtype_bytes + 4) + self.max_num_tokens * 8
 
     @property
     def persistent_bytes(self) -> int:
@@ -48,7 +61,7 @@ class PluginMemory:
         tables = L * self.max_reqs * (self.max_blocks_per_req + 1) * 4
         layouts = 3 * (self.max_reqs + 1) * L * 4
         capture = L * self.capture_slots * self.window * self.num_heads * (self.head_size * self.dtype_bytes + 4)
-        return tables + layouts + capture
+        return tables + layouts + capture + self.ring_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -59,14 +72,19 @@ def plugin_memory(vllm_config, config) -> PluginMemory:
     """The plugin's GPU memory for a vLLM engine config and a compression config (one worker)."""
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     block_size = vllm_config.cache_config.block_size
+    scheduler = vllm_config.scheduler_config
+    ring_on = config.evict_every is not None
     return PluginMemory(
         num_layers=model.get_num_layers(parallel),
         num_heads=model.get_num_attention_heads(parallel),
         head_size=model.get_head_size(),
         dtype_bytes=model.dtype.itemsize,
-        max_reqs=vllm_config.scheduler_config.max_num_seqs,
+        max_reqs=scheduler.max_num_seqs,
         max_blocks_per_req=-(-model.max_model_len // block_size),
         capture_slots=config.max_pending_requests,
         window=config.window,
         workspace_bytes=config.eviction_workspace_mb << 20,
+        ring_slots=scheduler.max_num_seqs if ring_on else 0,  # one per running request, as the runtime
+        decode_window=config.decode_window if ring_on else 0,
+        max_num_tokens=scheduler.max_num_batched_tokens if ring_on else 0,
     )

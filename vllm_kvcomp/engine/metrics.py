@@ -108,7 +108,10 @@ class CompressionMetrics:
         )
         self.kept = Counter("vllm_kvcomp_tokens_kept", "Prompt tokens kept after compression", ["layer"], registry=r)
         self.evicted = Counter("vllm_kvcomp_tokens_evicted", "Prompt tokens evicted", ["layer"], registry=r)
-        self.blocks_freed = Counter("vllm_kvcomp_blocks_freed", "KV blocks returned to vLLM's block pool", registry=r)
+        self.blocks_freed = Counter(
+            "vllm_kvcomp_blocks_freed", "KV blocks returned to vLLM's block pool after prefills", registry=r
+        )
+        self._decode_counters(r)
         self.seconds = Histogram(
             "vllm_kvcomp_eviction_seconds",
             "GPU time per compressed request: scoring, statistics, budgets, selection, compaction (CUDA events)",
@@ -135,6 +138,24 @@ class CompressionMetrics:
         if config.metrics_port is not None:
             self._serve(config.metrics_host, config.metrics_port)
 
+    def _decode_counters(self, r: CollectorRegistry) -> None:
+        """Decode-time eviction (evict_every): its own counters, so the prefill ones keep their meaning."""
+        self.decode_evictions = Counter(
+            "vllm_kvcomp_decode_evictions", "Decode-time evictions (a running request evicted again)", registry=r
+        )
+        self.decode_evicted = Counter(
+            "vllm_kvcomp_decode_tokens_evicted", "Tokens evicted by decode-time evictions", ["layer"], registry=r
+        )
+        self.decode_blocks_freed = Counter(
+            "vllm_kvcomp_decode_blocks_freed", "KV blocks returned to vLLM's block pool while decoding", registry=r
+        )
+        self.decode_deferred = Counter(
+            "vllm_kvcomp_decode_evictions_deferred",
+            "Decode-time evictions that failed before rewriting the KV (the request is evicted later)",
+            ["reason"],
+            registry=r,
+        )
+
     def _serve(self, host: str, port: int) -> None:
         try:
             start_http_server(port, addr=host, registry=self.registry)
@@ -147,6 +168,9 @@ class CompressionMetrics:
         logger.info("vllm-kvcomp: compression metrics on %s:%d/metrics", host, port)
 
     def record_eviction(self, record, blocks_freed: int) -> None:
+        if getattr(record, "phase", "prefill") == "decode":
+            self.record_decode_eviction(record, blocks_freed)
+            return
         self.requests.inc()
         self.blocks_freed.inc(blocks_freed)
         for layer, kept in enumerate(record.kept_tokens):
@@ -164,6 +188,15 @@ class CompressionMetrics:
         self.totals["tokens_kept"] += sum(record.kept_tokens)
         self.totals["tokens_prompt"] += record.prompt_len * len(record.kept_tokens)
         self._maybe_log_summary()
+
+    def record_decode_eviction(self, record, blocks_freed: int) -> None:
+        self.decode_evictions.inc()
+        self.decode_blocks_freed.inc(blocks_freed)
+        for layer, evicted in enumerate(record.evicted_tokens or []):
+            self.decode_evicted.labels(str(layer)).inc(evicted)
+
+    def record_decode_deferred(self, reason: str) -> None:
+        self.decode_deferred.labels(reason).inc()
 
     def record_eviction_seconds(self, seconds: list[float]) -> None:
         for value in seconds:

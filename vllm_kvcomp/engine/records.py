@@ -9,13 +9,16 @@ from typing import Any
 
 @dataclass
 class EvictionRecord:
-    """What one request's compression did."""
+    """What one eviction of one request did: after its prefill, or at decode time
+    (`evict_every`; a request then has several, each freeing blocks it still holds)."""
 
     req_id: str
     freed_block_ids: list[int]
-    prompt_len: int
-    kept_tokens: list[int]  # per layer
+    prompt_len: int  # the context evicted from: the prompt ("prefill"), prompt + generated ("decode")
+    kept_tokens: list[int]  # per layer, right after the eviction
     verify: dict[str, Any] | None = None  # the self-check's result (engine/verify.py), when on
+    phase: str = "prefill"  # or "decode"
+    evicted_tokens: list[int] | None = None  # per layer, decode only (prefill: prompt_len - kept)
 
 
 @dataclass
@@ -35,12 +38,16 @@ class CompressionReport:
     failures: list[SkipRecord] = field(default_factory=list)
     # GPU seconds per request of eviction batches that completed since the last report.
     eviction_seconds: list[float] = field(default_factory=list)
+    # Decode-time evictions that failed before rewriting anything: the request keeps its
+    # layout and is evicted again later (engine/decode_eviction.py).
+    deferred: list[SkipRecord] = field(default_factory=list)
 
     def extend(self, other: CompressionReport) -> None:
         self.evictions.extend(other.evictions)
         self.skips.extend(other.skips)
         self.failures.extend(other.failures)
         self.eviction_seconds.extend(other.eviction_seconds)
+        self.deferred.extend(other.deferred)
 
     def __bool__(self) -> bool:
-        return bool(self.evictions or self.skips or self.failures or self.eviction_seconds)
+        return bool(self.evictions or self.skips or self.failures or self.eviction_seconds or self.deferred)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vllm_kvcomp.config import CompressionConfig
+from vllm_kvcomp.engine.layout import EvictionPlan
+from vllm_kvcomp.engine.reeviction import RequestLayout
 
 
 @dataclass
@@ -34,6 +36,37 @@ class WindowRows:
 
 
 @dataclass
+class DecodeState:
+    """A request under decode-time eviction (engine/decode_eviction.py, docs/LIFETIME-BUDGETS.md).
+
+    `ratios` are the prefill plan's per-layer budgets over its average budget: every
+    decode eviction scales them to the average budget at its context (host arithmetic,
+    no statistics read back). A request without prefill budgets has ratios of one.
+    """
+
+    layout: RequestLayout  # where its layers live after its last eviction
+    evicted_at: int  # the context of its last eviction (the prompt length after the prefill)
+    ratios: np.ndarray  # float64 [L]: B_l / B_avg
+    deferred: int = 0  # decode evictions in a row that failed before rewriting anything
+    stopped: bool = False  # no longer evicted (failed MAX_DEFERRED times, or after compaction)
+
+    @classmethod
+    def after_prefill(
+        cls, plan: EvictionPlan | None, budgets: np.ndarray | None, average: int, prompt_len: int, num_layers: int,
+        block_size: int,
+    ) -> DecodeState:  # fmt: skip
+        """After the prefill eviction: its layout (uncompressed when it freed nothing) and ratios."""
+        layout = (
+            RequestLayout.from_plan(plan) if plan is not None else RequestLayout.uncompressed(num_layers, block_size)
+        )
+        if budgets is None or average <= 0:
+            ratios = np.ones(num_layers, dtype=np.float64)
+        else:
+            ratios = np.asarray(budgets, dtype=np.float64) / average
+        return cls(layout, prompt_len, ratios)
+
+
+@dataclass
 class TrackedRequest:
     req_id: str
     index: int  # vLLM V2 runner's request slot (row of the per-request state)
@@ -43,6 +76,9 @@ class TrackedRequest:
     config: CompressionConfig | None = None  # per-request method/budget (None: the server's)
     rows: WindowRows | None = None  # set while its window is being captured
     finished: bool = False  # compressed, skipped, or nothing to do
+    seq_len: int = 0  # its context after the last step that scheduled it (with evict_every only)
+    budgets: np.ndarray | None = None  # per-layer budgets of its prefill plan
+    decode: DecodeState | None = None  # set while decode-time eviction follows it
 
     def window_captured(self) -> bool:
         return self.rows is not None and bool(self.rows.captured.any())

@@ -111,11 +111,12 @@ def check_vllm_config(vllm_config, config: CompressionConfig) -> None:
             f"kv-compression config: num_recent ({config.num_recent}) must be >= the KV block size "
             f"({block_size}): the block holding the last prompt token is always kept whole"
         )
-    if config.evict_every is not None:
-        # Issue #12 is being built (docs/LIFETIME-BUDGETS.md): refuse rather than ignore it.
+    if config.evict_every is not None and config.evict_every % block_size:
+        # Decode evictions then always happen at the prefill's offset in its block
+        # (docs/LIFETIME-BUDGETS.md, section 1: the slack is evict_every + block_size - 1).
         raise CompressionConfigError(
-            "kv-compression config: evict_every: decode-time eviction is not available yet "
-            "(budgets hold after the prefill only); remove evict_every"
+            f"kv-compression config: evict_every ({config.evict_every}) must be a multiple of the KV block size "
+            f"({block_size})"
         )
     # A calibrated profile (method profile, or available to per-request
     # kv_compression=profile) must match the model's depth: refuse at startup,

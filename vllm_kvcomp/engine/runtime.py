@@ -4,12 +4,15 @@ It coordinates four parts, each with one job:
   * `WindowCapture` (engine/capture.py): the observation-window queries;
   * `LayerPageState` (engine/layer_state.py): per-layer page tables of every request;
   * the planner (vllm_kvcomp/planner.py): statistics -> budgets -> block plan;
-  * `EvictionExecutor` (engine/executor.py): the kernels on the KV pool.
+  * `EvictionExecutor` (engine/executor.py): the kernels on the KV pool;
+  * `DecodeRing` (engine/decode_ring.py, only with `evict_every`): the last decode queries.
 
 Per step, driven by the model runner (engine/worker.py):
-  1. `begin_step`: plan which prompt positions of this step are window queries.
+  1. `begin_step`: plan which prompt positions of this step are window queries
+     and which decode tokens go to which decode-ring rows.
   2. `layer_tables` (attention metadata builder): every layer's page table, one launch.
-  3. `capture` (attention forward, per layer): copy the window queries and LSE.
+  3. `capture` (attention forward, per layer): copy the window queries and LSE
+     (and, with the ring on, every layer's decode queries and LSE).
   4. `end_step` (after sampling): compress every request whose prefill completed
      and report the freed blocks, which the scheduler returns to vLLM's BlockPool.
 
@@ -27,6 +30,8 @@ import torch
 from vllm_kvcomp import planner
 from vllm_kvcomp.config import CompressionConfig
 from vllm_kvcomp.engine.capture import CapturePlan, WindowCapture
+from vllm_kvcomp.engine.decode_eviction import DecodeEvictor
+from vllm_kvcomp.engine.decode_ring import DecodeRing
 from vllm_kvcomp.engine.eviction import Evictor
 from vllm_kvcomp.engine.executor import EvictionExecutor, PoolGeometry
 from vllm_kvcomp.engine.layer_state import LayerPageState
@@ -63,6 +68,7 @@ class CompressionRuntime:
         self.policies = planner.PolicyCache()
         self.requests: dict[str, TrackedRequest] = {}
         self.step_capture: CapturePlan | None = None
+        self.decode_ring: DecodeRing | None = None  # the last decode queries (evict_every set)
         self.layer_index: dict[str, int] = {}
         self.observer = observer if observer is not None else load_observer()
         self._idx_mapping: torch.Tensor | None = None
@@ -90,6 +96,7 @@ class CompressionRuntime:
             max_reqs=runner.max_num_reqs,
             width=runner.block_tables.input_block_tables[0].shape[1],
             tp_size=get_tensor_model_parallel_world_size(),
+            max_num_tokens=runner.max_num_tokens,
         )
 
     def setup(
@@ -104,6 +111,7 @@ class CompressionRuntime:
         max_reqs: int,
         width: int,
         tp_size: int = 1,
+        max_num_tokens: int = 8192,  # vLLM's max_num_batched_tokens (bind passes it)
     ) -> None:
         """Allocate the runtime's buffers (pool: [L * N, 2, block_size, Hkv, D])."""
         L = len(layer_names)
@@ -114,8 +122,7 @@ class CompressionRuntime:
             )
         self.layer_names = layer_names
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
-        self.pool = pool
-        self.device = pool.device
+        self.pool, self.device = pool, pool.device
         self.width = width
         self.geometry = PoolGeometry(L, blocks_per_layer, block_size, pool.shape[3], pool.shape[4], num_heads, scale)
         self.capture_buffers = WindowCapture(
@@ -127,6 +134,7 @@ class CompressionRuntime:
             dtype=pool.dtype,
             device=self.device,
         )
+        self.decode_ring = self._decode_ring(L, num_heads, pool, max_reqs, max_num_tokens)
         self.pages = LayerPageState(
             num_layers=L,
             blocks_per_layer=blocks_per_layer,
@@ -138,6 +146,7 @@ class CompressionRuntime:
         self.executor = EvictionExecutor(pool, self.geometry, self.config, tp_size)
         self.timer = EvictionTimer(on_cuda=self.device.type == "cuda")
         self.evictor = Evictor(self)
+        self.decode_evictor = DecodeEvictor(self)  # evict_every: evicts again while decoding
         self.executor.warm_up(self.config.window)
         self.pages.warm_up()
         logger.info(
@@ -150,6 +159,26 @@ class CompressionRuntime:
             self.pages.nbytes / 2**20,
             self.capture_buffers.nbytes / 2**20,
         )
+
+    def _decode_ring(
+        self, num_layers: int, num_heads: int, pool: torch.Tensor, max_reqs: int, max_num_tokens: int
+    ) -> DecodeRing | None:
+        """The decode-query ring, only when decode-time eviction is on (one slot per running request)."""
+        if self.config.evict_every is None:
+            return None
+        ring = DecodeRing(
+            num_layers=num_layers,
+            slots=max_reqs,
+            window=self.config.decode_window,
+            num_heads=num_heads,
+            head_size=pool.shape[4],
+            dtype=pool.dtype,
+            max_num_tokens=max_num_tokens,
+            max_reqs=max_reqs,
+            device=pool.device,
+        )
+        logger.info("vllm-kvcomp: %.1f MiB of decode-query ring buffers", ring.nbytes / 2**20)
+        return ring
 
     @property
     def num_layers(self) -> int:
@@ -179,6 +208,8 @@ class CompressionRuntime:
         self.pages.reset(index)
         compress = (config or self.config).should_compress(prompt_len)
         self.requests[req_id] = TrackedRequest(req_id, index, list(block_ids), prompt_len, compress, config)
+        if self.decode_ring is not None and (config or self.config).enabled:
+            self.decode_ring.assign(req_id, index)
 
     def append_blocks(self, req_id: str, block_ids: list[int]) -> None:
         req = self.requests.get(req_id)
@@ -190,15 +221,19 @@ class CompressionRuntime:
         if req is not None:
             self.capture_buffers.release(req)
             self.pages.reset(req.index)
+        if self.decode_ring is not None:
+            self.decode_ring.release(req_id)
 
     # ------------------------------------------------------------------- step
     def begin_dummy_step(self) -> None:
         self._idx_mapping = None
         self.step_capture = None
         self._ready = []
+        if self.decode_ring is not None:
+            self.decode_ring.clear_dst()
 
     def begin_step(self, input_batch) -> None:
-        """Plan this step's window capture (host side, prefill rows only)."""
+        """Plan this step's window capture (prefill rows) and decode-ring rows (host side)."""
         self._idx_mapping = input_batch.idx_mapping
         self._num_reqs = input_batch.num_reqs
         step = self.capture_buffers.plan_step(input_batch, self.requests)
@@ -207,6 +242,9 @@ class CompressionRuntime:
             self._skip(req, "capture_slots")
         self.step_capture = step.plan
         self._ready = step.ready
+        if self.decode_ring is not None:  # before the metadata build and any FULL graph replay
+            self.decode_ring.plan_step(input_batch)
+        self.decode_evictor.note_step(input_batch)  # each request's context after this step (host)
 
     def layer_tables(self, block_table: torch.Tensor, seq_lens: torch.Tensor):
         """Per-layer page tables and lengths for this batch (views of persistent buffers)."""
@@ -234,6 +272,7 @@ class CompressionRuntime:
         self._skips = []
         if batch:
             report.extend(self._evict(batch))
+        report.extend(self.decode_evictor.step())  # after the prefill evictions: one batch of those due
         return report if report else None
 
     def _skip(self, req: TrackedRequest, reason: str) -> None:

@@ -87,12 +87,17 @@ class CompressionSchedulerMixin(Scheduler):
         self.kvcomp_metrics.record_eviction_seconds(report.eviction_seconds)
         for skip in report.skips:
             self.kvcomp_metrics.record_skip(skip.reason)
+        for deferred in report.deferred:
+            self.kvcomp_metrics.record_decode_deferred(deferred.reason)
+        # A request may be evicted many times (decode-time eviction): each record frees blocks it
+        # still holds, wherever they are in its list (`CompressedAttentionManager.evict`).
         for record in report.evictions:
             freed = self.kvcomp_manager.evict(record.req_id, record.freed_block_ids)
             self.kvcomp_metrics.record_eviction(record, freed)
             logger.debug(
-                "vllm-kvcomp: %s prompt %d -> kept %s tokens per layer, %d blocks freed",
+                "vllm-kvcomp: %s %s at %d tokens -> kept %s tokens per layer, %d blocks freed",
                 record.req_id,
+                record.phase,
                 record.prompt_len,
                 record.kept_tokens,
                 freed,

@@ -49,7 +49,8 @@ class CompressionModelRunner(GPUModelRunner):
     def profile_run(self) -> None:
         super().profile_run()
         # vLLM sizes the KV cache from the peak memory of this run: allocate what the plugin
-        # will hold besides it (page tables, capture buffers, the eviction workspace) once here.
+        # will hold besides it (page tables, capture buffers, the decode ring when evict_every
+        # is set, the eviction workspace) once here.
         reserve = plugin_memory(self.vllm_config, self.kvcomp.config).total_bytes
         torch.empty(reserve, dtype=torch.uint8, device=self.device)
         logger.info("vllm-kvcomp: %.0f MiB reserved for page tables, capture buffers and eviction", reserve / 2**20)
@@ -83,6 +84,25 @@ class CompressionModelRunner(GPUModelRunner):
         for req_id, new_block_ids in zip(cached.req_ids, cached.new_block_ids):
             if new_block_ids is not None:
                 self.kvcomp.append_blocks(req_id, new_block_ids[0])
+        self.write_rehomed_rows()
+
+    def write_rehomed_rows(self) -> None:
+        """Stage the ids that decode-time evictions re-homed (engine/decode_eviction.py) into their
+        requests' block-table rows. `execute_model` applies staged writes right after
+        `update_requests` (`BlockTables.apply_staged_writes`), before this step's block tables and
+        slot mappings are built from the rows. Writes of requests removed since (finished or
+        preempted: the runner may have given their row to another request) are dropped."""
+        for req, start, block_ids in self.kvcomp.decode_evictor.take_row_writes():
+            if self.kvcomp.requests.get(req.req_id) is req:
+                self.write_block_ids(req.index, start, block_ids)
+
+    def write_block_ids(self, req_index: int, start: int, block_ids: list[int]) -> None:
+        """Overwrite positions `start..` of a request's block-table row (KV blocks, expanded to
+        kernel blocks as `BlockTables.append_block_ids` does); its block count is unchanged."""
+        tables = self.block_tables
+        per = tables.blocks_per_kv_block[0]
+        ids = [b * per + k for b in block_ids for k in range(per)]
+        tables.block_tables[0].stage_write(req_index, start * per, ids)
 
     def _remove_request(self, req_id: str) -> bool:
         self.kvcomp.remove_request(req_id)

@@ -1,0 +1,291 @@
+"""Decode-time eviction (issue #12 steps 4-5; docs/LIFETIME-BUDGETS.md, section 3).
+
+With `evict_every` set, a request is evicted again each time its context has
+grown by `evict_every` tokens since its last eviction, scored by its last
+`decode_window` decode queries (the ring, engine/decode_ring.py). The requests
+due in a step form one batch (`DecodeEvictor.step`, from `end_step`):
+  1. plan, host only: the prefill plan's per-layer budget ratios scaled to the
+     average budget at context S (`decode_budgets`), then `plan_reeviction` on
+     the request's `RequestLayout` (no statistics read back, no collective);
+  2. score every layer's logical pages (`logical_pages`) with its own queries;
+  3. compact each layer in place into its first c'_l logical pages, copy the
+     kept pages of rows about to be freed into dead slots of retained rows,
+     re-home ids into the block-table row (`take_row_writes`: the runner stages
+     them before its next step), publish the layout, report the freed ids
+     (`EvictionRecord`, phase "decode"); the scheduler frees them.
+
+Failures stay with the batch, as for the prefill (engine/eviction.py). Before
+anything is rewritten (plan, score) the requests keep their layout and are
+retried `evict_every` tokens later ("deferred"); after MAX_DEFERRED failures in a
+row a request is no longer evicted (its KV grows as stock vLLM's). Once compaction
+began on any rank, the batch is finished with an error. Tensor-parallel ranks
+agree through `any_rank` before rewriting and after.
+
+Followed: requests whose prefill eviction completed (freeing blocks or not) and
+those whose prompt was within budget (method not `none`, prompt >=
+`min_prompt_len`; ratios of one: they have no prefill statistics). A request
+served uncompressed after a prefill failure stays so. `layer_share` applies to
+the prefill only: once evicted, a layer's logical positions hold its own tokens,
+so every layer is scored by its own queries.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from vllm_kvcomp.config import CompressionConfig
+from vllm_kvcomp.engine.eviction import guarded, workspace_chunks
+from vllm_kvcomp.engine.executor import to_device
+from vllm_kvcomp.engine.layout import cdiv
+from vllm_kvcomp.engine.records import CompressionReport, EvictionRecord, SkipRecord
+from vllm_kvcomp.engine.reeviction import ReevictionPlan, RequestLayout, plan_reeviction
+from vllm_kvcomp.engine.requests import DecodeState, TrackedRequest
+from vllm_kvcomp.policies.base import allocate
+
+if TYPE_CHECKING:
+    from vllm_kvcomp.engine.runtime import CompressionRuntime
+
+logger = logging.getLogger("vllm.kvcomp")
+
+MAX_DEFERRED = 3  # decode evictions failed in a row before a request is given up
+
+
+def decode_budgets(ratios: np.ndarray, config: CompressionConfig, seq_len: int) -> np.ndarray:
+    """Per-layer budgets at context `seq_len`: `ratios` times `average_budget(seq_len)`, made
+    integers that sum to L * B_avg, each in [protected tokens, seq_len] (as the policies')."""
+    average = config.average_budget(seq_len)
+    floor = min(config.protected_tokens, seq_len)
+    return allocate(np.asarray(ratios, dtype=np.float64) * average, len(ratios) * average, floor, seq_len)
+
+
+def logical_pages(layout: RequestLayout, row, seq_len: int, blocks_per_layer: int) -> np.ndarray:
+    """int64 [L, P]: each layer's pages at context `seq_len`, zero-padded: its compacted pages
+    (entry table), then the stock pages of rows B.. (`layout_page_table_reference`, vectorised)."""
+    row = np.asarray(row, dtype=np.int64)
+    L, c = layout.num_layers, layout.compact_pages
+    tail = row[layout.tail_block : cdiv(seq_len, layout.block_size)]
+    pages = np.zeros((L, int(c.max()) + len(tail)), dtype=np.int64)
+    layer = np.repeat(np.arange(L), c)
+    page = np.arange(len(layer)) - np.repeat(layout.entry_offsets, c)
+    pages[layer, page] = layout.homes[:, 1] * blocks_per_layer + row[layout.homes[:, 0]]
+    layers = np.arange(L).reshape(-1, 1)
+    pages[layers, c.reshape(-1, 1) + np.arange(len(tail))] = layers * blocks_per_layer + tail
+    return pages
+
+
+def _state(req: TrackedRequest) -> DecodeState:
+    assert req.decode is not None, f"{req.req_id} is not followed by decode-time eviction"
+    return req.decode
+
+
+@dataclass
+class _Batch:
+    """The requests of a chunk that free blocks, their plans and what scoring reads."""
+
+    reqs: list[TrackedRequest]
+    plans: list[ReevictionPlan]
+    groups: list[range]  # layer groups that fit in the workspace
+    queries: torch.Tensor | None = None  # [L, R, W, H, D] decode queries
+    lse: torch.Tensor | None = None  # [L, R, W, H], None: recomputed by the scorer
+    window_lens: torch.Tensor | None = None  # int32 [R]
+    live: torch.Tensor | None = None  # int32 [L, R]: logical lengths before the eviction
+    pages: torch.Tensor | None = None  # int32 [L, R, P]: logical pages before the eviction
+    max_len: int = 0
+    first: tuple[torch.Tensor, torch.Tensor] | None = None  # scores and pages of the last group
+    rows: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (new row, freed ids)
+    compaction_started: bool = False
+
+
+class DecodeEvictor:
+    def __init__(self, runtime: CompressionRuntime) -> None:
+        self.rt = runtime
+        self.workspace_bytes = runtime.config.eviction_workspace_mb << 20
+        self._stepped: list[TrackedRequest] = []
+        self._row_writes: list[tuple[TrackedRequest, int, list[int]]] = []
+        config = runtime.config
+        if config.evict_every is not None and config.decode_window != config.window:
+            runtime.executor.warm_up(config.decode_window)  # the scorer's tiles for W_dec: no compile mid-serving
+
+    # ------------------------------------------------------------ per step
+    def note_step(self, input_batch) -> None:
+        """Host: the context of every scheduled request after this step (evict_every only)."""
+        self._stepped = []
+        if self.rt.config.evict_every is None:
+            return
+        n = input_batch.num_reqs
+        contexts = np.asarray(input_batch.num_computed_tokens_np[:n]) + np.asarray(input_batch.num_scheduled_tokens[:n])
+        for req_id, context in zip(input_batch.req_ids, contexts.tolist()):
+            req = self.rt.requests.get(req_id)
+            if req is not None:
+                req.seq_len = int(context)
+                self._stepped.append(req)
+
+    def step(self) -> CompressionReport:
+        """Evict every request due after this step, in one batch."""
+        stepped, self._stepped = self._stepped, []
+        due = [req for req in stepped if self._due(req)]
+        return self.evict(due) if due else CompressionReport()
+
+    def take_row_writes(self) -> list[tuple[TrackedRequest, int, list[int]]]:
+        """(request, first position, block ids) to write into its block-table row before the
+        next step (the runner does; a write for a request removed since must be dropped)."""
+        writes, self._row_writes = self._row_writes, []
+        return writes
+
+    def _due(self, req: TrackedRequest) -> bool:
+        ring, config = self.rt.decode_ring, req.config or self.rt.config
+        if self.rt.requests.get(req.req_id) is not req or config.evict_every is None or ring is None:
+            return False
+        if req.decode is None and not req.compress and config.enabled and req.prompt_len >= config.min_prompt_len:
+            # Its prompt was within budget (no prefill eviction): followed from its prompt on.
+            g = self.rt.geometry
+            req.decode = DecodeState.after_prefill(None, None, 0, req.prompt_len, g.num_layers, g.block_size)
+        state = req.decode
+        if state is None or state.stopped or req.seq_len - state.evicted_at < config.evict_every:
+            return False
+        return ring.rows_ready(req.req_id, req.seq_len)
+
+    # --------------------------------------------------------------- batch
+    def evict(self, reqs: list[TrackedRequest]) -> CompressionReport:
+        report = CompressionReport()
+        lengths = [int(_state(req).layout.live_tokens(req.seq_len).max()) for req in reqs]
+        for start, end, groups in workspace_chunks(lengths, self.rt.geometry, self.workspace_bytes):
+            report.extend(self._evict_chunk(reqs[start:end], groups))
+        return report
+
+    def _evict_chunk(self, reqs: list[TrackedRequest], groups: list[range]) -> CompressionReport:
+        """Plan and score (the pool is only read), agree, rewrite, agree (see the module docstring)."""
+        executor = self.rt.executor
+        stage, batch = "plan", None
+        plans, error = guarded(self.rt, "decode_plan", self._plans, reqs)
+        if plans is not None:
+            stage = "score"
+            batch, error = guarded(self.rt, "decode_score", self._gather, reqs, plans, groups)
+        if executor.any_rank([batch is None])[0] or plans is None or batch is None:
+            return self._deferred(reqs, stage, error)
+        for req, plan in zip(reqs, plans):
+            if plan is None:  # nothing to free: its layout stays valid; again in evict_every tokens
+                _state(req).evicted_at = req.seq_len
+        if not batch.reqs:
+            return CompressionReport()
+        _, error = guarded(self.rt, "decode_compact", self._rewrite, batch)
+        failed, compacted = executor.any_rank([error is not None, batch.compaction_started])
+        if failed and compacted:
+            return self._failed(batch.reqs, error)
+        if failed:
+            return self._deferred(reqs, "compact", error)
+        return self._records(reqs, batch)
+
+    def _plans(self, reqs: list[TrackedRequest]) -> list[ReevictionPlan | None]:
+        plans = []
+        for req in reqs:
+            config, state = req.config or self.rt.config, _state(req)
+            budgets = decode_budgets(state.ratios, config, req.seq_len)
+            plans.append(plan_reeviction(state.layout, budgets, req.seq_len, config.num_sinks, config.num_recent))
+        return plans
+
+    def _gather(self, reqs: list[TrackedRequest], plans: list[ReevictionPlan | None], groups: list[range]) -> _Batch:
+        """The decode queries and logical pages of the requests that free blocks; scores the last group."""
+        chosen = [(req, plan) for req, plan in zip(reqs, plans) if plan is not None]
+        batch = _Batch([req for req, _ in chosen], [plan for _, plan in chosen], groups)
+        if not chosen:
+            return batch
+        ring, g, dev = self.rt.decode_ring, self.rt.geometry, self.rt.device
+        assert ring is not None
+        batch.queries, batch.lse = ring.gather(batch.reqs, [req.seq_len for req in batch.reqs])
+        live = np.stack([plan.before.live_tokens(req.seq_len) for req, plan in chosen], axis=1)  # [L, R]
+        tables = [logical_pages(plan.before, req.block_ids, req.seq_len, g.blocks_per_layer) for req, plan in chosen]
+        pages = np.zeros((g.num_layers, len(chosen), max(t.shape[1] for t in tables)), dtype=np.int32)
+        for r, table in enumerate(tables):
+            pages[:, r, : table.shape[1]] = table
+        batch.live, batch.pages = to_device(live.astype(np.int32), dev), to_device(pages, dev)
+        batch.window_lens = torch.full((len(chosen),), batch.queries.shape[2], dtype=torch.int32, device=dev)
+        batch.max_len = int(live.max())
+        batch.first = self._score(batch, groups[-1])
+        return batch
+
+    def _score(self, batch: _Batch, layers: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of the rows of `layers` (layer-major) and their page table."""
+        assert batch.queries is not None and batch.live is not None and batch.pages is not None
+        sl = slice(layers.start, layers.stop)
+        pages = batch.pages[sl].reshape(-1, batch.pages.shape[2])
+        lse = None if batch.lse is None else batch.lse[sl]
+        out = self.rt.executor.score(batch.queries[sl], lse, batch.window_lens, batch.live[sl], pages, batch.max_len)
+        return out.scores, pages
+
+    def _rewrite(self, batch: _Batch) -> None:
+        """Select and compact (last layers first, as the prefill), copy, re-home, publish."""
+        from vllm_kvcomp.kernels import copy_pages_
+
+        batch.compaction_started = True
+        first, batch.first = batch.first, None
+        for layers in reversed(batch.groups):
+            scores, pages = first if first is not None else self._score(batch, layers)
+            first = None
+            assert batch.live is not None
+            self.rt.executor.compact(batch.plans, scores, batch.live, pages, layers=layers)
+            del scores
+        if self.rt.observer is not None:
+            self.rt.observer.before("relocate", (batch.reqs,))
+        N, published = self.rt.geometry.blocks_per_layer, []
+        copies = [plan.page_copies(req.block_ids, N) for req, plan in zip(batch.reqs, batch.plans)]
+        src = np.concatenate([s for s, _ in copies])
+        if len(src):
+            dst = np.concatenate([d for _, d in copies])
+            copy_pages_(self.rt.pool, to_device(src, self.rt.device), to_device(dst, self.rt.device))
+        for req, plan in zip(batch.reqs, batch.plans):
+            moved = plan.rehomed_ids(req.block_ids)
+            if moved:
+                self._row_writes.append((req, plan.before.kept_blocks, moved))
+            batch.rows.append((plan.new_row(req.block_ids), plan.freed_ids(req.block_ids)))
+            published.append((req.index, batch.rows[-1][0], plan))
+        self.rt.pages.publish(published)
+
+    # ------------------------------------------------------------- outcome
+    def _records(self, reqs: list[TrackedRequest], batch: _Batch) -> CompressionReport:
+        """Every request of the chunk was evicted (or had nothing to free) at its context."""
+        for req in reqs:
+            _state(req).deferred = 0
+        records = []
+        ring = self.rt.decode_ring
+        for req, plan, (row, freed) in zip(batch.reqs, batch.plans, batch.rows):
+            state = _state(req)
+            req.block_ids, state.layout, state.evicted_at = row, plan.after, req.seq_len
+            if ring is not None:  # queries before this context lose their exact LSE
+                ring.note_eviction(req.req_id, req.seq_len)
+            kept = plan.kept_tokens
+            evicted = plan.before.live_tokens(req.seq_len) - kept
+            records.append(
+                EvictionRecord(
+                    req.req_id, freed, req.seq_len, kept.tolist(), phase="decode", evicted_tokens=evicted.tolist()
+                )
+            )
+        return CompressionReport(evictions=records)
+
+    def _deferred(self, reqs: list[TrackedRequest], stage: str, error) -> CompressionReport:
+        """Nothing was rewritten: each request keeps its layout and is retried later."""
+        reason = f"decode_eviction_error_{stage}" if error is not None else f"decode_eviction_error_other_rank_{stage}"
+        for req in reqs:
+            state = _state(req)
+            state.evicted_at, state.deferred = req.seq_len, state.deferred + 1
+            if state.deferred >= MAX_DEFERRED:
+                state.stopped = True
+                logger.error(
+                    "vllm-kvcomp: %s: decode eviction failed %d times; not retried", req.req_id, state.deferred
+                )
+        logger.warning("vllm-kvcomp: %d decode eviction(s) deferred (%s): KV intact", len(reqs), reason)
+        return CompressionReport(deferred=[SkipRecord(req.req_id, reason) for req in reqs])
+
+    def _failed(self, reqs: list[TrackedRequest], error) -> CompressionReport:
+        """Compaction began on some rank: their KV is no longer consistent; the scheduler finishes them."""
+        reason = "decode_eviction_error_compact" if error is not None else "decode_eviction_error_other_rank_compact"
+        for req in reqs:
+            if req.decode is not None:
+                req.decode.stopped = True
+        logger.error("vllm-kvcomp: %d request(s) finished with an error (%s): KV rewritten", len(reqs), reason)
+        return CompressionReport(failures=[SkipRecord(req.req_id, reason) for req in reqs])
