@@ -144,6 +144,7 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
     before = scrape_plugin_metrics(metrics_port) if plugin else {}
 
     max_running = [0.0]
+    max_usage = [0.0]  # vllm:kv_cache_usage_perc, a share of the KV pool in [0, 1]
     stop = threading.Event()
 
     def sample_running():
@@ -151,6 +152,8 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
             for metric in llm.get_metrics():
                 if metric.name == "vllm:num_requests_running":
                     max_running[0] = max(max_running[0], float(getattr(metric, "value", 0.0)))
+                elif metric.name == "vllm:kv_cache_usage_perc":
+                    max_usage[0] = max(max_usage[0], float(getattr(metric, "value", 0.0)))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample_running, daemon=True)
@@ -183,6 +186,7 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
         "output_tok_s": out_tokens / elapsed,
         "req_s": len(prompts) / elapsed,
         "max_running": max_running[0],
+        "max_kv_cache_usage": max_usage[0],
         "ttft_s": _percentiles(ttft),
         "tpot_s": _percentiles(tpot),
     }

@@ -1,0 +1,72 @@
+"""Decode-time eviction (issue #12, steps 2, 4 and 5) in a real engine: the first GPU check.
+
+Stock vLLM and the plugin (uniform, 512 tokens per layer, evict_every 128) run
+the same 24 prompts of 1,024 tokens with 1,536 generated tokens each, in one
+invocation on the same GPU and the same KV pool (64k tokens of a random 16-layer
+Llama). Stock's footprint grows to prompt + output (2.5k tokens a request, the
+whole pool); with budgets that hold while decoding each request stays near
+512 + 128 tokens after its prefill. Checked: every request completes, decode
+evictions happen and free blocks, none fails or is deferred, and the plugin's
+largest KV usage stays under half of stock's. Set KVCOMP_RESULTS_DIR to write
+decode_smoke.json.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+WORKLOAD = {"num_prompts": 24, "prompt_len": 1024, "output_len": 1536, "seed": 5}
+KV_TOKENS = 65536
+KV_BYTES_PER_TOKEN = 16 * 2 * 2 * 64 * 2  # llama-tiny: 16 layers, 2 KV heads of 64, bf16
+
+
+def test_budgets_hold_while_decoding(tmp_path):
+    from bench.offline import run_in_subprocess
+    from evaluation.random_model import make_random_model
+
+    work = Path(os.environ.get("KVCOMP_WORK_DIR", tmp_path))
+    base = {
+        "model": str(make_random_model(work / "llama-tiny", "llama-tiny")),
+        "kv_cache_memory_bytes": KV_TOKENS * KV_BYTES_PER_TOKEN,
+        "max_model_len": 4096,
+        "gpu_memory_utilization": 0.3,
+        "workload": WORKLOAD,
+    }
+    torch.cuda.empty_cache()
+    stock = run_in_subprocess({**base, "name": "decode_stock"}, work)
+    compression = {"method": "uniform", "budget": 512, "evict_every": 128}
+    plugin = run_in_subprocess({**base, "name": "decode_plugin", "compression": compression}, work)
+    metrics = plugin["plugin_metrics"]
+    record = {
+        "workload": WORKLOAD,
+        "kv_pool_tokens": KV_TOKENS,
+        "compression": compression,
+        "stock": {k: stock[k] for k in ("output_tok_s", "max_running", "max_kv_cache_usage", "elapsed_s")},
+        "plugin": {k: plugin[k] for k in ("output_tok_s", "max_running", "max_kv_cache_usage", "elapsed_s")},
+        "ratio_output_tok_s": plugin["output_tok_s"] / stock["output_tok_s"],
+        "plugin_metrics": {k: v for k, v in metrics.items() if "bucket" not in k},
+        "command": "pytest -m gpu tests/engine/test_decode_gpu.py",
+        "commit": os.environ.get("KVCOMP_COMMIT"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": stock.get("device"),
+        "vllm": stock.get("vllm"),
+        "torch": stock.get("torch"),
+    }
+    out = os.environ.get("KVCOMP_RESULTS_DIR")
+    if out:
+        (Path(out) / "decode_smoke.json").write_text(json.dumps(record, indent=1) + "\n")
+    expected_tokens = WORKLOAD["num_prompts"] * WORKLOAD["output_len"]
+    assert stock["output_tokens"] == plugin["output_tokens"] == expected_tokens
+    assert metrics.get("vllm_kvcomp_decode_evictions_total", 0) > 0
+    assert metrics.get("vllm_kvcomp_decode_blocks_freed_total", 0) > 0
+    assert not any(k.startswith("vllm_kvcomp_requests_failed") and v for k, v in metrics.items())
+    assert not any(k.startswith("vllm_kvcomp_decode_evictions_deferred") and v for k, v in metrics.items())
+    assert plugin["max_kv_cache_usage"] < 0.5 * stock["max_kv_cache_usage"]
