@@ -109,7 +109,7 @@ stage_identity_tp2() {
 # --- issue #12: decode-time eviction, first GPU check (lifetime-budgets branch)
 stage_decode_smoke() {
   KVCOMP_RESULTS_DIR="$RESULTS" KVCOMP_WORK_DIR="$WORK" timeout 580 $PY -m pytest -m gpu tests/engine/test_decode_gpu.py \
-    -q -p no:cacheprovider 2>&1 | tee "$LOGS/decode_gpu_tests.log" | tail -20
+    -k "${DECODE_K:-1 or 2}" -q -p no:cacheprovider 2>&1 | tee "$LOGS/decode_gpu_tests.log" | tail -20
   cp "$WORK"/decode_*.log "$LOGS/" 2>/dev/null || true
 }
 

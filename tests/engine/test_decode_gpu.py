@@ -28,24 +28,30 @@ KV_TOKENS = 65536
 KV_BYTES_PER_TOKEN = 16 * 2 * 2 * 64 * 2  # llama-tiny: 16 layers, 2 KV heads of 64, bf16
 
 
-def test_budgets_hold_while_decoding(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_budgets_hold_while_decoding(tmp_path, tp):
     from bench.offline import run_in_subprocess
     from evaluation.random_model import make_random_model
 
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs (kind nvidia-h200-x2 for TP=2)")
     work = Path(os.environ.get("KVCOMP_WORK_DIR", tmp_path))
     base = {
         "model": str(make_random_model(work / "llama-tiny", "llama-tiny")),
-        "kv_cache_memory_bytes": KV_TOKENS * KV_BYTES_PER_TOKEN,
+        # per GPU: each rank holds 1/tp of the KV heads, so the pool holds the same tokens at any TP
+        "kv_cache_memory_bytes": KV_TOKENS * KV_BYTES_PER_TOKEN // tp,
+        "tensor_parallel_size": tp,
         "max_model_len": 4096,
         "gpu_memory_utilization": 0.3,
         "workload": WORKLOAD,
     }
     torch.cuda.empty_cache()
-    stock = run_in_subprocess({**base, "name": "decode_stock"}, work)
+    stock = run_in_subprocess({**base, "name": f"decode_stock_tp{tp}"}, work)
     compression = {"method": "uniform", "budget": 512, "evict_every": 128}
-    plugin = run_in_subprocess({**base, "name": "decode_plugin", "compression": compression}, work)
+    plugin = run_in_subprocess({**base, "name": f"decode_plugin_tp{tp}", "compression": compression}, work)
     metrics = plugin["plugin_metrics"]
     record = {
+        "tp": tp,
         "workload": WORKLOAD,
         "kv_pool_tokens": KV_TOKENS,
         "compression": compression,
@@ -53,7 +59,7 @@ def test_budgets_hold_while_decoding(tmp_path):
         "plugin": {k: plugin[k] for k in ("output_tok_s", "max_running", "max_kv_cache_usage", "elapsed_s")},
         "ratio_output_tok_s": plugin["output_tok_s"] / stock["output_tok_s"],
         "plugin_metrics": {k: v for k, v in metrics.items() if "bucket" not in k},
-        "command": "pytest -m gpu tests/engine/test_decode_gpu.py",
+        "command": f"pytest -m gpu tests/engine/test_decode_gpu.py -k {tp}",
         "commit": os.environ.get("KVCOMP_COMMIT"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": stock.get("device"),
@@ -62,7 +68,7 @@ def test_budgets_hold_while_decoding(tmp_path):
     }
     out = os.environ.get("KVCOMP_RESULTS_DIR")
     if out:
-        (Path(out) / "decode_smoke.json").write_text(json.dumps(record, indent=1) + "\n")
+        (Path(out) / f"decode_smoke_tp{tp}.json").write_text(json.dumps(record, indent=1) + "\n")
     expected_tokens = WORKLOAD["num_prompts"] * WORKLOAD["output_len"]
     assert stock["output_tokens"] == plugin["output_tokens"] == expected_tokens
     assert metrics.get("vllm_kvcomp_decode_evictions_total", 0) > 0
