@@ -10,8 +10,9 @@ Two engine processes, one after the other on the same GPU, each with the same
     warm engine through the per-request override (SamplingParams.extra_args
     `kv_budget`): budget 1.0 measures the plugin's overhead, lower budgets its gain.
 
-Cases (both 16k-token prompts; sizes from issue #5): decode_heavy (1024 output
-tokens) and prefill_heavy (128 output tokens). The model is a random-weight
+Cases (sizes from issues #5 and #12): decode_heavy (16k-token prompts, 1024 output
+tokens), prefill_heavy (16k, 128) and long_generation (1k, 16k: with token budgets
+such as 1024 and 2048 and `--evict-every`, which needs decode-time eviction). The model is a random-weight
 Llama of a real shape (default 1B: 16 layers, 8 KV heads of 64) with the KV
 memory capped (default 4 GiB, about 7 requests of 17k tokens), so that KV
 capacity, not compute, limits the batch; throughput of a random model is the
@@ -39,6 +40,8 @@ from evaluation.random_model import SHAPES, make_random_model
 CASES = {
     "decode_heavy": {"prompt_len": 16384, "output_len": 1024, "num_prompts": 256},
     "prefill_heavy": {"prompt_len": 16384, "output_len": 128, "num_prompts": 128},
+    # issue #12: reasoning-style generations, lifetime token budgets (--budgets 1024,2048 --evict-every 128)
+    "long_generation": {"prompt_len": 1024, "output_len": 16384, "num_prompts": 64},
 }
 
 
@@ -206,7 +209,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="model folder; default: a random-weight Llama of --shape")
     parser.add_argument("--shape", default="llama-1b", help="llama-1b | llama-8b | llama-tiny (random weights)")
     parser.add_argument("--method", default="zigzag")
-    parser.add_argument("--budgets", type=csv(float), default=[0.2, 1.0, 0.1, 0.5])
+    parser.add_argument(
+        "--budgets", type=csv(float), default=[0.2, 1.0, 0.1, 0.5], help="fractions in (0, 1] or token counts > 1"
+    )
+    parser.add_argument("--evict-every", type=int, default=None, help="the plugin's evict_every (lifetime budgets)")
     parser.add_argument("--cases", type=csv(str), default=list(CASES))
     parser.add_argument("--num-prompts", type=csv(int), default=None, help="per case, in --cases order")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=4 << 30)
@@ -219,8 +225,8 @@ def main(argv=None) -> int:
         if case not in CASES:
             parser.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
     for budget in args.budgets:
-        if not 0 < budget <= 1:
-            parser.error(f"--budgets are fractions in (0, 1], got {budget}")
+        if not (0 < budget <= 1 or (budget > 1 and budget == int(budget))):
+            parser.error(f"--budgets are fractions in (0, 1] or whole token counts, got {budget}")
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,6 +253,8 @@ def main(argv=None) -> int:
             # Fixed server budget: requests override it, and the same engine config
             # (hence vLLM's compile cache) serves every invocation.
             spec["compression"] = {"method": args.method, "budget": 0.2}
+            if args.evict_every is not None:
+                spec["compression"]["evict_every"] = args.evict_every
             spec["workloads"] = plan_workloads(args.cases, args.budgets, num_prompts)
         else:
             parser.error(f"unknown run {run!r}; choose stock or plugin")

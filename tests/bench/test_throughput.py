@@ -199,3 +199,23 @@ def test_bad_arguments_are_refused():
         main(["--cases", "decode_heavy,chat"])
     with pytest.raises(SystemExit):
         main(["--budgets", "0.2,1.5"])
+
+
+def test_long_generation_takes_token_budgets_and_evict_every(monkeypatch, tmp_path):
+    """Issue #12's case: 1k prompts, 16k outputs, token budgets; evict_every reaches the plugin's config."""
+    workloads = throughput.plan_workloads(["long_generation"], [1024, 2048], {})
+    assert [w["label"] for w in workloads] == ["long_generation@1024", "long_generation@2048"]
+    assert workloads[0]["output_len"] == 16384 and workloads[0]["extra_args"] == {"kv_budget": 1024}
+    specs = []
+
+    def fake_run(spec, *args, **kwargs):
+        specs.append(spec)
+        return {"workloads": [], "device": "fake"}
+
+    monkeypatch.setattr(throughput.offline, "run_in_subprocess", fake_run)
+    monkeypatch.setattr(throughput, "plot_throughput", lambda *a, **k: None)
+    argv = ["--model", "m", "--runs", "plugin", "--cases", "long_generation", "--budgets", "1024,2048"]
+    throughput.main([*argv, "--evict-every", "128", "--out", str(tmp_path)])
+    assert specs[0]["compression"] == {"method": "zigzag", "budget": 0.2, "evict_every": 128}
+    with pytest.raises(SystemExit):
+        throughput.main([*argv[:-1], "1024.5", "--out", str(tmp_path)])
