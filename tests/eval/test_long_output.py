@@ -42,3 +42,26 @@ def test_agreement_curve_follows_the_first_divergence():
     short = agreement_curve([[1, 2]], [[1, 2]], points=2)
     assert [c["agreement"] for c in short] == [1.0, 1.0]
     assert agreement_curve([[1]], [[]]) == []
+
+
+def test_vllm_runner_builds_full_and_budget_requests_and_summarizes(tiny_model):
+    """The GPU runner's bookkeeping on CPU: one full-KV request and one per budget for each prompt;
+    scores, last-quarter scores and the agreement curve per budget."""
+    from transformers import AutoTokenizer
+
+    from evaluation.long_output_vllm import requests_for, summarize
+
+    tasks = [make_task(seed=3, num_items=8, index=i) for i in range(2)]
+    reqs = requests_for(tasks, AutoTokenizer.from_pretrained(tiny_model), [1024.0, 2048.0])
+    assert [key for _, _, key in reqs] == [(0, None), (0, 1024.0), (0, 2048.0), (1, None), (1, 1024.0), (1, 2048.0)]
+    assert reqs[0][1] == {"kv_compression": "none"} and reqs[1][1] == {"kv_budget": 1024.0}
+    right = {t: _right_answer(task) for t, task in enumerate(tasks)}
+    texts = {key: right[key[0]] for _, _, key in reqs}
+    texts[(1, 1024.0)] = "\n".join(right[1].splitlines()[:6])  # the last two items lost
+    tokens = {key: [1, 2, 3, 4] for _, _, key in reqs}
+    tokens[(1, 1024.0)] = [1, 2, 9, 9]
+    results = summarize(tasks, texts, tokens, [1024.0, 2048.0])
+    assert [r["budget"] for r in results] == [1024.0, 2048.0]
+    assert results[1]["score"] == results[1]["full_score"] == 1.0
+    assert results[0]["score"] == (1.0 + 6 / 8) / 2 and results[0]["score_last_quarter"] == 0.5
+    assert results[0]["agreement"][-1]["agreement"] == 0.5

@@ -1,0 +1,137 @@
+"""Long-output quality with lifetime budgets (issue #12) through vLLM, against full KV on the same prompts.
+
+    python -m evaluation.long_output_vllm --model DIR --name long_output_qwen05 \\
+        --budgets 1024,2048 --evict-every 128 --prompts 16 --items 800      (GPU, from a checkout)
+
+One engine with decode-time eviction on (`evict_every`); every prompt runs with
+full KV (`kv_compression: none`) and at every token budget (`kv_budget`), greedy
+with `ignore_eos` for a whole answer (evaluation/long_output.py). Writes
+<out>/<name>.json: `results`, one per budget, with `budget`, `score` (item
+accuracy), `full_score`, `score_last_quarter` / `full_score_last_quarter` (the
+late items, which depend on facts stated long before), and `agreement` (the
+greedy-agreement curve against full KV over the generated length); plus the
+command, date, device and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+from pathlib import Path
+
+from evaluation.long_output import agreement_curve, answer_tokens, item_accuracy, make_task
+
+
+def filler_sentences(num_chars: int = 5000) -> list[str]:
+    """Real text (Python's standard-library docstrings) around the rules, as the RULER-style tasks use."""
+    from vllm_kvcomp.calibration_data import _stdlib_text
+
+    return [s + " " for s in re.split(r"(?<=[.!?]) ", _stdlib_text()[:num_chars])]
+
+
+def requests_for(tasks, tokenizer, budgets: list[float]):
+    """(prompt ids, extra_args, key) for full KV and each budget of every task."""
+    out = []
+    for t, task in enumerate(tasks):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": task.prompt}], add_generation_prompt=True, tokenize=True
+        )
+        out.append((ids, {"kv_compression": "none"}, (t, None)))
+        out += [(ids, {"kv_budget": budget}, (t, budget)) for budget in budgets]
+    return out
+
+
+def summarize(tasks, texts: dict, tokens: dict, budgets: list[float]) -> list[dict]:
+    """One result per budget from the outputs keyed by (task index, budget or None for full KV)."""
+    n = range(len(tasks))
+    full_texts = [texts[(t, None)] for t in n]
+    quarter = max(1, tasks[0].num_items // 4)
+    results = []
+    for budget in budgets:
+        got = [texts[(t, budget)] for t in n]
+        results.append(
+            {
+                "budget": budget,
+                "score": item_accuracy(tasks, got),
+                "full_score": item_accuracy(tasks, full_texts),
+                "score_last_quarter": item_accuracy(tasks, got, last_items=quarter),
+                "full_score_last_quarter": item_accuracy(tasks, full_texts, last_items=quarter),
+                "agreement": agreement_curve([tokens[(t, budget)] for t in n], [tokens[(t, None)] for t in n]),
+            }
+        )
+    return results
+
+
+def run(args) -> dict:
+    import torch
+    import vllm
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    filler = filler_sentences()
+    tasks = [make_task(args.seed, args.items, filler, index=i) for i in range(args.prompts)]
+    config = {"method": args.method, "budget": max(args.budgets), "evict_every": args.evict_every}
+    llm = LLM(
+        model=args.model,
+        dtype="bfloat16",
+        seed=0,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=False,
+        additional_config={"kv_compression": config},
+    )
+    reqs = requests_for(tasks, tokenizer, args.budgets)
+    params = [
+        SamplingParams(max_tokens=answer_tokens(tasks[0]), temperature=0.0, ignore_eos=True, extra_args=extra)
+        for _, extra, _ in reqs
+    ]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in reqs], params, use_tqdm=True)
+    texts = {key: o.outputs[0].text for (_, _, key), o in zip(reqs, outputs, strict=True)}
+    tokens = {key: list(o.outputs[0].token_ids) for (_, _, key), o in zip(reqs, outputs, strict=True)}
+    return {
+        "model": args.model_name or args.model,
+        "compression": config,
+        "prompts": args.prompts,
+        "items": args.items,
+        "results": summarize(tasks, texts, tokens, args.budgets),
+        "command": "python -m evaluation.long_output_vllm " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(),
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m evaluation.long_output_vllm", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--model-name")
+    p.add_argument("--name", default="long_output")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--method", default="uniform")
+    p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[1024.0, 2048.0])
+    p.add_argument("--evict-every", type=int, default=128)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--items", type=int, default=800)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.45)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    record = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    for r in record["results"]:
+        print(f"[long-output] budget {r['budget']:g}: items {r['score']:.3f} (full {r['full_score']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
