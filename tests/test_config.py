@@ -176,6 +176,63 @@ def test_request_cannot_turn_compression_on():
             request_config(stock, extra)
 
 
+def test_request_evict_every_overrides_the_cadence_or_turns_it_off():
+    from vllm_kvcomp.config import request_config
+
+    server = build_config(method="uniform", overrides={"evict_every": 128, "decode_window": 16})
+    assert request_config(server, {"kv_evict_every": 256}, block_size=16).evict_every == 256
+    assert request_config(server, {"kv_evict_every": " 64 "}, block_size=32).evict_every == 64  # form fields
+    assert request_config(server, {"kv_evict_every": 48}).evict_every == 48  # block size unknown: not checked
+    for off in ("off", "OFF", None):
+        assert request_config(server, {"kv_evict_every": off}).evict_every is None
+    cfg = request_config(server, {"kv_budget": 512, "kv_evict_every": 32})
+    assert (cfg.budget, cfg.evict_every, cfg.decode_window) == (512, 32, 16)
+    plain = build_config(method="uniform")  # no evict_every: "off" is what it does anyway
+    assert request_config(plain, {"kv_evict_every": "off"}).evict_every is None
+
+
+@pytest.mark.parametrize(
+    "extra, server_overrides, message",
+    [
+        ({"kv_evict_every": 40}, {}, "multiple of the KV block size (16), got 40"),
+        ({"kv_evict_every": 8}, {}, "from decode_window (16) to 1048576, got 8"),
+        ({"kv_evict_every": 1 << 21}, {}, "to 1048576, got 2097152"),
+        ({"kv_evict_every": True}, {}, 'expected an integer token count or "off", got True'),
+        ({"kv_evict_every": 64.0}, {}, "expected an integer token count"),
+        ({"kv_evict_every": "sometimes"}, {}, "got 'sometimes'"),
+        ({"kv_evict_every": [64]}, {}, "expected an integer"),
+        ({"kv_evict_every": 64}, {"evict_every": None}, "decode-time eviction needs evict_every set"),
+        ({"kv_evict_every": "off"}, {"request_overrides": "budget"}, "does not let requests turn decode-time"),
+        ({"kv_evict_every": 64}, {"request_overrides": "deny"}, "does not accept per-request"),
+        ({"kv_evict_evry": 64}, {}, "kv_evict_evry (request): unknown key; per-request keys are kv_compression"),
+    ],
+)
+def test_request_evict_every_refusals(extra, server_overrides, message):
+    from vllm_kvcomp.config import request_config
+
+    server = build_config(method="uniform", overrides={"evict_every": 128, **server_overrides})
+    with pytest.raises(CompressionConfigError) as err:
+        request_config(server, extra, block_size=16)
+    assert message in str(err.value) and str(err.value).startswith(next(iter(extra)) + " (request): ")
+    assert "\n" not in str(err.value)
+
+
+def test_request_evict_every_under_the_budget_policy_may_change_the_cadence():
+    from vllm_kvcomp.config import request_config
+
+    server = build_config(method="uniform", overrides={"evict_every": 128, "request_overrides": "budget"})
+    assert request_config(server, {"kv_evict_every": 512}, block_size=16).evict_every == 512
+
+
+def test_request_evict_every_needs_a_compressing_server():
+    from vllm_kvcomp.config import CompressionConfig, request_config
+
+    stock = CompressionConfig(evict_every=128)
+    with pytest.raises(CompressionConfigError, match="kv_evict_every .* needs a compressing server"):
+        request_config(stock, {"kv_evict_every": 64})
+    assert request_config(stock, {"kv_evict_every": "off"}).evict_every is None
+
+
 def test_front_end_rejects_bad_override_as_valueconfig_error():
     """The wrapped InputProcessor validation: a ValueError is vLLM's HTTP 400."""
     from types import SimpleNamespace

@@ -151,3 +151,17 @@ def test_operator_policy_bounds_what_requests_may_change():
     validate_request(budget_only, SamplingParams(extra_args={"kv_budget": 0.2, "kv_compression": "zigzag"}))
     deny = _vllm_config(request_overrides="deny")
     assert "does not accept per-request" in refused(deny, {"kv_budget": 0.5})
+
+
+def test_front_end_checks_a_requests_evict_every_against_the_block_size():
+    """kv_evict_every must be a multiple of the KV block size the front end knows (issue #12)."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    from vllm_kvcomp.vllm_adapter import validate_request
+
+    config = _vllm_config(evict_every=128)
+    config.cache_config = SimpleNamespace(block_size=16)
+    validate_request(config, SamplingParams(extra_args={"kv_evict_every": 256}))
+    with pytest.raises(VLLMValidationError, match="kv_evict_every"):
+        validate_request(config, SamplingParams(extra_args={"kv_evict_every": 40}))

@@ -80,8 +80,8 @@ class CompressionConfig(_Section):
     # every layer of the group keeps the tokens those scores rank first (within its own
     # budget). 1: every layer scored (the default); k: about 1/k of the scoring work.
     layer_share: int = Field(1, ge=1, le=64)
-    # Lifetime budgets (issue #12, docs/LIFETIME-BUDGETS.md; being built, not yet verified on a
-    # GPU): evict again every `evict_every` generated tokens (a multiple of the KV block size,
+    # Lifetime budgets (issue #12, docs/LIFETIME-BUDGETS.md; first GPU checks passed, evidence to
+    # come): evict again every `evict_every` generated tokens (a multiple of the KV block size,
     # >= decode_window), scored by the last `decode_window` decode queries of each request.
     # None: one eviction after the prefill only (today's behaviour).
     evict_every: int | None = Field(None, ge=16, le=1 << 20)

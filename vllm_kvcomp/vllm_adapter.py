@@ -224,8 +224,11 @@ def validate_request(vllm_config, params) -> None:
     if not has_request_keys(extra_args):
         return
     model_config = getattr(vllm_config, "model_config", None)
+    block_size = getattr(getattr(vllm_config, "cache_config", None), "block_size", None)
     try:
-        request_config(_server_config(vllm_config), extra_args, getattr(model_config, "max_model_len", None))
+        request_config(
+            _server_config(vllm_config), extra_args, getattr(model_config, "max_model_len", None), block_size=block_size
+        )
     except CompressionConfigError as err:
         from vllm.exceptions import VLLMValidationError
 

@@ -276,10 +276,13 @@ class Life:
         if tracked.decode is not None and (tracked.decode.deferred or tracked.decode.stopped):
             return  # its last eviction failed: it grows until the next one succeeds
         config = tracked.config or self.rt.config
+        every = config.evict_every  # the request's own cadence (kv_evict_every)
+        if every is None:
+            return  # decode-time eviction off for it: grows as stock vLLM's
         average = config.average_budget(s["seq_len"] + 1)
         live = np.array([int(lens[layer][r]) for layer in range(L)])
-        assert live.mean() <= average + BS - 1 + EVERY, (req_id, live, average)
-        assert len(s["held"]) <= cdiv(average, BS) + 2 + EVERY // BS, (req_id, len(s["held"]), average)
+        assert live.mean() <= average + BS - 1 + every, (req_id, live, average)
+        assert len(s["held"]) <= cdiv(average, BS) + 2 + every // BS, (req_id, len(s["held"]), average)
 
     def run(self, steps, **kwargs):
         reports = []
@@ -323,6 +326,77 @@ def test_a_requests_whole_life_with_repeated_decode_evictions(monkeypatch):
     assert any(len(runtime.requests[r].block_ids) > len(set(runtime.requests[r].block_ids)) for r in "ab"), (
         "no eviction re-homed a row"
     )
+
+
+def test_requests_evict_at_their_own_cadence():
+    """kv_evict_every: twice the server's cadence, the server's, and off, in one engine."""
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    server = runtime.config
+    life = Life(runtime, pool, seed=9)
+    life.prefill({
+        "a": (150, request_config(server, {"kv_evict_every": 2 * EVERY}, block_size=BS)),  # twice as slow
+        "b": (150, None),  # the server's
+        "c": (150, request_config(server, {"kv_evict_every": "off"}, block_size=BS)),
+    })  # fmt: skip
+    assert runtime.requests["c"].decode is None  # prefill-evicted, then not followed
+    life.run(4 * EVERY + 1)  # every read is checked against what each eviction kept
+    decode = {rid: [r.prompt_len for r in life.records if r.phase == "decode" and r.req_id == rid] for rid in "abc"}
+    assert decode == {"a": [150 + 2 * EVERY * k for k in (1, 2)], "b": [150 + EVERY * k for k in (1, 2, 3, 4)], "c": []}
+    assert [r.req_id for r in life.records if r.phase == "prefill"] == ["a", "b", "c"]
+
+
+def test_self_check_after_decode_evictions(monkeypatch):
+    """VLLM_KVCOMP_VERIFY=N: the first request of N decode batches is read back and its attention checked."""
+    monkeypatch.setenv("VLLM_KVCOMP_VERIFY", "2")
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    server = runtime.config
+    life = Life(runtime, pool, seed=10)
+    life.prefill({"a": (150, request_config(server, {"kv_compression": "pyramid"})), "b": (170, None)})
+    life.run(3 * EVERY + 1)
+    decode = [r for r in life.records if r.phase == "decode"]
+    assert [r.verify is not None for r in decode] == [True, False] * 2 + [False] * 2  # a, then b, per batch
+    for record in decode[:3:2]:
+        assert record.req_id == "a" and record.verify == {"exact": True, "attention_rel_err": 0.0}
+
+
+def test_self_check_after_a_decode_eviction_reports_a_corrupted_page(monkeypatch):
+    monkeypatch.setenv("VLLM_KVCOMP_VERIFY", "1")
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    life = Life(runtime, pool, seed=11)
+    life.prefill({"a": (150, None)})
+    life.run(EVERY - 1)
+    publish = runtime.pages.publish
+
+    def corrupting_publish(published):
+        publish(published)
+        index, row, plan = published[0]
+        (req,) = [r for r in runtime.requests.values() if r.index == index]
+        page = logical_pages(plan.after, row, req.seq_len, N)[1, 0]  # layer 1's first kept page
+        pool[page] += 1  # its keys and values, after the rewrite
+
+    monkeypatch.setattr(runtime.pages, "publish", corrupting_publish)
+    (report,) = life.run(1)  # the eviction step (the next reads would fail the harness's own check)
+    (record,) = report.evictions
+    assert record.phase == "decode" and record.verify["exact"] is False
+    assert record.verify["attention_rel_err"] > 1e-3
+
+
+def test_decode_evictions_are_timed_into_the_eviction_seconds(monkeypatch):
+    """The prefill's EvictionTimer (CUDA events on a GPU, read later without a sync; here the host clock)."""
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    life = Life(runtime, pool, seed=12)
+    life.prefill({"a": (150, None), "b": (170, None)})
+    reports = life.run(2 * EVERY + 1)
+    timed = {step: len(r.eviction_seconds) for step, r in enumerate(reports) if r is not None and r.eviction_seconds}
+    evicted = [step for step, r in enumerate(reports) if r is not None and r.evictions]
+    # one entry per request of a batch, in the next step's report: the prefill's, then each decode batch's
+    assert evicted == [EVERY - 1, 2 * EVERY - 1] and timed == {0: 2, EVERY: 2, 2 * EVERY: 2}
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    runtime.observer = FailAt("decode_score")
+    life = Life(runtime, pool, seed=12)
+    life.prefill({"a": (150, None)})
+    reports = [r for r in life.run(EVERY + 1) if r is not None]
+    assert sum(len(r.eviction_seconds) for r in reports) == 1  # the prefill only: a failed batch is not timed
 
 
 def test_fault_before_the_rewrite_leaves_the_pool_bit_identical_and_is_retried():

@@ -18,7 +18,8 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.request import Request
 
 import vllm_kvcomp
-from vllm_kvcomp.engine.kv_cache import CompressedAttentionManager, CompressedAttentionSpec
+from vllm_kvcomp.config import build_config
+from vllm_kvcomp.engine.kv_cache import CompressedAttentionManager, CompressedAttentionSpec, bound_blocks
 from vllm_kvcomp.engine.layout import cdiv, plan_eviction
 
 BS = 16
@@ -165,3 +166,67 @@ def test_random_streams_never_leak(data):
         manager.free(req)
     assert manager.block_pool.get_num_free_blocks() == free0
     assert not single.evicted_blocks
+
+
+def decode_config(budget, evict_every=32, **options):
+    overrides = {"num_recent": 16, "window": 8, "evict_every": evict_every, **options}
+    return build_config(method="uniform", budget=budget, overrides=overrides)
+
+
+def test_bound_blocks_arithmetic():
+    # integer budget: ceil(B / bs) + 2 + evict_every / bs, whatever the length
+    assert bound_blocks(decode_config(100), 300, 4000, BS) == cdiv(100, BS) + 2 + 2 == 11
+    assert bound_blocks(decode_config(100, evict_every=64), 300, 4000, BS) == 7 + 2 + 4
+    # fraction: B estimated at the longest context, prompt + max_tokens (capped by max_model_len)
+    assert bound_blocks(decode_config(0.25), 300, 700, BS) == cdiv(250, BS) + 4 == 20
+    assert bound_blocks(decode_config(0.25), 300, 700, BS, max_model_len=500) == cdiv(125, BS) + 4 == 12
+    # never below the protected tokens (4 sinks + 16 recent = 20 -> 2 blocks)
+    assert bound_blocks(decode_config(0.01), 300, 700, BS) == 2 + 4
+    # never above the whole context
+    assert bound_blocks(decode_config(100), 40, 20, BS) == cdiv(60, BS) == 4
+    # unbounded (stock growth): no decode eviction, method none, prompt under min_prompt_len
+    assert bound_blocks(decode_config(100, evict_every=None), 300, 4000, BS) is None
+    assert bound_blocks(build_config(method="none"), 300, 4000, BS) is None
+    assert bound_blocks(decode_config(100, min_prompt_len=301), 300, 4000, BS) is None
+    assert bound_blocks(decode_config(100, min_prompt_len=300), 300, 4000, BS) == 11
+
+
+def test_growth_reserve_follows_allocation_eviction_and_free():
+    manager = make_manager(100)
+    single = compressed_manager(manager)
+    a, b = make_request("a", 100), make_request("b", 40)
+    single.set_bound("a", 10)
+    single.set_bound("b", 12)
+    single.set_bound("c", 6)
+    assert single.growth_reserve == 0  # nobody holds blocks: nothing runs
+    # a newcomer needs max(its blocks now, its bound) + the reserve of the running requests
+    assert manager.coordinator.get_num_blocks_to_allocate("a", 100, ((),), 0, 0, 100, True) == 10
+    manager.allocate_slots(a, 100)  # 7 blocks of 10
+    assert single.growth_reserve == 3
+    assert manager.coordinator.get_num_blocks_to_allocate("b", 40, ((),), 0, 0, 40, True) == 12 + 3
+    assert manager.coordinator.get_num_blocks_to_allocate("c", 50, ((),), 0, 0, 50, True) == 6 + 3
+    # not the admission gate (no cap, or a running request): stock counts, no reserve
+    assert manager.coordinator.get_num_blocks_to_allocate("b", 40, ((),), 0, 0, 40) == 3
+    assert manager.coordinator.get_num_blocks_to_allocate("a", 120, ((),), 0, 100, 120, True) == 1
+    manager.allocate_slots(b, 40)  # 3 of 12
+    assert single.growth_reserve == 3 + 9
+    a.num_computed_tokens = 100
+    ids = manager.get_block_ids("a")[0]
+    assert single.evict("a", ids[2:6]) == 4  # holds 3: may grow by 7
+    assert single.growth_reserve == 7 + 9
+    assert manager.allocate_slots(a, 100).get_block_ids()[0]  # 200 tokens - 64 evicted: 9 blocks
+    assert single.growth_reserve == 1 + 9
+    single.set_bound("b", None)  # served uncompressed: stock, unreserved
+    assert single.growth_reserve == 1
+    manager.free(a)  # preempted: holds nothing, reserves nothing, keeps its bound
+    assert single.growth_reserve == 0 and single.bounds == {"a": 10, "c": 6}
+    manager.free(b)
+    assert single.growth_reserve == 0 and not single._reserved
+
+
+def test_an_empty_pool_always_admits_a_request_that_fits():
+    """The newcomer's bound is capped at the pool: alone, it is admitted as stock admits it."""
+    manager = make_manager(20)
+    single = compressed_manager(manager)
+    single.set_bound("a", 50)
+    assert manager.allocate_slots(make_request("a", 100), 100, full_sequence_must_fit=True) is not None

@@ -351,6 +351,7 @@ def test_repeated_decode_evictions_keep_the_block_pool_whole(
     def checked(*args):
         outputs = update(*args)
         check_bounded(scheduler, worker)
+        check_reserve(scheduler)
         return outputs
 
     scheduler.update_from_output = checked
@@ -358,6 +359,7 @@ def test_repeated_decode_evictions_keep_the_block_pool_whole(
     assert not scheduler.has_requests(), "the stream did not drain"
     assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == NUM_BLOCKS - 1
     assert not scheduler.kvcomp_manager.req_to_blocks and not scheduler.kvcomp_manager.evicted_blocks
+    assert scheduler.kvcomp_manager.growth_reserve == 0 and not scheduler.kvcomp_manager.bounds
     assert len(finished) + len({r for ids in aborts.values() for r in ids}) >= num
 
 
@@ -381,3 +383,123 @@ def test_a_long_generation_is_evicted_many_times(vllm_config, async_scheduling):
     assert cdiv(1000, BS) + cdiv(950, BS) > NUM_BLOCKS
     assert worker.decode_evictions >= 2 * (800 // 32 - 2)  # every 32 tokens, once the ring is full
     assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == NUM_BLOCKS - 1
+
+
+# --- compression-aware admission (docs/LIFETIME-BUDGETS.md, section 4) ---------------------------
+
+
+def check_reserve(scheduler) -> None:
+    """The O(1) running reserve equals its definition recomputed from scratch."""
+    manager = scheduler.kvcomp_manager
+    expected = {}
+    for req_id, bound in manager.bounds.items():
+        held = len(manager.req_to_blocks.get(req_id, ()))
+        if held and bound > held:
+            expected[req_id] = bound - held
+    assert manager._reserved == expected and manager.growth_reserve == sum(expected.values())
+    # a finished request's bound is dropped at the next update at the latest: it holds nothing
+    assert not set(manager._reserved) - set(scheduler.requests), "a finished request still reserves"
+
+
+def run_pressure(vllm_config, async_scheduling: bool, reserve: bool, requests, evict_every: int):
+    """Returns (finish reasons, preemptions, most requests running at once, largest reserve gauge)."""
+    scheduler = make_scheduler(vllm_config, "uniform", async_scheduling, evict_every=evict_every)
+    if not reserve:  # the counterfactual: stock admission, decode eviction unchanged
+        scheduler.kvcomp_manager._admission_need = lambda req_id, need: need
+    worker = FakeWorker(decode_server(evict_every), np.random.default_rng(5), fail_rate=0.0)
+    update, seen = scheduler.update_from_output, {"running": 0, "gauge": 0.0}
+    gauge = scheduler.kvcomp_metrics.growth_reserve
+
+    def checked(*args):
+        outputs = update(*args)
+        check_reserve(scheduler)
+        seen["running"] = max(seen["running"], len(scheduler.running))
+        seen["gauge"] = max(seen["gauge"], gauge._value.get())
+        return outputs
+
+    scheduler.update_from_output = checked
+    finished, preempted = run_stream(scheduler, worker, requests, aborts={}, max_steps=5000)
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == NUM_BLOCKS - 1
+    assert scheduler.kvcomp_manager.growth_reserve == 0 == gauge._value.get(), "the reserve outlived its requests"
+    assert not scheduler.kvcomp_manager.bounds
+    return finished, preempted, seen["running"], seen["gauge"]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_bounded_admission_avoids_the_preemptions_of_stock_admission(vllm_config, async_scheduling):
+    """Six short prompts that each grow to 11 blocks (budget 96, evict_every 48) in a pool of 47:
+    stock admission lets all six in on their 3-block prompts and preempts as they grow; with the
+    reserve four run at once (4 x 11 <= 47), the others wait, and nobody is preempted."""
+    requests = lambda: make_requests([40] * 6, [500] * 6, [{"kv_budget": 96}] * 6)  # noqa: E731
+    finished, preempted, _, _ = run_pressure(vllm_config, async_scheduling, False, requests(), 48)
+    assert preempted > 0, "the stream was meant to preempt under stock admission"
+    assert finished == {f"r{i}": "length" for i in range(6)}
+    finished, preempted, running, gauge = run_pressure(vllm_config, async_scheduling, True, requests(), 48)
+    assert finished == {f"r{i}": "length" for i in range(6)} and preempted == 0
+    assert running == 4 and gauge > 0  # not serialised: as many as the bounds allow
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_reserve_holds_with_unbounded_requests_preemption_resume_and_abort(vllm_config, async_scheduling):
+    """Requests with kv_compression "none" grow unbounded (not reserved, as in stock), so the pool
+    still preempts; the reserve stays exact through preemption, resume (re-prefill), abort and
+    failures, and returns to 0."""
+    scheduler = make_scheduler(vllm_config, "uniform", async_scheduling, evict_every=32)
+    worker = FakeWorker(decode_server(32), np.random.default_rng(11), fail_rate=0.1)
+    overrides = [{"kv_compression": "none"}, {"kv_budget": 64}, {}, {"kv_compression": "none"}, {"kv_budget": 0.1}]
+    requests = make_requests([200, 150, 180, 160, 220], [300, 500, 400, 300, 450], overrides)
+    update = scheduler.update_from_output
+
+    def checked(*args):
+        outputs = update(*args)
+        check_reserve(scheduler)
+        return outputs
+
+    scheduler.update_from_output = checked
+    finished, preempted = run_stream(scheduler, worker, requests, aborts={60: ["r2"]}, max_steps=5000)
+    assert preempted > 0, "the stream was meant to preempt"
+    assert set(finished) >= {"r0", "r1", "r3", "r4"}  # an abort is answered by the front end, not here
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == NUM_BLOCKS - 1
+    assert scheduler.kvcomp_manager.growth_reserve == 0 and not scheduler.kvcomp_manager.bounds
+
+
+BOUNDED_OVERRIDES = st.sampled_from([{}, {"kv_budget": 0.1}, {"kv_budget": 64}, {"kv_budget": 96}, {"kv_budget": 128}])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.data(),
+    num=st.integers(4, 8),
+    async_scheduling=st.booleans(),
+    evict_every=st.sampled_from([16, 32, 48]),
+    seed=st.integers(0, 2**16),
+)
+def test_bounded_streams_are_never_preempted(vllm_config, data, num, async_scheduling, evict_every, seed):
+    """Every request bounded (decode eviction on, no failures), prompts of one chunk, long outputs
+    (about half of such streams preempt under stock admission): admission keeps room for every
+    running request's bound, so no request is ever preempted."""
+    lengths = data.draw(st.lists(st.integers(20, 250), min_size=num, max_size=num))
+    outputs = data.draw(st.lists(st.integers(1, 600), min_size=num, max_size=num))
+    overrides = data.draw(st.lists(BOUNDED_OVERRIDES, min_size=num, max_size=num))
+    requests = make_requests(lengths, outputs, overrides)
+    finished, preempted, _, _ = run_pressure(vllm_config, async_scheduling, True, requests, evict_every)
+    assert preempted == 0
+    assert finished == {f"r{i}": "length" for i in range(num)}
+
+
+def test_the_scheduler_computes_each_requests_bound_from_its_params(vllm_config):
+    """The bound comes from what the scheduler process has: extra_args, max_tokens, the server config."""
+    from vllm.v1.request import RequestStatus
+
+    scheduler = make_scheduler(vllm_config, "uniform", False, evict_every=32)
+    overrides = [{}, {"kv_budget": 64}, {"kv_compression": "none"}, {"kv_budget": "nonsense"}]
+    requests = make_requests([100, 100, 100, 100], [500, 500, 500, 500], overrides)
+    assert [scheduler.request_bound(r) for r in requests] == [cdiv(150, BS) + 2 + 2, 4 + 2 + 2, None, None]
+    scheduler.add_request(requests[1])
+    assert scheduler.kvcomp_manager.bounds == {"r1": 8}
+    scheduler.finish_requests(["r1"], RequestStatus.FINISHED_ABORTED)  # aborted while waiting
+    out = scheduler.schedule()
+    scheduler.update_from_output(out, FakeWorker(decode_server(32), np.random.default_rng(0), 0.0).step(out))
+    assert not scheduler.kvcomp_manager.bounds  # gone with it at the next update
+    plain = make_scheduler(vllm_config, "uniform", False)  # no evict_every: stock admission
+    assert plain.request_bound(make_requests([100], [500], [{}])[0]) is None

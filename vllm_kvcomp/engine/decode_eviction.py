@@ -99,6 +99,7 @@ class _Batch:
     first: tuple[torch.Tensor, torch.Tensor] | None = None  # scores and pages of the last group
     rows: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (new row, freed ids)
     compaction_started: bool = False
+    verify: dict | None = None  # the self-check of reqs[0] (engine/verify.py), when on
 
 
 class DecodeEvictor:
@@ -161,6 +162,7 @@ class DecodeEvictor:
     def _evict_chunk(self, reqs: list[TrackedRequest], groups: list[range]) -> CompressionReport:
         """Plan and score (the pool is only read), agree, rewrite, agree (see the module docstring)."""
         executor = self.rt.executor
+        timer = self.rt.timer.start(len(reqs))  # CUDA events: read at a later step, no sync
         stage, batch = "plan", None
         plans, error = guarded(self.rt, "decode_plan", self._plans, reqs)
         if plans is not None:
@@ -179,6 +181,7 @@ class DecodeEvictor:
             return self._failed(batch.reqs, error)
         if failed:
             return self._deferred(reqs, "compact", error)
+        self.rt.timer.stop(timer)  # into vllm_kvcomp_eviction_seconds, with the prefill batches
         return self._records(reqs, batch)
 
     def _plans(self, reqs: list[TrackedRequest]) -> list[ReevictionPlan | None]:
@@ -222,16 +225,20 @@ class DecodeEvictor:
         """Select and compact (last layers first, as the prefill), copy, re-home, publish."""
         from vllm_kvcomp.kernels import copy_pages_
 
+        observer = self.rt.observer
+        # The self-check reads the first request's layers before anything is rewritten.
+        snapshot = observer.snapshot_decode(self.rt, batch.reqs[0]) if observer and observer.wants_decode() else None
         batch.compaction_started = True
         first, batch.first = batch.first, None
+        keep_of_first: dict[int, torch.Tensor] = {}
         for layers in reversed(batch.groups):
             scores, pages = first if first is not None else self._score(batch, layers)
             first = None
             assert batch.live is not None
-            self.rt.executor.compact(batch.plans, scores, batch.live, pages, layers=layers)
+            keep_of_first.update(self.rt.executor.compact(batch.plans, scores, batch.live, pages, layers=layers))
             del scores
-        if self.rt.observer is not None:
-            self.rt.observer.before("relocate", (batch.reqs,))
+        if observer is not None:
+            observer.before("relocate", (batch.reqs,))
         N, published = self.rt.geometry.blocks_per_layer, []
         copies = [plan.page_copies(req.block_ids, N) for req, plan in zip(batch.reqs, batch.plans)]
         src = np.concatenate([s for s, _ in copies])
@@ -245,6 +252,9 @@ class DecodeEvictor:
             batch.rows.append((plan.new_row(req.block_ids), plan.freed_ids(req.block_ids)))
             published.append((req.index, batch.rows[-1][0], plan))
         self.rt.pages.publish(published)
+        if snapshot is not None and observer is not None:
+            req, plan, row = batch.reqs[0], batch.plans[0], batch.rows[0][0]
+            batch.verify = observer.check_decode(self.rt, req, row, plan, keep_of_first, snapshot)
 
     # ------------------------------------------------------------- outcome
     def _records(self, reqs: list[TrackedRequest], batch: _Batch) -> CompressionReport:
@@ -265,6 +275,8 @@ class DecodeEvictor:
                     req.req_id, freed, req.seq_len, kept.tolist(), phase="decode", evicted_tokens=evicted.tolist()
                 )
             )
+        if records:  # the self-check of batch.reqs[0] rides on its record, as for the prefill
+            records[0].verify = batch.verify
         return CompressionReport(evictions=records)
 
     def _deferred(self, reqs: list[TrackedRequest], stage: str, error) -> CompressionReport:

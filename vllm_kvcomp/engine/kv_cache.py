@@ -19,6 +19,13 @@ know. With `evict_every` the worker evicts a running request again and again
 (engine/decode_eviction.py): each report frees ids the request still holds,
 wherever they sit in its list (held blocks are a multiset to this manager; the
 worker may move ids inside its block-table row), and `evicted` adds up.
+
+Compression-aware admission (docs/LIFETIME-BUDGETS.md, section 4): such a
+request never holds more than `bound_blocks` blocks, so the manager keeps
+`growth_reserve`, what the running bounded requests may still grow into, and a
+waiting or preempted request is admitted only if its blocks fit next to it
+(`get_num_blocks_to_allocate`). Requests without decode-time eviction have no
+bound: their growth is not reserved, as in stock vLLM (which reserves none).
 """
 
 from __future__ import annotations
@@ -26,10 +33,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from vllm_kvcomp.engine.layout import cdiv
+
+if TYPE_CHECKING:
+    from vllm_kvcomp.config import CompressionConfig
 
 logger = logging.getLogger("vllm.kvcomp")
 
@@ -59,6 +72,26 @@ class CompressedAttentionSpec(FullAttentionSpec):
         )
 
 
+def bound_blocks(
+    config: CompressionConfig, prompt_len: int, max_tokens: int, block_size: int, max_model_len: int | None = None
+) -> int | None:
+    """Most blocks a request holds in its life when decode-time eviction follows it, or None.
+
+    Section 1 of docs/LIFETIME-BUDGETS.md: `ceil(B_avg / bs) + 2 + evict_every / bs`, B_avg at the
+    longest context the request can reach (prompt + max_tokens): exact for integer budgets, an
+    upper estimate for fractions (B_avg only grows with the context). Never above that whole
+    context. None (unbounded, stock growth) when the worker does not follow it: method "none",
+    no `evict_every`, or a prompt under `min_prompt_len` (engine/decode_eviction.py `_due`).
+    """
+    if not config.enabled or config.evict_every is None or prompt_len < config.min_prompt_len:
+        return None
+    context = prompt_len + max_tokens
+    if max_model_len is not None:
+        context = min(context, max_model_len)
+    bound = cdiv(config.average_budget(context), block_size) + 2 + cdiv(config.evict_every, block_size)
+    return min(bound, cdiv(context, block_size))
+
+
 class CompressedAttentionManager(FullAttentionManager):
     """FullAttentionManager that knows how many of a request's blocks were evicted."""
 
@@ -66,6 +99,30 @@ class CompressedAttentionManager(FullAttentionManager):
         super().__init__(*args, **kwargs)
         # request id -> blocks freed by compression (positions they covered are gone).
         self.evicted_blocks: dict[str, int] = {}
+        # request id -> bound_blocks, for the life of a request (kept across preemptions).
+        self.bounds: dict[str, int] = {}
+        # request id -> max(bound - held, 0) while it holds blocks; growth_reserve is their sum.
+        self._reserved: dict[str, int] = {}
+        self.growth_reserve = 0
+
+    def set_bound(self, request_id: str, bound: int | None) -> None:
+        """`bound_blocks` of a request (the scheduler knows its sampling params); None: unbounded."""
+        if bound is None:
+            self.bounds.pop(request_id, None)
+        else:
+            self.bounds[request_id] = bound
+        self._update_reserve(request_id)
+
+    def _update_reserve(self, request_id: str) -> None:
+        # O(1); called wherever the request's held count changes. A request holding no blocks
+        # (waiting, preempted, finished) reserves nothing: it is not running.
+        bound = self.bounds.get(request_id)
+        held = len(self.req_to_blocks.get(request_id, ()))
+        new = max(bound - held, 0) if bound is not None and held else 0
+        old = self._reserved.pop(request_id, 0)
+        if new:
+            self._reserved[request_id] = new
+        self.growth_reserve += new - old
 
     def _live_tokens(self, request_id: str, num_tokens: int) -> int:
         return num_tokens - self.evicted_blocks.get(request_id, 0) * self.block_size
@@ -79,7 +136,7 @@ class CompressedAttentionManager(FullAttentionManager):
         num_tokens_main_model: int,
         apply_admission_cap: bool = False,
     ) -> int:
-        return super().get_num_blocks_to_allocate(
+        need = super().get_num_blocks_to_allocate(
             request_id,
             self._live_tokens(request_id, num_tokens),
             new_computed_blocks,
@@ -87,13 +144,31 @@ class CompressedAttentionManager(FullAttentionManager):
             self._live_tokens(request_id, num_tokens_main_model),
             apply_admission_cap,
         )
+        # vLLM's admission gate (KVCacheManager.allocate_slots with full_sequence_must_fit, the
+        # scheduler's default) is the only caller with the cap and a request holding no blocks
+        # (Scheduler._request_remaining_blocks asks for in-flight prefills, which hold blocks).
+        if apply_admission_cap and not self.req_to_blocks.get(request_id):
+            return self._admission_need(request_id, need)
+        return need
+
+    def _admission_need(self, request_id: str, need: int) -> int:
+        """A newcomer's need: its own peak (its whole sequence now, as stock counts, or its bound
+        if it can grow beyond that) plus what the running bounded requests may still grow into."""
+        bound = self.bounds.get(request_id)
+        if bound is not None:
+            # Capped at the pool: alone in an empty pool a request is always admitted, as in stock.
+            need = max(need, min(bound, self.block_pool.num_gpu_blocks - 1))
+        return need + self.growth_reserve
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int) -> list[KVCacheBlock]:
-        return super().allocate_new_blocks(
+        blocks = super().allocate_new_blocks(
             request_id,
             self._live_tokens(request_id, num_tokens),
             self._live_tokens(request_id, num_tokens_main_model),
         )
+        if blocks:
+            self._update_reserve(request_id)
+        return blocks
 
     def evict(self, request_id: str, block_ids: Sequence[int]) -> int:
         """Return `block_ids` of a running request to the pool; the count freed.
@@ -121,8 +196,11 @@ class CompressedAttentionManager(FullAttentionManager):
         self.req_to_blocks[request_id] = kept
         self.block_pool.free_blocks(dropped)
         self.evicted_blocks[request_id] = self.evicted_blocks.get(request_id, 0) + len(dropped)
+        self._update_reserve(request_id)
         return len(dropped)
 
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         self.evicted_blocks.pop(request_id, None)
-        return super().pop_blocks_for_free(request_id)
+        blocks = super().pop_blocks_for_free(request_id)
+        self._update_reserve(request_id)  # holds none now: reserves nothing until it runs again
+        return blocks

@@ -112,6 +112,7 @@ class CompressionMetrics:
             "vllm_kvcomp_blocks_freed", "KV blocks returned to vLLM's block pool after prefills", registry=r
         )
         self._decode_counters(r)
+        self._scheduling_gauges(r)
         self.seconds = Histogram(
             "vllm_kvcomp_eviction_seconds",
             "GPU time per compressed request: scoring, statistics, budgets, selection, compaction (CUDA events)",
@@ -156,6 +157,18 @@ class CompressionMetrics:
             registry=r,
         )
 
+    def _scheduling_gauges(self, r: CollectorRegistry) -> None:
+        """Compression-aware admission (engine/kv_cache.py): what is held back for running requests."""
+        self.growth_reserve = Gauge(
+            "vllm_kvcomp_growth_reserve_blocks",
+            "KV blocks kept free at admission for running requests to grow into their decode-eviction bound",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
+    def record_growth_reserve(self, blocks: int) -> None:
+        self.growth_reserve.set(blocks)
+
     def _serve(self, host: str, port: int) -> None:
         try:
             start_http_server(port, addr=host, registry=self.registry)
@@ -177,23 +190,29 @@ class CompressionMetrics:
             self.kept.labels(str(layer)).inc(kept)
             self.evicted.labels(str(layer)).inc(record.prompt_len - kept)
         self.prompt_tokens.inc(record.prompt_len)
-        if record.verify is not None:
-            self.verify_checks.labels("exact" if record.verify["exact"] else "mismatch").inc()
-            if "needle" in record.verify:  # the tests' needle oracle (tests/engine/needle_oracle.py)
-                self.verify_needle.labels("kept" if record.verify["needle"] else "lost").inc()
-            self._max_verify_error = max(record.verify["attention_rel_err"], self._max_verify_error)
-            self.verify_error.set(self._max_verify_error)
+        self._record_verify(record)
         self.totals["requests"] += 1
         self.totals["blocks_freed"] += blocks_freed
         self.totals["tokens_kept"] += sum(record.kept_tokens)
         self.totals["tokens_prompt"] += record.prompt_len * len(record.kept_tokens)
         self._maybe_log_summary()
 
+    def _record_verify(self, record) -> None:
+        """The self-check's result of a prefill or decode eviction (when VLLM_KVCOMP_VERIFY is on)."""
+        if record.verify is None:
+            return
+        self.verify_checks.labels("exact" if record.verify["exact"] else "mismatch").inc()
+        if "needle" in record.verify:  # the tests' needle oracle (tests/engine/needle_oracle.py)
+            self.verify_needle.labels("kept" if record.verify["needle"] else "lost").inc()
+        self._max_verify_error = max(record.verify["attention_rel_err"], self._max_verify_error)
+        self.verify_error.set(self._max_verify_error)
+
     def record_decode_eviction(self, record, blocks_freed: int) -> None:
         self.decode_evictions.inc()
         self.decode_blocks_freed.inc(blocks_freed)
         for layer, evicted in enumerate(record.evicted_tokens or []):
             self.decode_evicted.labels(str(layer)).inc(evicted)
+        self._record_verify(record)
 
     def record_decode_deferred(self, reason: str) -> None:
         self.decode_deferred.labels(reason).inc()

@@ -11,6 +11,11 @@ will use and checks that
   * FlashAttention over that page table (the kernel vLLM runs) matches dense
     fp32 attention over the same kept tokens for a random query.
 
+Decode-time evictions (engine/decode_eviction.py) are checked the same way, for
+up to N more requests: the snapshot is each layer's live logical tokens (read
+through the request's page tables before the rewrite), and after publish every
+layer must read its kept logical tokens per KV head, in order, then its tail.
+
 `VLLM_KVCOMP_OBSERVER=/path/file.py:Name` (or `module:Name`) installs another
 `EvictionObserver` instead, e.g. the tests' needle oracle
 (tests/engine/needle_oracle.py), which also rewrites the selection scores.
@@ -29,6 +34,7 @@ from vllm_kvcomp.engine.layout import EvictionPlan, cdiv
 from vllm_kvcomp.engine.page_tables import build_layer_page_tables
 
 if TYPE_CHECKING:
+    from vllm_kvcomp.engine.reeviction import ReevictionPlan
     from vllm_kvcomp.engine.requests import TrackedRequest
     from vllm_kvcomp.engine.runtime import CompressionRuntime
 
@@ -59,6 +65,19 @@ class EvictionObserver:
     ) -> dict[str, Any]:
         raise NotImplementedError
 
+    # Decode-time evictions (engine/decode_eviction.py): the same hooks, keyed on the context.
+    def wants_decode(self) -> bool:
+        return False
+
+    def snapshot_decode(self, runtime: CompressionRuntime, req: TrackedRequest) -> Snapshot:
+        raise NotImplementedError
+
+    def check_decode(
+        self, runtime: CompressionRuntime, req: TrackedRequest, row: list[int], plan: ReevictionPlan, keep_by_layer,
+        snapshot,
+    ) -> dict[str, Any]:  # fmt: skip
+        raise NotImplementedError
+
 
 def load_observer() -> EvictionObserver | None:
     """The observer the environment asks for (None: the hot path runs alone)."""
@@ -81,9 +100,13 @@ def load_observer() -> EvictionObserver | None:
 class Verifier(EvictionObserver):
     def __init__(self) -> None:
         self.remaining = int(os.environ.get(VERIFY_ENV, "0") or 0)
+        self.decode_remaining = self.remaining  # its own count: prefill checks do not use it up
 
     def wants(self) -> bool:
         return self.remaining > 0
+
+    def wants_decode(self) -> bool:
+        return self.decode_remaining > 0
 
     def snapshot(self, runtime, req) -> Snapshot:
         """Dense prompt K/V of every layer, [P, Hkv, D] each."""
@@ -98,43 +121,81 @@ class Verifier(EvictionObserver):
 
     def check(self, runtime, req, plan, keep_by_layer, snapshot) -> dict[str, Any]:
         assert plan is not None
-        tables, lens = _request_page_tables(runtime, req)
-        g, dev = runtime.geometry, runtime.device
-        exact, max_err = True, 0.0
-        boundary = plan.full_blocks * g.block_size
-        for layer in range(g.num_layers):
-            keys, values = snapshot[layer]
-            live = int(lens[layer, 0])
-            kv = read_pages(runtime, tables[layer, 0, : cdiv(live, g.block_size)].long(), live)
-            if layer in keep_by_layer:
-                idx = keep_by_layer[layer].long()  # [H, c * bs], ascending
-                heads = torch.arange(g.num_kv_heads, device=dev).view(-1, 1)
-                exp_k = torch.cat([keys[idx, heads].transpose(0, 1), keys[boundary:]], 0)
-                exp_v = torch.cat([values[idx, heads].transpose(0, 1), values[boundary:]], 0)
-            else:
-                exp_k, exp_v = keys, values
-            if exp_k.shape[0] != live:
-                exact = False
-                continue
-            exact &= bool(torch.equal(kv[0], exp_k) and torch.equal(kv[1], exp_v))
-            query = torch.randn(1, g.num_heads, g.head_size, device=dev, dtype=runtime.pool.dtype)
-            got = _paged_attention(runtime, query, tables[layer], lens[layer], live)
-            ref = _dense_attention(query, exp_k, exp_v, g.scale)
-            max_err = max(max_err, float((got.float() - ref).norm() / ref.norm().clamp_min(1e-12)))
-        return {"exact": exact, "attention_rel_err": max_err}
+        boundary = plan.full_blocks * runtime.geometry.block_size
+        expected = [_kept(runtime, kv, keep_by_layer.get(layer), boundary) for layer, kv in enumerate(snapshot)]
+        return _compare(runtime, *_request_page_tables(runtime, req.block_ids, req.index, req.prompt_len), expected)
+
+    def snapshot_decode(self, runtime, req) -> Snapshot:
+        """Each layer's live logical K/V at the request's context, [live_l, Hkv, D]: what attention
+        reads through its page tables before the eviction (compacted pages, then the tail)."""
+        self.decode_remaining -= 1
+        tables, lens = _request_page_tables(runtime, req.block_ids, req.index, req.seq_len)
+        out = []
+        for layer in range(runtime.geometry.num_layers):
+            kv = _read_layer(runtime, tables, lens, layer)
+            out.append((kv[0].clone(), kv[1].clone()))
+        return out
+
+    def check_decode(self, runtime, req, row, plan, keep_by_layer, snapshot) -> dict[str, Any]:
+        """After publish, through the new row: kept logical tokens (keep indices are logical
+        positions in the layer's domain) then the tokens after the domain, per layer."""
+        bs = runtime.geometry.block_size
+        expected = [
+            _kept(runtime, kv, keep_by_layer.get(layer), int(plan.domain_pages[layer]) * bs)
+            for layer, kv in enumerate(snapshot)
+        ]
+        return _compare(runtime, *_request_page_tables(runtime, row, req.index, req.seq_len), expected)
 
 
-def _request_page_tables(runtime, req) -> tuple[torch.Tensor, torch.Tensor]:
-    """[L, 1, width] page table and [L, 1] lengths of one request, as attention would read them."""
+def _kept(runtime, kv, keep: torch.Tensor | None, boundary: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a layer must read after the eviction: per KV head its kept tokens `keep` [Hkv, k]
+    (ascending indices into `kv`), then `kv[boundary:]`; a layer not evicted reads `kv` unchanged."""
+    keys, values = kv
+    if keep is None:
+        return keys, values
+    idx = keep.long()
+    heads = torch.arange(runtime.geometry.num_kv_heads, device=runtime.device).view(-1, 1)
+    return (
+        torch.cat([keys[idx, heads].transpose(0, 1), keys[boundary:]], 0),
+        torch.cat([values[idx, heads].transpose(0, 1), values[boundary:]], 0),
+    )
+
+
+def _compare(runtime, tables, lens, expected) -> dict[str, Any]:
+    """Every layer read back bit-exact, and paged attention over it against dense attention."""
+    g, dev = runtime.geometry, runtime.device
+    exact, max_err = True, 0.0
+    for layer, (exp_k, exp_v) in enumerate(expected):
+        live = int(lens[layer, 0])
+        if exp_k.shape[0] != live:
+            exact = False
+            continue
+        kv = _read_layer(runtime, tables, lens, layer)
+        exact &= bool(torch.equal(kv[0], exp_k) and torch.equal(kv[1], exp_v))
+        query = torch.randn(1, g.num_heads, g.head_size, device=dev, dtype=runtime.pool.dtype)
+        got = _paged_attention(runtime, query, tables[layer], lens[layer], live)
+        ref = _dense_attention(query, exp_k, exp_v, g.scale)
+        max_err = max(max_err, float((got.float() - ref).norm() / ref.norm().clamp_min(1e-12)))
+    return {"exact": exact, "attention_rel_err": max_err}
+
+
+def _read_layer(runtime, tables, lens, layer: int) -> torch.Tensor:
+    live = int(lens[layer, 0])
+    return read_pages(runtime, tables[layer, 0, : cdiv(live, runtime.geometry.block_size)].long(), live)
+
+
+def _request_page_tables(runtime, block_ids: list[int], index: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L, 1, width] page table and [L, 1] lengths of one request (row `block_ids`, runner slot
+    `index`, context `seq_len`) as attention would read them with the published layouts."""
     g, dev = runtime.geometry, runtime.device
     row = torch.zeros(1, runtime.width, dtype=torch.int32, device=dev)
-    row[0, : len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.int32, device=dev)
+    row[0, : len(block_ids)] = torch.tensor(block_ids, dtype=torch.int32, device=dev)
     tables = torch.zeros(g.num_layers, 1, runtime.width, dtype=torch.int32, device=dev)
     lens = torch.zeros(g.num_layers, 1, dtype=torch.int32, device=dev)
     build_layer_page_tables(
         row,
-        torch.tensor([req.prompt_len], dtype=torch.int32, device=dev),
-        torch.tensor([req.index], dtype=torch.int32, device=dev),
+        torch.tensor([seq_len], dtype=torch.int32, device=dev),
+        torch.tensor([index], dtype=torch.int32, device=dev),
         1,
         runtime.pages.layouts,
         tables,

@@ -73,7 +73,10 @@ class CompressionModelRunner(GPUModelRunner):
         """Per-request method/budget (validated by the front end, vllm_adapter)."""
         params = new.sampling_params
         try:
-            return request_config(self.kvcomp.config, params.extra_args if params is not None else None)
+            extra_args = params.extra_args if params is not None else None
+            geometry = getattr(self.kvcomp, "geometry", None)  # set once the KV pool is bound
+            block_size = geometry.block_size if geometry is not None else None
+            return request_config(self.kvcomp.config, extra_args, block_size=block_size)
         except CompressionConfigError as err:  # not validated (another entry point): the server's settings
             logger.warning("vllm-kvcomp: request %s: %s; using the server's settings", new.req_id, err)
             return None
