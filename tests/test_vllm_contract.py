@@ -250,6 +250,11 @@ CALL_SITES: dict[str, list[str]] = {
     "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator.allocate_new_blocks": ["calls manager.allocate_new_blocks"],
     "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator.pop_blocks_for_free": ["calls manager.pop_blocks_for_free"],
     "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.free": ["calls self.pop_blocks_for_free"],
+    # admission (lifetime budgets): the growth reserve is added where the full sequence must fit
+    "vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots": [
+        "if full_sequence_must_fit",
+        "calls self.coordinator.get_num_blocks_to_allocate",
+    ],
     # worker -> the plugin's runner hooks
     "vllm.v1.worker.gpu_worker:Worker.init_device": ["calls GPUModelRunnerV2"],
     "vllm.v1.worker.gpu_worker:Worker.initialize_from_config": ["calls self.model_runner.initialize_kv_cache"],
@@ -353,7 +358,7 @@ ATTRIBUTES: dict[str, list[str]] = {
     "vllm.v1.core.kv_cache_utils:KVCacheBlock": ["block_id"],
     "vllm.v1.core.sched.output:CachedRequestData": ["new_block_ids", "req_ids"],
     "vllm.v1.core.sched.output:NewRequestData": ["block_ids", "prompt_token_ids", "req_id", "sampling_params"],
-    "vllm.v1.core.sched.output:SchedulerOutput": ["scheduled_cached_reqs", "scheduled_new_reqs"],
+    "vllm.v1.core.sched.output:SchedulerOutput": ["finished_req_ids", "scheduled_cached_reqs", "scheduled_new_reqs"],
     "vllm.v1.core.sched.scheduler:Scheduler": ["finish_requests", "kv_cache_manager", "requests", "vllm_config"],
     "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager": ["block_pool", "block_size", "req_to_blocks"],
     "vllm.v1.engine.input_processor:InputProcessor": ["vllm_config"],
