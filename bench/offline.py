@@ -145,6 +145,10 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
 
     max_running = [0.0]
     max_usage = [0.0]  # vllm:kv_cache_usage_perc, a share of the KV pool in [0, 1]
+    preemptions_before = sum(
+        float(getattr(m, "value", 0.0)) for m in llm.get_metrics() if m.name == "vllm:num_preemptions"
+    )
+    preemptions = [preemptions_before]  # vLLM's counter (the engine's total so far)
     stop = threading.Event()
 
     def sample_running():
@@ -154,6 +158,8 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
                     max_running[0] = max(max_running[0], float(getattr(metric, "value", 0.0)))
                 elif metric.name == "vllm:kv_cache_usage_perc":
                     max_usage[0] = max(max_usage[0], float(getattr(metric, "value", 0.0)))
+                elif metric.name == "vllm:num_preemptions":
+                    preemptions[0] = float(getattr(metric, "value", 0.0))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample_running, daemon=True)
@@ -187,6 +193,7 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
         "req_s": len(prompts) / elapsed,
         "max_running": max_running[0],
         "max_kv_cache_usage": max_usage[0],
+        "preemptions": preemptions[0] - preemptions_before,
         "ttft_s": _percentiles(ttft),
         "tpot_s": _percentiles(tpot),
     }

@@ -40,6 +40,8 @@ from evaluation.random_model import SHAPES, make_random_model
 CASES = {
     "decode_heavy": {"prompt_len": 16384, "output_len": 1024, "num_prompts": 256},
     "prefill_heavy": {"prompt_len": 16384, "output_len": 128, "num_prompts": 128},
+    # stock only: decode_heavy's prompts with one output token, its prefill time P (amdahl_bound)
+    "decode_heavy_prefill": {"prompt_len": 16384, "output_len": 1, "num_prompts": 256},
     # issue #12: reasoning-style generations, lifetime token budgets (--budgets 1024,2048 --evict-every 128)
     "long_generation": {"prompt_len": 1024, "output_len": 16384, "num_prompts": 64},
 }
@@ -142,6 +144,9 @@ def summarize(raw: dict, meta: dict) -> dict:
             if evictions
             else None,
         }
+        entry["preemptions"] = w.get("preemptions")
+        entry["stock_preemptions"] = base.get("preemptions") if base else None
+        entry.update(amdahl(entry, stock.get(f"{wl['case']}_prefill")))
         # "same run" holds only when stock and plugin were measured by one invocation
         entry["same_invocation"] = bool(base) and w.get("invocation") == base.get("invocation")
         if base and "token_digests" in w and "token_digests" in base:
@@ -149,6 +154,26 @@ def summarize(raw: dict, meta: dict) -> dict:
             entry["identical_to_stock"] = _identical_share(w["token_digests"], base["token_digests"])
         cases.append(entry)
     return {**meta, "invocations": raw.get("invocations", []), "cases": cases}
+
+
+def amdahl(entry: dict, prefill: dict | None) -> dict:
+    """The gain compression can give at all when prefill costs the same: stock spends P in prefill
+    (measured by the `<case>_prefill` probe: the same prompts with one output token) and D = its
+    total - P in decode; c-fold concurrency bounds the gain by (P + D) / (P + D / c), c the plugin's
+    max running over stock's. Empty without the probe or a stock run."""
+    stock_s, stock_running = entry.get("stock_elapsed_s"), entry.get("stock_max_running")
+    if not prefill or not stock_s or not stock_running:
+        return {}
+    p = min(prefill["elapsed_s"], stock_s)
+    c = max(1.0, entry["max_running"] / stock_running)
+    bound = stock_s / (p + (stock_s - p) / c)
+    ratio = entry.get("ratio_output_tok_s")
+    return {
+        "stock_prefill_s": p,
+        "amdahl_bound": bound,
+        "share_of_amdahl_bound": ratio / bound if ratio else None,
+        "amdahl_note": "P: stock's elapsed time on the same prompts with 1 output token (case <case>_prefill)",
+    }
 
 
 def markdown(summary: dict) -> str:

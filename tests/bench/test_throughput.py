@@ -219,3 +219,24 @@ def test_long_generation_takes_token_budgets_and_evict_every(monkeypatch, tmp_pa
     assert specs[0]["compression"] == {"method": "zigzag", "budget": 0.2, "evict_every": 128}
     with pytest.raises(SystemExit):
         throughput.main([*argv[:-1], "1024.5", "--out", str(tmp_path)])
+
+
+def test_amdahl_bound_from_the_prefill_probe():
+    """Stock: 100 s in all, 40 s of it prefill (the probe); the plugin runs 5x the requests at once:
+    the bound is 100 / (40 + 60 / 5) = 1.923, and a 1.8x ratio is 93.6% of it."""
+    stock = _measured("decode_heavy@stock", "decode_heavy", None, 1000.0, 7, {"preemptions": 3.0})
+    stock["elapsed_s"] = 100.0
+    probe = _measured("decode_heavy_prefill@stock", "decode_heavy_prefill", None, 1.0, 7)
+    probe["elapsed_s"] = 40.0
+    plugin = _measured("decode_heavy@0.2", "decode_heavy", 0.2, 1800.0, 35, {"preemptions": 0.0})
+    raw = {
+        "stock": {"workloads": [stock, probe]},
+        "plugin": {"compression": {"method": "uniform"}, "workloads": [plugin]},
+    }
+    meta = {"device": "H200", "date": "d", "command": "c", "model": "m", "kv_cache_memory_bytes": 4 << 30}
+    case = throughput.summarize(raw, meta)["cases"][0]
+    assert case["stock_prefill_s"] == 40.0
+    assert case["amdahl_bound"] == pytest.approx(100 / 52)
+    assert case["share_of_amdahl_bound"] == pytest.approx(1.8 / (100 / 52))
+    assert (case["preemptions"], case["stock_preemptions"]) == (0.0, 3.0)
+    assert "amdahl_bound" not in throughput.amdahl({"stock_elapsed_s": None}, probe)
