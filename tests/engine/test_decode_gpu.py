@@ -25,13 +25,12 @@ pytestmark = pytest.mark.gpu
 
 WORKLOAD = {"num_prompts": 24, "prompt_len": 1024, "output_len": 1536, "seed": 5}
 KV_TOKENS = 65536
-KV_BYTES_PER_TOKEN = 16 * 2 * 2 * 64 * 2  # llama-tiny: 16 layers, 2 KV heads of 64, bf16
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_budgets_hold_while_decoding(tmp_path, tp):
     from bench.offline import run_in_subprocess
-    from evaluation.random_model import make_random_model
+    from evaluation.random_model import kv_bytes_per_token, make_random_model
 
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} GPUs (kind nvidia-h200-x2 for TP=2)")
@@ -39,7 +38,7 @@ def test_budgets_hold_while_decoding(tmp_path, tp):
     base = {
         "model": str(make_random_model(work / "llama-tiny", "llama-tiny")),
         # per GPU: each rank holds 1/tp of the KV heads, so the pool holds the same tokens at any TP
-        "kv_cache_memory_bytes": KV_TOKENS * KV_BYTES_PER_TOKEN // tp,
+        "kv_cache_memory_bytes": KV_TOKENS * kv_bytes_per_token("llama-tiny") // tp,
         "tensor_parallel_size": tp,
         "max_model_len": 4096,
         "gpu_memory_utilization": 0.3,
