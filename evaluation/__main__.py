@@ -16,6 +16,7 @@ import datetime
 import sys
 from pathlib import Path
 
+from bench.offline import current_commit
 from evaluation.suite import build_configs
 from vllm_kvcomp.calibration_data import TaskGenerator
 from vllm_kvcomp.config import CompressionConfig
@@ -123,6 +124,19 @@ def _run_vllm(args, server: CompressionConfig, configs: dict[str, CompressionCon
     return rows, backend, device, stats
 
 
+def package_versions() -> dict[str, str | None]:
+    """Versions of what measured the rows (None where a package is not installed, e.g. vLLM on CPU)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for package in ("vllm", "torch", "triton", "transformers", "vllm-kvcomp"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
 def main(argv=None) -> int:
     from evaluation.decision import decision_markdown
     from evaluation.output import build_result, load_previous, write_plots, write_tables
@@ -148,14 +162,23 @@ def main(argv=None) -> int:
         return 2
     command = f"{PROG} " + " ".join(sys.argv[1:] if argv is None else argv)
     date = datetime.date.today().isoformat()
+    commit, versions = current_commit(), package_versions()
     header = [
         f"Tasks {', '.join(args.tasks)}; lengths {args.lengths}; depths {args.depths}; "
         f"{args.per_cell} sample(s) per cell; exact match; means over all tasks and lengths.",
     ]
 
     def save(new_rows, backend, device, stats=None):
-        meta = {"model": model, "backend": backend, "device": device, "date": date, "command": command}
-        run = {"command": command, "date": date, "new_rows": len(new_rows), **(stats or {})}
+        meta = {
+            "model": model,
+            "backend": backend,
+            "device": device,
+            "date": date,
+            "command": command,
+            "commit": commit,
+            "versions": versions,
+        }
+        run = {"command": command, "date": date, "commit": commit, "new_rows": len(new_rows), **(stats or {})}
         fresh = {row_key(r) for r in new_rows}
         rows = [r for r in previous if row_key(r) not in fresh] + new_rows
         result = build_result(meta, rows, [*runs, run], presets)

@@ -22,6 +22,7 @@ import re
 import sys
 from pathlib import Path
 
+from bench.offline import current_commit
 from evaluation.long_output import agreement_curve, answer_tokens, item_accuracy, make_task
 
 
@@ -99,6 +100,7 @@ def run(args) -> dict:
         "items": args.items,
         "results": summarize(tasks, texts, tokens, args.budgets),
         "command": "python -m evaluation.long_output_vllm " + " ".join(sys.argv[1:]),
+        "commit": current_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(),
         "vllm": vllm.__version__,

@@ -9,6 +9,13 @@
 #   C  GPUs 0+1   chaos_tp2, identity_tp2 (sequential)
 # The suite's engines start with vLLM's default gpu_memory_utilization (free memory >= 90%): the chaos
 # and identity engines beside them use small explicit KV pools (a few GiB), which leaves that much free.
+#   bash bench/device/parallel.sh launch-quality    issue #13's layout (below), from a snapshot in /tmp
+#   bash bench/device/parallel.sh stash             copy the carried model parts into /tmp/q (every call)
+# The quality layout (GGUF parts arrive call by call while the jobs run; each job waits for its parts):
+#   Q  GPU 0      quality qwen05 (uniform, zigzag and the candidates), evaluation.pick, then qwen15
+#                 (uniform, zigzag, the pick): the calibrate-on-one, check-on-the-other protocol of #13
+#   S  GPU 1      the GPU suite and the kernel bench, then layer_share=2 quality (uniform) on both
+#                 models once Q has converted each, then the decode-time eviction check (TP=1)
 # Results: $OUT/parallel.tgz holds A/, B/, C/ (results/ and logs/ each) and the job logs; `wait` also
 # waits for and packs any other job started with the same conventions (log in $JOBS, PACK=/tmp/kvcomp-pack-X).
 set -uo pipefail
@@ -24,6 +31,33 @@ launch() {
   job C "IDENTITY_K=sequential" chaos_tp2 identity_tp2
   sleep 5
   tail -n 2 "$JOBS"/*.log
+}
+
+CANDIDATES=zigzag,zigzag_shrink50,zigzag_shrink25,zigzag_floor70,zigzag_min05
+launch_quality() {
+  $SESSION install
+  job Q "CUDA_VISIBLE_DEVICES=0" quality_pair
+  job S "CUDA_VISIBLE_DEVICES=1 DECODE_K=1" kernel_tests kernel_bench runtime_gpu serve engine quality_share decode_smoke
+  sleep 5
+  tail -n 2 "$JOBS"/*.log
+}
+
+# Carried files (.device/q05, .device/q15, .device/tok-*, the gguf wheel) into /tmp/q/<key>/, each written
+# under a temporary name and renamed, so a job polling for its parts never reads half a file.
+stash() {
+  local key src f
+  for key in qwen05 qwen15; do
+    src=.device/q${key#qwen}
+    mkdir -p "/tmp/q/$key/tok"
+    for f in "$src"/gguf.* .device/tok-"$key"/*; do
+      [ -f "$f" ] || continue
+      case "$f" in */tok-*) dst=/tmp/q/$key/tok/${f##*/} ;; *) dst=/tmp/q/$key/${f##*/} ;; esac
+      [ -f "$dst" ] && cmp -s "$f" "$dst" && continue
+      cp "$f" "$dst.tmp" && mv "$dst.tmp" "$dst"
+    done
+  done
+  cp .device/scripts/gguf-*.whl /tmp/q/ 2>/dev/null
+  for key in qwen05 qwen15; do echo "$key: $(ls /tmp/q/$key | grep -c part) parts, tok $(ls /tmp/q/$key/tok | wc -l)"; done
 }
 
 job() {
@@ -51,6 +85,8 @@ wait_jobs() {
 
 case "${1:-}" in
   launch) launch ;;
+  launch-quality) launch_quality ;;
+  stash) stash ;;
   wait) wait_jobs "${2:-500}" ;;
-  *) echo "usage: $0 launch | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 launch | launch-quality | stash | wait SECONDS" >&2; exit 2 ;;
 esac

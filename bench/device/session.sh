@@ -145,6 +145,48 @@ stage_quality() {
     --out "$RESULTS" --name quality 2>&1 | tee "$LOGS/quality.log" | grep -vE "it/s|s/it|^INFO|^\(EngineCore" | tail -40)
 }
 
+# --- issue #13: quality on both real models (`bench/device/parallel.sh launch-quality`: job Q runs
+# quality_pair, job S quality_share; the GGUF parts arrive in /tmp/q through `parallel.sh stash`)
+QUALITY_CANDIDATES=${QUALITY_CANDIDATES:-zigzag,zigzag_shrink50,zigzag_shrink25,zigzag_floor70,zigzag_min05}
+wait_for() {  # $1 description, then a test command: poll until it holds, at most WAIT_S (1500) seconds
+  local what=$1 waited=0
+  shift
+  until "$@"; do
+    [ "$waited" -ge "${WAIT_S:-1500}" ] && { echo "gave up waiting for $what after ${waited}s"; return 1; }
+    sleep 5 && waited=$((waited + 5))
+  done
+  echo "$what: ready after ${waited}s"
+}
+model_parts_here() {  # $1 key, $2 parts: every GGUF part, its checksum and the tokenizer are in /tmp/q/<key>
+  [ "$(ls /tmp/q/"$1"/gguf.part* 2>/dev/null | wc -l)" -ge "$2" ] && [ -f /tmp/q/"$1"/gguf.sha256 ] \
+    && [ -f /tmp/q/"$1"/tok/tokenizer.json ]
+}
+quality() {  # quality.sh with this session's results and logs, no deadline, the GPU to itself
+  OUT=$PACK/out RESULTS=$RESULTS LOGS=$LOGS DEADLINE=0 GPU_MEM=${GPU_MEM:-0.85} STATE=$WORK/quality \
+    TOOLS=$TOOLS KVC=$KVC bash "$REPO/bench/device/quality.sh" "$@"
+}
+stage_quality_pair() {
+  # qwen05 measures every candidate; evaluation.pick's fixed rule picks one; qwen15 checks it
+  wait_for "qwen05 parts" model_parts_here qwen05 9 || return 1
+  quality qwen05 "uniform,$QUALITY_CANDIDATES"
+  local pick methods=uniform,zigzag
+  pick=$(cd "$WORK" && $PY -m evaluation.pick "$RESULTS/quality_qwen05.json" --candidates "$QUALITY_CANDIDATES" \
+    2> "$LOGS/pick.log")
+  cat "$LOGS/pick.log" && echo "pick: ${pick:-none}" | tee -a "$LOGS/pick.log"
+  [ -n "$pick" ] || return 1
+  [ "$pick" = zigzag ] || methods+=",$pick"
+  wait_for "qwen15 parts" model_parts_here qwen15 19 || return 1
+  quality qwen15 "$methods"
+}
+stage_quality_share() {
+  # layer_share=2 (uniform) against job Q's per-layer runs on the same prompts, once Q converted each model
+  local key
+  for key in qwen05 qwen15; do
+    wait_for "job Q's $key run" test -f "${QUALITY_Q_LOGS:-/tmp/kvcomp-pack-Q/logs}/quality_$key.log" || return 1
+    CONFIG=configs/eval/layer-share-2.yaml NAME=quality_${key}_share2 quality "$key" uniform
+  done
+}
+
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   "stage_$stage"

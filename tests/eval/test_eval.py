@@ -179,6 +179,9 @@ def test_eval_command_writes_table_json_and_plots(tiny_model, tmp_path):
         assert {"method", "budget", "task", "context_len", "protocol", "score", "full_score", "ci95"} <= set(entry)
         assert entry["full_score"] is not None
     assert len(data["rows"]) == 2 * 3  # 2 samples x (none + 2 methods)
+    # evidence: what measured the rows, at which commit
+    assert data["command"].startswith("vllm-kvcomp eval") or "--backend hf" in data["command"]
+    assert data["commit"] and data["versions"]["torch"] and data["runs"][-1]["commit"] == data["commit"]
     assert {r["sample"] for r in data["rows"]} == {0}
     for png in ("q_aware.png", "q_aware_heatmap.png"):
         assert (tmp_path / png).stat().st_size > 5000
