@@ -37,9 +37,11 @@ def requests_for(tasks, tokenizer, budgets: list[float]):
     """(prompt ids, extra_args, key) for full KV and each budget of every task."""
     out = []
     for t, task in enumerate(tasks):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": task.prompt}], add_generation_prompt=True, tokenize=True
+        # text first: apply_chat_template(tokenize=True) returns a BatchEncoding in transformers 5
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": task.prompt}], add_generation_prompt=True, tokenize=False
         )
+        ids = tokenizer.encode(text, add_special_tokens=False)
         out.append((ids, {"kv_compression": "none"}, (t, None)))
         out += [(ids, {"kv_budget": budget}, (t, budget)) for budget in budgets]
     return out
