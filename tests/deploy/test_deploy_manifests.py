@@ -300,15 +300,15 @@ def test_compression_config_is_mounted_and_valid(rendered, target, tmp_path):
 
 
 def test_base_config_equals_repository_config():
-    """deploy/k8s/base/config/zigzag.yaml is a copy of configs/zigzag.yaml (kustomize cannot
+    """deploy/k8s/base/config/uniform.yaml is a copy of configs/uniform.yaml (kustomize cannot
     read files outside its directory); change deployed values in an overlay."""
-    deployed = yaml.safe_load((K8S / "base" / "config" / "zigzag.yaml").read_text())
-    packaged = yaml.safe_load((REPO / "configs" / "zigzag.yaml").read_text())
+    deployed = yaml.safe_load((K8S / "base" / "config" / "uniform.yaml").read_text())
+    packaged = yaml.safe_load((REPO / "configs" / "uniform.yaml").read_text())
     # The one deliberate difference: the pod also serves the plugin's metrics on their own port,
     # on the pod network (the packaged default is off, and 127.0.0.1 when on).
     assert (deployed.pop("metrics_port"), deployed.pop("metrics_host")) == (KVCOMP_METRICS_PORT, "0.0.0.0")
     packaged.pop("metrics_port"), packaged.pop("metrics_host")
-    assert deployed == packaged, "copy configs/zigzag.yaml to deploy/k8s/base/config/zigzag.yaml"
+    assert deployed == packaged, "copy configs/uniform.yaml to deploy/k8s/base/config/uniform.yaml"
 
 
 @pytest.mark.parametrize("target", SERVER_TARGETS)

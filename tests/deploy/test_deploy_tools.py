@@ -166,6 +166,6 @@ def test_serve_rendered_runs_the_containers_command(rendered, target, tmp_path):
     assert argv[:3] == ["vllm", "serve", str(tmp_path / "model")]
     assert len(argv) == 2 + len(container["args"])
     config = argv[argv.index("--kv-compression-config") + 1]
-    assert config == str(tmp_path / "etc" / "zigzag.yaml") and "zigzag.yaml" in files
+    assert config == str(tmp_path / "etc" / "uniform.yaml") and "uniform.yaml" in files
     assert argv[argv.index("--tensor-parallel-size") + 1] == env["TENSOR_PARALLEL_SIZE"]
     assert "$(" not in " ".join(argv)
