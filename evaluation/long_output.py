@@ -3,16 +3,17 @@
 The prompt names the ten digits with random code words (stated once, early, in
 filler text); the answer applies them to the numbers 1..N, one line each, the
 name of the number's last digit ("17: HOLAK", "20: MIRFE", ...), so an answer of
-N = 800 lines is about 4-5k tokens. The information the answer needs is the ten
-names: about 70 tokens, far below a 1024-token budget, so a compressed KV cache
-can in principle keep everything needed; it is not a copy task (the prompt holds
+N = 800 lines is about 9k tokens with Qwen2.5's tokenizer (digits are single
+tokens). The information the answer needs is the ten names: about 70 tokens,
+far below a 1024-token budget, so a compressed KV cache can in principle keep
+everything needed; it is not a copy task (the prompt holds
 no line of the answer). A first version (code words for divisibility by 3, 5
 and 7) was beyond Qwen2.5-Coder-0.5B even with full KV (2 of 40 items, CPU);
 this one is a lookup it can do.
 
 Checked on CPU with Qwen2.5-Coder-0.5B and full KV (transformers, greedy, 60 items, 1.2k-token
 prompts): 60 of 60 items right on one prompt; on another it stopped after 10 lines (end of
-sequence), so generate with `ignore_eos` and `max_tokens = answer_tokens(task)`.
+sequence), so generate with `ignore_eos` and `max_tokens = answer_tokens(task, tokenizer)`.
 
 Scored per item (line i is right iff it is exactly the rule's output for i), and
 against full KV on the same prompt: the greedy-agreement curve (the share of
@@ -73,9 +74,20 @@ def make_task(seed: int, num_items: int = 800, filler: list[str] | None = None, 
     return LongOutputTask(rules, num_items, prompt, index, {"seed": seed})
 
 
-def answer_tokens(task: LongOutputTask, tokens_per_line: float = 6.0) -> int:
-    """A generation length that holds a whole answer (lines like "734: HOLAK" are about 5-6 tokens)."""
-    return int(task.num_items * tokens_per_line) + 32
+def expected_answer(task: LongOutputTask) -> str:
+    """The whole correct answer, one line per item."""
+    return "\n".join(task.expected(n) for n in range(1, task.num_items + 1))
+
+
+def answer_tokens(task: LongOutputTask, tokenizer=None, margin: float = 1.15) -> int:
+    """A generation length that holds a whole answer: the correct answer's token count (by `tokenizer`,
+    whose splitting of numbers and code words sets it: Qwen2.5 spends about 11 tokens on "734: HOLAK"),
+    plus `margin` for spacing the model may add. Without a tokenizer, 12 tokens per line.
+
+    The first GPU run used 6 tokens per line: every answer was cut at about half its items."""
+    if tokenizer is None:
+        return int(task.num_items * 12 * margin) + 32
+    return int(len(tokenizer.encode(expected_answer(task), add_special_tokens=False)) * margin) + 32
 
 
 def item_accuracy(tasks: list[LongOutputTask], outputs: list[str], last_items: int | None = None) -> float:

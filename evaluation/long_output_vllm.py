@@ -78,18 +78,21 @@ def run(args) -> dict:
     filler = filler_sentences()
     tasks = [make_task(args.seed, args.items, filler, index=i) for i in range(args.prompts)]
     config = {"method": args.method, "budget": max(args.budgets), "evict_every": args.evict_every}
+    reqs = requests_for(tasks, tokenizer, args.budgets)
+    max_tokens = max(answer_tokens(task, tokenizer) for task in tasks)
+    # the longest prompt and its whole answer (max_model_len caps what a request may generate)
+    model_len = args.max_model_len or -(-(max(len(ids) for ids, _, _ in reqs) + max_tokens + 64) // 256) * 256
     llm = LLM(
         model=args.model,
         dtype="bfloat16",
         seed=0,
-        max_model_len=args.max_model_len,
+        max_model_len=model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=False,
         additional_config={"kv_compression": config},
     )
-    reqs = requests_for(tasks, tokenizer, args.budgets)
     params = [
-        SamplingParams(max_tokens=answer_tokens(tasks[0]), temperature=0.0, ignore_eos=True, extra_args=extra)
+        SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
         for _, extra, _ in reqs
     ]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in reqs], params, use_tqdm=True)
@@ -100,7 +103,17 @@ def run(args) -> dict:
         "compression": config,
         "prompts": args.prompts,
         "items": args.items,
+        "max_tokens": max_tokens,
+        "max_model_len": model_len,
         "results": summarize(tasks, texts, tokens, args.budgets),
+        # what the model wrote for the first prompt (start and end), to read a low score by eye
+        "samples": {
+            "full" if budget is None else f"{budget:g}": {
+                "head": texts[(0, budget)][:300],
+                "tail": texts[(0, budget)][-300:],
+            }
+            for budget in [None, *args.budgets]
+        },
         "command": "python -m evaluation.long_output_vllm " + " ".join(sys.argv[1:]),
         "commit": current_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -122,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--items", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, help="default: the longest prompt and its whole answer")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.45)
     return p.parse_args(argv)
 

@@ -55,6 +55,8 @@ def test_vllm_runner_builds_full_and_budget_requests_and_summarizes(tiny_model):
     reqs = requests_for(tasks, AutoTokenizer.from_pretrained(tiny_model), [1024.0, 2048.0])
     assert [key for _, _, key in reqs] == [(0, None), (0, 1024.0), (0, 2048.0), (1, None), (1, 1024.0), (1, 2048.0)]
     assert reqs[0][1] == {"kv_compression": "none"} and reqs[1][1] == {"kv_budget": 1024.0}
+    # token ids, not the keys of a BatchEncoding (what transformers 5's apply_chat_template(tokenize=True) returns)
+    assert all(isinstance(i, int) for ids, _, _ in reqs for i in ids) and len(reqs[0][0]) > 20
     right = {t: _right_answer(task) for t, task in enumerate(tasks)}
     texts = {key: right[key[0]] for _, _, key in reqs}
     texts[(1, 1024.0)] = "\n".join(right[1].splitlines()[:6])  # the last two items lost
@@ -65,3 +67,18 @@ def test_vllm_runner_builds_full_and_budget_requests_and_summarizes(tiny_model):
     assert results[1]["score"] == results[1]["full_score"] == 1.0
     assert results[0]["score"] == (1.0 + 6 / 8) / 2 and results[0]["score_last_quarter"] == 0.5
     assert results[0]["agreement"][-1]["agreement"] == 0.5
+
+
+def test_answer_tokens_hold_the_whole_correct_answer(tiny_model):
+    """max_tokens comes from the tokenizer: the whole correct answer fits (the first GPU run's fixed
+    6 tokens per line cut Qwen2.5's answers at about half their items)."""
+    from transformers import AutoTokenizer
+
+    from evaluation.long_output import answer_tokens, expected_answer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    task = make_task(seed=1, num_items=300)
+    need = len(tokenizer.encode(expected_answer(task), add_special_tokens=False))
+    assert need < answer_tokens(task, tokenizer) < 1.3 * need + 64
+    assert all(task.score(expected_answer(task)))
+    assert answer_tokens(task) >= 12 * 300  # without a tokenizer: a generous fixed rate
