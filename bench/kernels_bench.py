@@ -59,6 +59,15 @@ except ImportError:  # not installed: import the folder as the package
     from vllm_kvcomp.kernels.common import AUTOTUNE_ENV
 
 
+def _commit() -> str | None:
+    """The commit measured ($KVCOMP_COMMIT on the device, whose tree has no reliable .git)."""
+    try:
+        from bench.offline import current_commit  # with the repository root (or the device's tools) on the path
+    except ImportError:
+        return os.environ.get("KVCOMP_COMMIT")
+    return current_commit()
+
+
 def median_ms(fn, warmup=25, rep=200):
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
@@ -352,6 +361,8 @@ def main():
 
     # ---- report ------------------------------------------------------------------------------
     report = {
+        "command": "python bench/kernels_bench.py " + " ".join(sys.argv[1:]),
+        "commit": _commit(),
         "device": torch.cuda.get_device_name(0),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "triton": triton.__version__,
