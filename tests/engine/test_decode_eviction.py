@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from runtime_helpers import FailAt, make_batch
 from vllm_kvcomp.kernels.reference import window_lse_reference, window_scores_reference
 
 from vllm_kvcomp.config import build_config, request_config
@@ -31,7 +32,6 @@ from vllm_kvcomp.engine.decode_eviction import MAX_DEFERRED, decode_budgets, log
 from vllm_kvcomp.engine.layout import cdiv, plan_eviction
 from vllm_kvcomp.engine.reeviction import RequestLayout, layout_page_table_reference, plan_reeviction
 from vllm_kvcomp.engine.runtime import CompressionRuntime
-from vllm_kvcomp.engine.verify import EvictionObserver
 
 L, HKV, G, D, BS, N, WIDTH, MAX_REQS = 3, 2, 2, 32, 16, 64, 32, 6
 HQ, SCALE = HKV * G, D**-0.5
@@ -51,21 +51,6 @@ def make_runtime(method="uniform", budget="0.3", **overrides):
     return runtime, pool
 
 
-def make_batch(rows):
-    """rows: (req_id, runner index, computed tokens, scheduled tokens, prefilling), as vLLM's InputBatch."""
-    scheduled = np.array([r[3] for r in rows], dtype=np.int32)
-    return SimpleNamespace(
-        req_ids=[r[0] for r in rows],
-        num_reqs=len(rows),
-        idx_mapping=torch.tensor([r[1] for r in rows], dtype=torch.int32),
-        idx_mapping_np=np.array([r[1] for r in rows], dtype=np.int32),
-        is_prefilling_np=np.array([r[4] for r in rows], dtype=bool),
-        query_start_loc_np=np.concatenate([[0], np.cumsum(scheduled)]).astype(np.int32),
-        num_computed_tokens_np=np.array([r[2] for r in rows], dtype=np.int32),
-        num_scheduled_tokens=scheduled,
-    )
-
-
 class StagedRows:
     """vLLM's `StagedWriteTensor` of the block table, applied at once (the runner applies staged
     writes before it builds the next step's block tables and slot mappings)."""
@@ -75,15 +60,6 @@ class StagedRows:
 
     def stage_write(self, index: int, start: int, ids: list[int]) -> None:
         self.table[index, start : start + len(ids)] = torch.tensor(ids, dtype=torch.int32)
-
-
-class FailAt(EvictionObserver):
-    def __init__(self, stage):
-        self.stage = stage
-
-    def before(self, stage, args):
-        if stage == self.stage:
-            raise torch.cuda.OutOfMemoryError("injected: CUDA out of memory")
 
 
 class Life:

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from runtime_helpers import make_batch
 from test_runtime_cpu import HQ, D, L, make_runtime
 
 from vllm_kvcomp.engine import attention
@@ -25,21 +26,6 @@ def make_ring(slots=SLOTS, window=W):
         num_layers=L, slots=slots, window=window, num_heads=HQ, head_size=D, dtype=torch.bfloat16,
         max_num_tokens=MAX_TOKENS, max_reqs=8, device="cpu",
     )  # fmt: skip
-
-
-def make_batch(rows):
-    """rows: (req_id, runner index, computed tokens, scheduled tokens, prefilling), in batch order."""
-    scheduled = np.array([r[3] for r in rows], dtype=np.int32)
-    return SimpleNamespace(
-        req_ids=[r[0] for r in rows],
-        num_reqs=len(rows),
-        idx_mapping=torch.tensor([r[1] for r in rows], dtype=torch.int32),
-        idx_mapping_np=np.array([r[1] for r in rows], dtype=np.int32),
-        is_prefilling_np=np.array([r[4] for r in rows], dtype=bool),
-        query_start_loc_np=np.concatenate([[0], np.cumsum(scheduled)]).astype(np.int32),
-        num_computed_tokens_np=np.array([r[2] for r in rows], dtype=np.int32),
-        num_scheduled_tokens=scheduled,
-    )
 
 
 def decode_batch(positions: dict[str, tuple[int, int]]):

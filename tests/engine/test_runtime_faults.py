@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from runtime_helpers import FailAt
 from test_runtime_cpu import BS, HQ, D, L, make_runtime
 
 from vllm_kvcomp.engine.layout import cdiv
-from vllm_kvcomp.engine.verify import EvictionObserver
 
 
 def prefill_step(runtime, prompts: dict[str, int], seed=0):
@@ -41,15 +41,6 @@ def prefill_step(runtime, prompts: dict[str, int], seed=0):
         if plan is not None:
             runtime.capture(layer, query, lse, plan)
     return runtime.end_step()
-
-
-class FailAt(EvictionObserver):
-    def __init__(self, stage):
-        self.stage = stage
-
-    def before(self, stage, args):
-        if stage == self.stage:
-            raise torch.cuda.OutOfMemoryError("injected: CUDA out of memory")
 
 
 def test_step_path_compresses_every_ready_request():
