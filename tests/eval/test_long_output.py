@@ -82,3 +82,16 @@ def test_answer_tokens_hold_the_whole_correct_answer(tiny_model):
     assert need < answer_tokens(task, tokenizer) < 1.3 * need + 64
     assert all(task.score(expected_answer(task)))
     assert answer_tokens(task) >= 12 * 300  # without a tokenizer: a generous fixed rate
+
+
+def test_answers_are_greedy_and_never_end_early():
+    """The end-of-sequence tokens are masked until the whole answer is written (min_tokens), not
+    sampled and then ignored; vLLM's SamplingParams takes these arguments."""
+    from vllm import SamplingParams
+
+    from evaluation.long_output_vllm import greedy_whole_answer
+
+    kwargs = greedy_whole_answer(5000)
+    assert kwargs["min_tokens"] == kwargs["max_tokens"] == 5000 and kwargs["temperature"] == 0.0
+    params = SamplingParams(**kwargs, extra_args={"kv_budget": 1024.0})
+    assert params.min_tokens == params.max_tokens == 5000 and params.ignore_eos
