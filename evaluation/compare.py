@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from evaluation.decision import per_prompt
 from evaluation.report import paired_delta_ci
 
 
@@ -24,24 +25,17 @@ class CompareError(ValueError):
     pass
 
 
-def _prompt(row: dict) -> tuple:
-    return (row["task"], row["context_len"], row["depth"], row["sample"], row["protocol"])
-
-
-def _scores(result: dict, method: str, budget: float) -> dict[tuple, float]:
-    return {_prompt(r): r["score"] for r in result["rows"] if r["method"] == method and r["budget"] == budget}
-
-
-def compare(base: dict, other: dict, method: str) -> list[dict]:
+def compare(base: dict, other: dict, method: str, protocol: str = "aware") -> list[dict]:
     """Per budget measured in both: the scores, the paired delta (OTHER - BASE) and its 95% interval."""
-    full_base, full_other = _scores(base, "none", 1.0), _scores(other, "none", 1.0)
+    by_base, by_other = per_prompt(base["rows"], protocol), per_prompt(other["rows"], protocol)
+    full_base, full_other = by_base.get(("none", 1.0), {}), by_other.get(("none", 1.0), {})
     if not full_base or full_base != full_other:
         raise CompareError("full KV's rows differ between the files: not the same prompts or not the same engine")
     full_mean = sum(full_base.values()) / len(full_base)
-    budgets = sorted({r["budget"] for r in base["rows"] if r["method"] == method}, reverse=True)
+    budgets = sorted((b for m, b in by_base if m == method), reverse=True)
     out = []
     for budget in budgets:
-        a, b = _scores(other, method, budget), _scores(base, method, budget)
+        a, b = by_other.get((method, budget), {}), by_base.get((method, budget), {})
         if not a:
             continue
         if a.keys() != b.keys():
@@ -76,7 +70,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     base, other = (json.loads(path.read_text()) for path in (args.base, args.other))
     try:
-        rows = compare(base, other, args.method)
+        rows = compare(base, other, args.method, base.get("protocol_compared", "aware"))
     except CompareError as err:
         print(f"evaluation.compare: {err}", file=sys.stderr)
         return 2

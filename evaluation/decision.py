@@ -29,7 +29,8 @@ RULE = (
 )
 
 
-def _per_prompt(rows: list[dict], protocol: str) -> dict[tuple[str, float], dict[tuple, float]]:
+def per_prompt(rows: list[dict], protocol: str) -> dict[tuple[str, float], dict[tuple, float]]:
+    """Per (method, budget): the score of each prompt (task, length, depth, sample) of `protocol`."""
     by: dict[tuple[str, float], dict[tuple, float]] = defaultdict(dict)
     for r in rows:
         if r["protocol"] == protocol:
@@ -44,7 +45,7 @@ def _of_full(value: float, full: float | None) -> float | None:
 def paired_vs_uniform(rows: list[dict], protocol: str = "aware") -> list[dict]:
     """Per (method, budget), method != uniform: mean paired delta vs uniform over the prompts both
     scored, its 95% bootstrap CI, the same in units of full KV's score, n pairs, and both scores."""
-    by = _per_prompt(rows, protocol)
+    by = per_prompt(rows, protocol)
     full_scores = by.get(("none", 1.0), {})
     out = []
     for (method, budget), scores in sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
@@ -76,7 +77,7 @@ def paired_vs_uniform(rows: list[dict], protocol: str = "aware") -> list[dict]:
 
 
 def _scores(rows: list[dict], protocol: str) -> dict[tuple[str, float], float]:
-    return {key: float(np.mean(list(v.values()))) for key, v in _per_prompt(rows, protocol).items()}
+    return {key: float(np.mean(list(v.values()))) for key, v in per_prompt(rows, protocol).items()}
 
 
 def _non_inferior(entry: dict | None, full: float | None) -> bool:
