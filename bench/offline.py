@@ -42,6 +42,19 @@ def current_commit() -> str | None:
     return done.stdout.strip() or None
 
 
+def provenance(command: str, run: dict) -> dict:
+    """What every results file records: the command, the commit, the date, and the device and
+    versions of an engine run (`run_in_subprocess`'s record)."""
+    import datetime
+
+    return {
+        "command": command,
+        "commit": current_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **{key: run.get(key) for key in ("device", "vllm", "torch")},
+    }
+
+
 def make_prompts(workload: dict) -> list[list[int]]:
     rng = np.random.default_rng(workload.get("seed", 0))
     length = workload["prompt_len"]

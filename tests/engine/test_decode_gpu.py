@@ -13,7 +13,6 @@ decode_smoke.json.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 from pathlib import Path
@@ -29,7 +28,7 @@ KV_TOKENS = 65536
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_budgets_hold_while_decoding(tmp_path, tp):
-    from bench.offline import run_in_subprocess
+    from bench.offline import provenance, run_in_subprocess
     from evaluation.random_model import kv_bytes_per_token, make_random_model
 
     if torch.cuda.device_count() < tp:
@@ -58,12 +57,7 @@ def test_budgets_hold_while_decoding(tmp_path, tp):
         "plugin": {k: plugin[k] for k in ("output_tok_s", "max_running", "max_kv_cache_usage", "elapsed_s")},
         "ratio_output_tok_s": plugin["output_tok_s"] / stock["output_tok_s"],
         "plugin_metrics": {k: v for k, v in metrics.items() if "bucket" not in k},
-        "command": f"pytest -m gpu tests/engine/test_decode_gpu.py -k {tp}",
-        "commit": os.environ.get("KVCOMP_COMMIT"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": stock.get("device"),
-        "vllm": stock.get("vllm"),
-        "torch": stock.get("torch"),
+        **provenance(f"pytest -m gpu tests/engine/test_decode_gpu.py -k {tp}", stock),
     }
     out = os.environ.get("KVCOMP_RESULTS_DIR")
     if out:

@@ -16,7 +16,6 @@ Set KVCOMP_RESULTS_DIR to write identity.json.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 from pathlib import Path
@@ -58,7 +57,7 @@ def logprob_gap(tokens, logprobs, ref_tokens, ref_logprobs, members) -> dict:
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("mode", ["sequential", "deterministic", "normal"])
 def test_budget_one_and_none_match_stock(tmp_path, mode, tp):
-    from bench.offline import current_commit, run_in_subprocess
+    from bench.offline import provenance, run_in_subprocess
     from evaluation.random_model import make_random_model
 
     if torch.cuda.device_count() < tp:
@@ -108,12 +107,7 @@ def test_budget_one_and_none_match_stock(tmp_path, mode, tp):
             "full_kv_members": logprob_gap(mixed["tokens"], mixed["logprobs"], *ref, range(0, n, 2)),
             "compressed_members_budget_0.2": logprob_gap(mixed["tokens"], mixed["logprobs"], *ref, range(1, n, 2)),
         },
-        "command": f"pytest -m gpu tests/engine/test_identity_gpu.py -k '{mode} and {tp}'",
-        "commit": current_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": stock.get("device"),
-        "vllm": stock.get("vllm"),
-        "torch": stock.get("torch"),
+        **provenance(f"pytest -m gpu tests/engine/test_identity_gpu.py -k '{mode} and {tp}'", stock),
     }
     out = os.environ.get("KVCOMP_RESULTS_DIR")
     if out:
