@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench.offline import current_commit
 from evaluation.long_output import agreement_curve, answer_tokens, item_accuracy, make_task
+from evaluation.vllm_backend import max_model_len
 
 
 def filler_sentences(num_chars: int = 5000) -> list[str]:
@@ -90,7 +91,7 @@ def run(args) -> dict:
     reqs = requests_for(tasks, tokenizer, args.budgets)
     max_tokens = max(answer_tokens(task, tokenizer) for task in tasks)
     # the longest prompt and its whole answer (max_model_len caps what a request may generate)
-    model_len = args.max_model_len or -(-(max(len(ids) for ids, _, _ in reqs) + max_tokens + 64) // 256) * 256
+    model_len = args.max_model_len or max_model_len([len(ids) for ids, _, _ in reqs], max_tokens)
     llm = LLM(
         model=args.model,
         dtype="bfloat16",
