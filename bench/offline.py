@@ -129,6 +129,8 @@ def build_llm(spec: dict):
         kwargs["gpu_memory_utilization"] = spec["gpu_memory_utilization"]
     if spec.get("compression"):
         kwargs["additional_config"] = {"kv_compression": spec["compression"]}
+    if spec.get("cudagraph_mode"):  # e.g. "PIECEWISE": attention outside the graphs (default FULL_AND_PIECEWISE)
+        kwargs["compilation_config"] = {"cudagraph_mode": spec["cudagraph_mode"]}
     return LLM(**kwargs)
 
 

@@ -112,6 +112,12 @@ stage_decode_smoke() {
     -k "${DECODE_K:-1 or 2}" -q -p no:cacheprovider 2>&1 | tee "$LOGS/decode_gpu_tests.log" | tail -20
   cp "$WORK"/decode_*.log "$LOGS/" 2>/dev/null || true
 }
+stage_decode_verify() {
+  # the in-engine self-check after decode evictions (and the decode-query ring), both CUDA graph modes
+  KVCOMP_RESULTS_DIR="$RESULTS" KVCOMP_WORK_DIR="$WORK" timeout 580 $PY -m pytest -m gpu tests/engine/test_decode_gpu.py \
+    -k "self_check" -q -p no:cacheprovider 2>&1 | tee "$LOGS/decode_verify_gpu_tests.log" | tail -20
+  cp "$WORK"/decode_verify_*.log "$LOGS/" 2>/dev/null || true
+}
 
 # --- issue #5: throughput (stock and plugin in the same machine session, same KV memory)
 TPUT="$PY -m bench.throughput --out $RESULTS --work /tmp/kvcomp-throughput"

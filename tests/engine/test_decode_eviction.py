@@ -332,7 +332,27 @@ def test_self_check_after_decode_evictions(monkeypatch):
     decode = [r for r in life.records if r.phase == "decode"]
     assert [r.verify is not None for r in decode] == [True, False] * 2 + [False] * 2  # a, then b, per batch
     for record in decode[:3:2]:
+        ring_err = record.verify.pop("ring_lse_abs_err")
         assert record.req_id == "a" and record.verify == {"exact": True, "attention_rel_err": 0.0}
+        # the ring's queries against the LSE recorded with them (the harness records exact LSEs)
+        assert ring_err is not None and ring_err < 1e-4
+
+
+def test_self_check_reports_a_ring_whose_queries_do_not_match_their_lse(monkeypatch):
+    """The decode-query ring is filled inside CUDA graphs on a GPU: a stale or misplaced row would show
+    as queries whose LSE over the live keys differs from the LSE recorded with them."""
+    monkeypatch.setenv("VLLM_KVCOMP_VERIFY", "1")
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    life = Life(runtime, pool, seed=13)
+    life.prefill({"a": (150, None)})
+    life.run(EVERY - 1)
+    ring = runtime.decode_ring
+    slot = ring._slot_of_req["a"]
+    ring.queries[:, slot] = ring.queries[:, slot].roll(1, dims=1)  # rows one position off
+    (report,) = life.run(1)
+    (record,) = report.evictions
+    assert record.verify["exact"] is True  # the rewrite itself is fine
+    assert record.verify["ring_lse_abs_err"] > 1e-2
 
 
 def test_self_check_after_a_decode_eviction_reports_a_corrupted_page(monkeypatch):

@@ -9,6 +9,11 @@ whole pool); with budgets that hold while decoding each request stays near
 evictions happen and free blocks, none fails or is deferred, and the plugin's
 largest KV usage stays under half of stock's. Set KVCOMP_RESULTS_DIR to write
 decode_smoke.json.
+
+The self-check case runs the plugin alone with VLLM_KVCOMP_VERIFY under both CUDA
+graph modes: after decode evictions every layer reads back exactly and FlashAttention
+matches dense attention, and the decode-query ring (filled inside the graphs) holds
+queries whose LSE over the live keys equals the LSE FlashAttention recorded with them.
 """
 
 from __future__ import annotations
@@ -69,3 +74,45 @@ def test_budgets_hold_while_decoding(tmp_path, tp):
     assert not any(k.startswith("vllm_kvcomp_requests_failed") and v for k, v in metrics.items())
     assert not any(k.startswith("vllm_kvcomp_decode_evictions_deferred") and v for k, v in metrics.items())
     assert plugin["max_kv_cache_usage"] < 0.5 * stock["max_kv_cache_usage"]
+
+
+@pytest.mark.parametrize("cudagraph_mode", ["FULL_AND_PIECEWISE", "PIECEWISE"])
+def test_decode_evictions_pass_the_self_check(tmp_path, cudagraph_mode):
+    from bench.offline import run_in_subprocess
+    from evaluation.random_model import kv_bytes_per_token, make_random_model
+
+    work = Path(os.environ.get("KVCOMP_WORK_DIR", tmp_path))
+    checks = 4  # per worker: up to 4 prefill batches and, separately, 4 decode-eviction batches
+    spec = {
+        "name": f"decode_verify_{cudagraph_mode.lower()}",
+        "model": str(make_random_model(work / "llama-tiny", "llama-tiny")),
+        "kv_cache_memory_bytes": KV_TOKENS * kv_bytes_per_token("llama-tiny"),
+        "max_model_len": 4096,
+        "gpu_memory_utilization": 0.3,
+        "cudagraph_mode": cudagraph_mode,
+        "workload": {**WORKLOAD, "num_prompts": 8, "output_len": 512},
+        "compression": {"method": "uniform", "budget": 512, "evict_every": 128},
+        "env": {"VLLM_KVCOMP_VERIFY": str(checks)},
+    }
+    torch.cuda.empty_cache()
+    run = run_in_subprocess(spec, work)
+    metrics = run["plugin_metrics"]
+    out = os.environ.get("KVCOMP_RESULTS_DIR")
+    if out:
+        record = {
+            "spec": {k: v for k, v in spec.items() if k != "model"},
+            "command": f"pytest -m gpu tests/engine/test_decode_gpu.py -k {cudagraph_mode}",
+            "commit": os.environ.get("KVCOMP_COMMIT"),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **{k: run.get(k) for k in ("device", "vllm", "torch")},
+            "plugin_metrics": {k: v for k, v in metrics.items() if "bucket" not in k and "layer=" not in k},
+        }
+        (Path(out) / f"{spec['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
+    assert run["output_tokens"] == 8 * 512
+    assert metrics.get("vllm_kvcomp_decode_evictions_total", 0) > 0
+    # more exact checks than the prefill can give: at least one decode eviction was checked
+    assert metrics.get("vllm_kvcomp_verify_checks_total{result=exact}", 0) > checks
+    assert metrics.get("vllm_kvcomp_verify_checks_total{result=mismatch}", 0) == 0
+    assert metrics["vllm_kvcomp_verify_attention_rel_err"] < 2e-2
+    # fed only by decode checks whose W ring rows all ran after the last eviction
+    assert metrics["vllm_kvcomp_verify_ring_lse_abs_err"] < 2e-2

@@ -80,15 +80,18 @@ def test_separate_exporter_binds_localhost_and_refuses_a_taken_port():
 
 def test_decode_evictions_count_apart_and_feed_the_self_check():
     metrics = CompressionMetrics(build_config(method="zigzag", overrides={"metrics_port": None}))
-    check = {"exact": True, "attention_rel_err": 0.003}
+    check = {"exact": True, "attention_rel_err": 0.003, "ring_lse_abs_err": 0.004}
     record = EvictionRecord("a", [7], 900, [512, 512], check, phase="decode", evicted_tokens=[128, 128])
     metrics.record_eviction(record, blocks_freed=1)
+    inexact_ring = {"exact": True, "attention_rel_err": 0.001, "ring_lse_abs_err": None}
+    metrics.record_eviction(EvictionRecord("b", [], 950, [512, 512], inexact_ring, phase="decode"), blocks_freed=0)
     metrics.record_eviction(EvictionRecord("a", [], 1000, [512, 512], None, phase="decode"), blocks_freed=0)
     text = generate_latest(metrics.registry).decode()
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-    assert float(lines["vllm_kvcomp_decode_evictions_total"]) == 2
+    assert float(lines["vllm_kvcomp_decode_evictions_total"]) == 3
     assert float(lines["vllm_kvcomp_decode_blocks_freed_total"]) == 1
     assert float(lines['vllm_kvcomp_decode_tokens_evicted_total{layer="1"}']) == 128
     assert float(lines["vllm_kvcomp_requests_compressed_total"]) == 0  # prefill counters keep their meaning
-    assert float(lines['vllm_kvcomp_verify_checks_total{result="exact"}']) == 1
+    assert float(lines['vllm_kvcomp_verify_checks_total{result="exact"}']) == 2
     assert float(lines["vllm_kvcomp_verify_attention_rel_err"]) == 0.003
+    assert float(lines["vllm_kvcomp_verify_ring_lse_abs_err"]) == 0.004  # a None (inexact ring) leaves it

@@ -132,9 +132,16 @@ class CompressionMetrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.verify_ring_error = Gauge(
+            "vllm_kvcomp_verify_ring_lse_abs_err",
+            "Largest |LSE from the decode-query ring's queries - LSE recorded with them| (decode self-checks)",
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.totals = {"requests": 0, "blocks_freed": 0, "tokens_kept": 0, "tokens_prompt": 0}
         self._last_summary = time.monotonic()
         self._max_verify_error = 0.0
+        self._max_ring_error = 0.0
         self.port: int | None = None
         if config.metrics_port is not None:
             self._serve(config.metrics_host, config.metrics_port)
@@ -206,6 +213,9 @@ class CompressionMetrics:
             self.verify_needle.labels("kept" if record.verify["needle"] else "lost").inc()
         self._max_verify_error = max(record.verify["attention_rel_err"], self._max_verify_error)
         self.verify_error.set(self._max_verify_error)
+        if record.verify.get("ring_lse_abs_err") is not None:  # decode checks whose ring rows are exact
+            self._max_ring_error = max(record.verify["ring_lse_abs_err"], self._max_ring_error)
+            self.verify_ring_error.set(self._max_ring_error)
 
     def record_decode_eviction(self, record, blocks_freed: int) -> None:
         self.decode_evictions.inc()

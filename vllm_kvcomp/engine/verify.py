@@ -15,6 +15,10 @@ Decode-time evictions (engine/decode_eviction.py) are checked the same way, for
 up to N more requests: the snapshot is each layer's live logical tokens (read
 through the request's page tables before the rewrite), and after publish every
 layer must read its kept logical tokens per KV head, in order, then its tail.
+The snapshot also checks the decode-query ring (engine/decode_ring.py), which the
+attention op fills inside CUDA graphs: the LSE recomputed from the ring's last W
+queries over the live keys must equal the LSE FlashAttention recorded beside them
+(`ring_lse_abs_err`; None when a query ran before the last eviction).
 
 `VLLM_KVCOMP_OBSERVER=/path/file.py:Name` (or `module:Name`) installs another
 `EvictionObserver` instead, e.g. the tests' needle oracle
@@ -101,6 +105,7 @@ class Verifier(EvictionObserver):
     def __init__(self) -> None:
         self.remaining = int(os.environ.get(VERIFY_ENV, "0") or 0)
         self.decode_remaining = self.remaining  # its own count: prefill checks do not use it up
+        self._ring_lse_err: float | None = None  # snapshot_decode's ring check, reported by check_decode
 
     def wants(self) -> bool:
         return self.remaining > 0
@@ -134,6 +139,7 @@ class Verifier(EvictionObserver):
         for layer in range(runtime.geometry.num_layers):
             kv = _read_layer(runtime, tables, lens, layer)
             out.append((kv[0].clone(), kv[1].clone()))
+        self._ring_lse_err = ring_lse_error(runtime, req, [keys for keys, _ in out])
         return out
 
     def check_decode(self, runtime, req, row, plan, keep_by_layer, snapshot) -> dict[str, Any]:
@@ -144,7 +150,26 @@ class Verifier(EvictionObserver):
             _kept(runtime, kv, keep_by_layer.get(layer), int(plan.domain_pages[layer]) * bs)
             for layer, kv in enumerate(snapshot)
         ]
-        return _compare(runtime, *_request_page_tables(runtime, row, req.index, req.seq_len), expected)
+        result = _compare(runtime, *_request_page_tables(runtime, row, req.index, req.seq_len), expected)
+        return {**result, "ring_lse_abs_err": self._ring_lse_err}
+
+
+def ring_lse_error(runtime, req: TrackedRequest, live_keys: list[torch.Tensor]) -> float | None:
+    """Largest |LSE recomputed from the ring's queries - LSE recorded with them| over layers, window
+    rows and heads. Ring row w is the query of position seq_len - W + w; it attended to the live keys
+    up to itself, i.e. all but the last W - 1 - w (the window's own causal mask). None when some row
+    ran before the last eviction (its keys are gone, as for the scorer, which then recomputes LSE)."""
+    from vllm_kvcomp.kernels.reference import window_lse_reference
+
+    ring = runtime.decode_ring
+    queries, lse = ring.gather([req], [req.seq_len])  # [L, 1, W, H, D], [L, 1, W, H]
+    if lse is None:
+        return None
+    err = 0.0
+    for layer, keys in enumerate(live_keys):
+        ref = window_lse_reference(queries[layer, 0], keys, scale=runtime.geometry.scale)  # [W, H]
+        err = max(err, float((ref - lse[layer, 0].float()).abs().max()))
+    return err
 
 
 def _kept(runtime, kv, keep: torch.Tensor | None, boundary: int) -> tuple[torch.Tensor, torch.Tensor]:
