@@ -45,6 +45,7 @@ CASES = {
     # issue #12: reasoning-style generations, lifetime token budgets (--budgets 1024,2048 --evict-every 128)
     "long_generation": {"prompt_len": 1024, "output_len": 16384, "num_prompts": 64},
 }
+STOCK_ONLY = {"decode_heavy_prefill"}  # probes of stock alone: a plugin run skips them
 
 
 def label(case: str, budget: float | None) -> str:
@@ -55,6 +56,8 @@ def plan_workloads(cases: list[str], budgets: list[float] | None, num_prompts: d
     """Workloads of one process; budgets None = stock. Budget 1.0 returns its tokens."""
     workloads = []
     for case in cases:
+        if budgets is not None and case in STOCK_ONLY:
+            continue
         shape = {**CASES[case], "num_prompts": num_prompts.get(case, CASES[case]["num_prompts"])}
         for budget in budgets if budgets is not None else [None]:
             workload = {**shape, "seed": 1, "label": label(case, budget), "case": case, "budget": budget}
@@ -65,8 +68,9 @@ def plan_workloads(cases: list[str], budgets: list[float] | None, num_prompts: d
     return workloads
 
 
-def start_invocation(raw: dict, command: str, runs: list[str]) -> int:
-    """Record this invocation (command, commit, time) in the raw results; returns its id."""
+def start_invocation(raw: dict, command: str, runs: list[str], **setup) -> int:
+    """Record this invocation (command, commit, time, and `setup`: model, KV memory) in the raw
+    results; returns its id."""
     invocations = raw.setdefault("invocations", [])
     invocations.append(
         {
@@ -75,9 +79,29 @@ def start_invocation(raw: dict, command: str, runs: list[str]) -> int:
             "commit": offline.current_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "runs": runs,
+            **setup,
         }
     )
     return len(invocations) - 1
+
+
+def merge_raws(raws: list[dict]) -> dict:
+    """One raw result from several (e.g. two jobs on two GPUs, one case each): invocations are
+    renumbered and every workload keeps the invocation that measured it, so each case's plugin
+    and stock numbers still come from one invocation (the summary records both ids)."""
+    merged: dict = {"invocations": []}
+    for raw in raws:
+        offset = len(merged["invocations"])
+        merged["invocations"] += [{**inv, "id": inv["id"] + offset} for inv in raw.get("invocations", [])]
+        for run in ("stock", "plugin"):
+            if run not in raw:
+                continue
+            workloads = [
+                {**w, "invocation": None if w.get("invocation") is None else w["invocation"] + offset}
+                for w in raw[run]["workloads"]
+            ]
+            _merge(merged, run, {**raw[run], "workloads": workloads})
+    return merged
 
 
 def _merge(raw: dict, run: str, result: dict, invocation: int | None = None) -> None:
@@ -233,7 +257,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--model", help="model folder; default: a random-weight Llama of --shape")
     parser.add_argument("--shape", default="llama-1b", help="llama-1b | llama-8b | llama-tiny (random weights)")
-    parser.add_argument("--method", default="zigzag")
+    parser.add_argument("--method", default="uniform", help="the plugin's method (uniform: README's recommendation)")
     parser.add_argument(
         "--budgets", type=csv(float), default=[0.2, 1.0, 0.1, 0.5], help="fractions in (0, 1] or token counts > 1"
     )
@@ -245,7 +269,13 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per engine process")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--work", default="/tmp/kvcomp-throughput")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, help="measure nothing: merge these throughput_raw.json files into --out"
+    )
     args = parser.parse_args(argv)
+    command = "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.merge:
+        return write_merged(args.merge, Path(args.out), command)
     for case in args.cases:
         if case not in CASES:
             parser.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
@@ -268,8 +298,10 @@ def main(argv=None) -> int:
     }
     raw_path = out / "throughput_raw.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
-    command = "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
-    invocation = start_invocation(raw, command, args.runs)
+    model_text = args.model or f"random-weight {args.shape} ({_shape_text(args.shape)})"
+    invocation = start_invocation(
+        raw, command, args.runs, model=model_text, kv_cache_memory_bytes=args.kv_cache_memory_bytes
+    )
     for run in args.runs:
         spec = {**base_spec, "name": f"throughput_{run}", "return_tokens": False}
         if run == "stock":
@@ -303,14 +335,42 @@ def main(argv=None) -> int:
         "torch": first.get("torch"),
         "date": datetime.date.today().isoformat(),
         "command": command,
-        "model": args.model or f"random-weight {args.shape} ({_shape_text(args.shape)})",
+        "model": model_text,
         "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
     }
+    write_summary(raw, meta, out)
+    return 0
+
+
+def write_summary(raw: dict, meta: dict, out: Path) -> None:
+    """throughput.json, throughput.md and the plot, from the raw results."""
     summary = summarize(raw, meta)
     (out / "throughput.json").write_text(json.dumps(summary, indent=1))
     (out / "throughput.md").write_text(markdown(summary))
     plot_throughput(summary, out / "throughput_vs_budget.png")
     print(markdown(summary))
+
+
+def write_merged(paths: list[Path], out: Path, command: str) -> int:
+    raw = merge_raws([json.loads(p.read_text()) for p in paths])
+    invocations = raw["invocations"]
+    setups = {(inv.get("model"), inv.get("kv_cache_memory_bytes")) for inv in invocations}
+    if len(setups) != 1:
+        print(f"bench.throughput: the files measured different models or KV memory: {sorted(map(str, setups))}")
+        return 2
+    (model, kv_bytes), first = setups.pop(), raw.get("plugin") or raw.get("stock") or {}
+    meta = {
+        "device": first.get("device"),
+        "vllm": first.get("vllm"),
+        "torch": first.get("torch"),
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "model": model,
+        "kv_cache_memory_bytes": kv_bytes,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput_raw.json").write_text(json.dumps(raw, indent=1))
+    write_summary(raw, meta, out)
     return 0
 
 

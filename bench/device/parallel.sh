@@ -10,7 +10,12 @@
 # The suite's engines start with vLLM's default gpu_memory_utilization (free memory >= 90%): the chaos
 # and identity engines beside them use small explicit KV pools (a few GiB), which leaves that much free.
 #   bash bench/device/parallel.sh launch-quality    issue #13's layout (below), from a snapshot in /tmp
+#   bash bench/device/parallel.sh launch-lifetime   issue #12's layout (below), from a snapshot in /tmp
 #   bash bench/device/parallel.sh stash             copy the carried model parts into /tmp/q (every call)
+# The lifetime layout (issue #12's evidence and the GPU suite, split over the two GPUs):
+#   A  GPU 0      throughput long_generation (stock, 1024, 2048), then kernel_tests runtime_gpu serve
+#   B  GPU 1      throughput decode_heavy with lifetime budgets, the decode self-check (both graph
+#                 modes), long-output quality on both models (parts carried meanwhile), engine, decode_smoke
 # The quality layout (GGUF parts arrive call by call while the jobs run; each job waits for its parts):
 #   Q  GPU 0      quality qwen05 (uniform, zigzag and the candidates), evaluation.pick, then qwen15
 #                 (uniform, zigzag, the pick): the calibrate-on-one, check-on-the-other protocol of #13
@@ -38,6 +43,14 @@ launch_quality() {
   $SESSION install
   job Q "CUDA_VISIBLE_DEVICES=0" quality_pair
   job S "CUDA_VISIBLE_DEVICES=1 DECODE_K=1" kernel_tests kernel_bench runtime_gpu serve engine quality_share decode_smoke
+  sleep 5
+  tail -n 2 "$JOBS"/*.log
+}
+
+launch_lifetime() {
+  $SESSION install
+  job A "CUDA_VISIBLE_DEVICES=0" tput_long kernel_tests runtime_gpu serve
+  job B "CUDA_VISIBLE_DEVICES=1 DECODE_K=1" tput_decode_lifetime decode_verify long_output engine decode_smoke
   sleep 5
   tail -n 2 "$JOBS"/*.log
 }
@@ -86,7 +99,8 @@ wait_jobs() {
 case "${1:-}" in
   launch) launch ;;
   launch-quality) launch_quality ;;
+  launch-lifetime) launch_lifetime ;;
   stash) stash ;;
   wait) wait_jobs "${2:-500}" ;;
-  *) echo "usage: $0 launch | launch-quality | stash | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 launch | launch-quality | launch-lifetime | stash | wait SECONDS" >&2; exit 2 ;;
 esac

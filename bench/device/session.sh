@@ -193,6 +193,39 @@ stage_quality_share() {
   done
 }
 
+# --- issue #12: lifetime budgets' evidence (`bench/device/parallel.sh launch-lifetime`)
+LIFETIME="--evict-every ${EVICT_EVERY:-128} --method ${METHOD:-uniform}"
+stage_tput_long() {
+  # 1k-token prompts, 16k output tokens: stock and token budgets 1024 / 2048 in one invocation (~15 min)
+  (cd "$WORK" && timeout 2400 $PY -m bench.throughput --out "$RESULTS/long_generation" --work "$WORK/tput" \
+    --runs stock,plugin --cases long_generation --budgets 1024,2048 $LIFETIME 2>&1 \
+    | tee "$LOGS/tput_long.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
+}
+stage_tput_decode_lifetime() {
+  # 16k-token prompts, 1k output: stock (+ its 1-token prefill probe) and budgets 0.2 / 1.0 held for life
+  (cd "$WORK" && timeout 2400 $PY -m bench.throughput --out "$RESULTS/decode_heavy" --work "$WORK/tput" \
+    --runs stock,plugin --cases decode_heavy,decode_heavy_prefill --budgets 0.2,1.0 $LIFETIME 2>&1 \
+    | tee "$LOGS/tput_decode_lifetime.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
+}
+hf_model() {  # $1 key, $2 parts: waits for the carried GGUF parts, converts once, prints /tmp/<key>-hf
+  wait_for "$1 parts" model_parts_here "$1" "$2" >&2 || return 1
+  python3 -c "import gguf" 2>/dev/null \
+    || python3 -m pip install -q --no-deps --no-index --target /tmp/gguflib /tmp/q/gguf-*.whl >&2 || return 1
+  PYTHONPATH=/tmp/gguflib:$PYTHONPATH timeout 300 python3 -P "$REPO/bench/device/qwen_from_gguf.py" "$1" \
+    --parts "/tmp/q/$1" --tok "/tmp/q/$1/tok" --out "/tmp/$1-hf" 2>> "$LOGS/convert_$1.log"
+}
+stage_long_output() {
+  # the graded long-output task at token budgets 1024 / 2048 against full KV, both real models
+  local key model
+  for key in qwen05 qwen15; do
+    model=$(hf_model "$key" "$([ "$key" = qwen05 ] && echo 9 || echo 19)") || return 1
+    (cd "$WORK" && timeout 1200 $PY -m evaluation.long_output_vllm --model "$model" --model-name "$key (Q4_K_M GGUF -> bf16)" \
+      --name "long_output_$key" --out "$RESULTS" --budgets 1024,2048 --evict-every "${EVICT_EVERY:-128}" \
+      --prompts 16 --items 800 --gpu-memory-utilization "${GPU_MEM:-0.85}" 2>&1 \
+      | tee "$LOGS/long_output_$key.log" | grep -E "^\[long-output\]|Error" | tail -5)
+  done
+}
+
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   "stage_$stage"

@@ -29,6 +29,12 @@ def test_workload_plan_covers_every_case_and_budget_with_the_same_prompts():
     assert stock[1]["num_prompts"] == 8 and stock[0]["num_prompts"] == 256
     assert [w["extra_args"] for w in plugin] == [{"kv_budget": 0.2}, {"kv_budget": 1.0}]
     assert [w["return_tokens"] for w in plugin] == [False, True]
+    # the prefill probe is stock's alone: a plugin run in the same invocation skips it
+    probe = throughput.plan_workloads(["decode_heavy", "decode_heavy_prefill"], [0.2], {})
+    assert [w["label"] for w in probe] == ["decode_heavy@0.2"]
+    assert [w["label"] for w in throughput.plan_workloads(["decode_heavy_prefill"], None, {})] == [
+        "decode_heavy_prefill@stock"
+    ]
     small = {**plugin[0], "num_prompts": 3, "prompt_len": 50}
     assert make_prompts(small) == make_prompts({**stock[0], "num_prompts": 3, "prompt_len": 50})
 
@@ -112,6 +118,44 @@ def test_counter_deltas_leave_gauges_alone():
     assert delta["vllm_kvcomp_eviction_seconds_bucket{le=0.1}"] == 1.0
 
 
+def test_raw_results_of_two_jobs_merge_with_each_case_against_its_own_stock(tmp_path, monkeypatch):
+    """Two jobs (one case each, on two GPUs) write two raw files; --merge builds one summary in which
+    each case's plugin rows are compared with the stock run of their own invocation."""
+    from bench import offline
+    from bench.throughput import main
+
+    def fake_run(spec, workdir, timeout=900, partial_ok=False):
+        plugin = spec.get("compression") is not None
+        workloads = []
+        for w in spec["workloads"]:
+            speed = {"long_generation": 100.0, "decode_heavy": 1000.0, "decode_heavy_prefill": 1.0}[w["case"]]
+            m = _measured(w["label"], w["case"], w["budget"], speed * (3 if plugin else 1), 7)
+            workloads.append({**m, "workload": w})
+        return {"compression": spec.get("compression"), "device": "FakeGPU", "vllm": "0.25.1", "workloads": workloads}
+
+    monkeypatch.setattr(offline, "run_in_subprocess", fake_run)
+    common = ["--model", "/m", "--kv-cache-memory-bytes", "1024", "--runs", "stock,plugin", "--evict-every", "128"]
+    monkeypatch.setenv("KVCOMP_COMMIT", "job-a")
+    assert main([*common, "--out", str(tmp_path / "a"), "--cases", "long_generation", "--budgets", "1024"]) == 0
+    monkeypatch.setenv("KVCOMP_COMMIT", "job-b")
+    args = ["--out", str(tmp_path / "b"), "--cases", "decode_heavy,decode_heavy_prefill", "--budgets", "0.2"]
+    assert main([*common, *args]) == 0
+    raws = [str(tmp_path / job / "throughput_raw.json") for job in "ab"]
+    assert main(["--merge", *raws, "--out", str(tmp_path / "merged")]) == 0
+    summary = json.loads((tmp_path / "merged" / "throughput.json").read_text())
+    got = {c["case"]: c for c in summary["cases"]}
+    assert set(got) == {"long_generation", "decode_heavy"}  # the prefill probe is stock's alone
+    assert got["long_generation"]["ratio_output_tok_s"] == pytest.approx(3.0)
+    assert (got["long_generation"]["invocation"], got["long_generation"]["stock_invocation"]) == (0, 0)
+    assert (got["decode_heavy"]["invocation"], got["decode_heavy"]["stock_invocation"]) == (1, 1)
+    assert [i["commit"] for i in summary["invocations"]] == ["job-a", "job-b"]
+    assert summary["kv_cache_memory_bytes"] == 1024 and summary["model"] == "/m"
+    # runs with different KV memory are not one comparison
+    assert main([*common, "--kv-cache-memory-bytes", "2048", "--out", str(tmp_path / "c"), "--cases", "long_generation",
+                 "--budgets", "1024"]) == 0  # fmt: skip
+    assert main(["--merge", raws[0], str(tmp_path / "c" / "throughput_raw.json"), "--out", str(tmp_path / "x")]) == 2
+
+
 def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkeypatch):
     """`python -m bench.throughput` end to end with the engine processes faked.
 
@@ -158,7 +202,7 @@ def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkey
     for key in ("model", "kv_cache_memory_bytes", "max_model_len"):
         assert stock_spec[key] == plugin_spec[key]
     assert stock_spec.get("compression") is None
-    assert plugin_spec["compression"]["method"] == "zigzag"
+    assert plugin_spec["compression"]["method"] == "uniform"  # the default: README's recommended method
     assert [w["extra_args"] for w in plugin_spec["workloads"]] == [{"kv_budget": 0.2}, {"kv_budget": 1.0}]
     assert plugin_spec["workloads"][0]["seed"] == stock_spec["workloads"][0]["seed"]
 
@@ -216,7 +260,7 @@ def test_long_generation_takes_token_budgets_and_evict_every(monkeypatch, tmp_pa
     monkeypatch.setattr(throughput, "plot_throughput", lambda *a, **k: None)
     argv = ["--model", "m", "--runs", "plugin", "--cases", "long_generation", "--budgets", "1024,2048"]
     throughput.main([*argv, "--evict-every", "128", "--out", str(tmp_path)])
-    assert specs[0]["compression"] == {"method": "zigzag", "budget": 0.2, "evict_every": 128}
+    assert specs[0]["compression"] == {"method": "uniform", "budget": 0.2, "evict_every": 128}
     with pytest.raises(SystemExit):
         throughput.main([*argv[:-1], "1024.5", "--out", str(tmp_path)])
 
