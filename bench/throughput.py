@@ -328,22 +328,21 @@ def main(argv=None) -> int:
         _merge(raw, run, result, invocation)
         raw_path.write_text(json.dumps(raw, indent=1))
 
+    write_summary(raw, out, command=command, model=model_text, kv_cache_memory_bytes=args.kv_cache_memory_bytes)
+    return 0
+
+
+def write_summary(raw: dict, out: Path, **setup) -> None:
+    """throughput.json, throughput.md and the plot, from the raw results (`setup`: the command,
+    model and KV memory the summary names)."""
     first = raw.get("plugin") or raw.get("stock") or {}
     meta = {
         "device": first.get("device"),
         "vllm": first.get("vllm"),
         "torch": first.get("torch"),
         "date": datetime.date.today().isoformat(),
-        "command": command,
-        "model": model_text,
-        "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+        **setup,
     }
-    write_summary(raw, meta, out)
-    return 0
-
-
-def write_summary(raw: dict, meta: dict, out: Path) -> None:
-    """throughput.json, throughput.md and the plot, from the raw results."""
     summary = summarize(raw, meta)
     (out / "throughput.json").write_text(json.dumps(summary, indent=1))
     (out / "throughput.md").write_text(markdown(summary))
@@ -358,19 +357,10 @@ def write_merged(paths: list[Path], out: Path, command: str) -> int:
     if len(setups) != 1:
         print(f"bench.throughput: the files measured different models or KV memory: {sorted(map(str, setups))}")
         return 2
-    (model, kv_bytes), first = setups.pop(), raw.get("plugin") or raw.get("stock") or {}
-    meta = {
-        "device": first.get("device"),
-        "vllm": first.get("vllm"),
-        "torch": first.get("torch"),
-        "date": datetime.date.today().isoformat(),
-        "command": command,
-        "model": model,
-        "kv_cache_memory_bytes": kv_bytes,
-    }
+    model, kv_bytes = setups.pop()
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput_raw.json").write_text(json.dumps(raw, indent=1))
-    write_summary(raw, meta, out)
+    write_summary(raw, out, command=command, model=model, kv_cache_memory_bytes=kv_bytes)
     return 0
 
 

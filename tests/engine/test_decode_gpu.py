@@ -78,7 +78,7 @@ def test_budgets_hold_while_decoding(tmp_path, tp):
 
 @pytest.mark.parametrize("cudagraph_mode", ["FULL_AND_PIECEWISE", "PIECEWISE"])
 def test_decode_evictions_pass_the_self_check(tmp_path, cudagraph_mode):
-    from bench.offline import run_in_subprocess
+    from bench.offline import provenance, run_in_subprocess
     from evaluation.random_model import kv_bytes_per_token, make_random_model
 
     work = Path(os.environ.get("KVCOMP_WORK_DIR", tmp_path))
@@ -101,10 +101,7 @@ def test_decode_evictions_pass_the_self_check(tmp_path, cudagraph_mode):
     if out:
         record = {
             "spec": {k: v for k, v in spec.items() if k != "model"},
-            "command": f"pytest -m gpu tests/engine/test_decode_gpu.py -k {cudagraph_mode}",
-            "commit": os.environ.get("KVCOMP_COMMIT"),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **{k: run.get(k) for k in ("device", "vllm", "torch")},
+            **provenance(f"pytest -m gpu tests/engine/test_decode_gpu.py -k {cudagraph_mode}", run),
             "plugin_metrics": {k: v for k, v in metrics.items() if "bucket" not in k and "layer=" not in k},
         }
         (Path(out) / f"{spec['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
