@@ -119,7 +119,15 @@ class CompressionMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r,
         )
-        # Only fed when VLLM_KVCOMP_VERIFY is set (engine/verify.py).
+        self._verify_metrics(r)
+        self.totals = {"requests": 0, "blocks_freed": 0, "tokens_kept": 0, "tokens_prompt": 0}
+        self._last_summary = time.monotonic()
+        self.port: int | None = None
+        if config.metrics_port is not None:
+            self._serve(config.metrics_host, config.metrics_port)
+
+    def _verify_metrics(self, r: CollectorRegistry) -> None:
+        """The self-check's (engine/verify.py): only fed when VLLM_KVCOMP_VERIFY is set."""
         self.verify_checks = Counter(
             "vllm_kvcomp_verify_checks", "Self-checks of compacted layers", ["result"], registry=r
         )
@@ -138,13 +146,8 @@ class CompressionMetrics:
             registry=r,
             multiprocess_mode="max",
         )
-        self.totals = {"requests": 0, "blocks_freed": 0, "tokens_kept": 0, "tokens_prompt": 0}
-        self._last_summary = time.monotonic()
         self._max_verify_error = 0.0
         self._max_ring_error = 0.0
-        self.port: int | None = None
-        if config.metrics_port is not None:
-            self._serve(config.metrics_host, config.metrics_port)
 
     def _decode_counters(self, r: CollectorRegistry) -> None:
         """Decode-time eviction (evict_every): its own counters, so the prefill ones keep their meaning."""
