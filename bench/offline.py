@@ -160,6 +160,9 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
 
     max_running = [0.0]
     max_usage = [0.0]  # vllm:kv_cache_usage_perc, a share of the KV pool in [0, 1]
+    # every 50 ms sample of (running, usage): their means are the average batch and the average KV held,
+    # hence the average footprint of a running request (usage / running), the physics of a ratio
+    samples: list[tuple[float, float]] = []
     preemptions_before = sum(
         float(getattr(m, "value", 0.0)) for m in llm.get_metrics() if m.name == "vllm:num_preemptions"
     )
@@ -168,13 +171,16 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
 
     def sample_running():
         while not stop.is_set():
+            running = usage = 0.0
             for metric in llm.get_metrics():
                 if metric.name == "vllm:num_requests_running":
-                    max_running[0] = max(max_running[0], float(getattr(metric, "value", 0.0)))
+                    running = float(getattr(metric, "value", 0.0))
                 elif metric.name == "vllm:kv_cache_usage_perc":
-                    max_usage[0] = max(max_usage[0], float(getattr(metric, "value", 0.0)))
+                    usage = float(getattr(metric, "value", 0.0))
                 elif metric.name == "vllm:num_preemptions":
                     preemptions[0] = float(getattr(metric, "value", 0.0))
+            max_running[0], max_usage[0] = max(max_running[0], running), max(max_usage[0], usage)
+            samples.append((running, usage))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample_running, daemon=True)
@@ -208,6 +214,8 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
         "req_s": len(prompts) / elapsed,
         "max_running": max_running[0],
         "max_kv_cache_usage": max_usage[0],
+        "mean_running": sum(r for r, _ in samples) / len(samples) if samples else None,
+        "mean_kv_cache_usage": sum(u for _, u in samples) / len(samples) if samples else None,
         "preemptions": preemptions[0] - preemptions_before,
         "ttft_s": _percentiles(ttft),
         "tpot_s": _percentiles(tpot),

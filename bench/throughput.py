@@ -158,8 +158,11 @@ def summarize(raw: dict, meta: dict) -> dict:
             "tpot_p99": w["tpot_s"].get("p99"),
             "stock_ttft_p50": base["ttft_s"].get("p50") if base else None,
             "stock_tpot_p50": base["tpot_s"].get("p50") if base else None,
+            "stock_tpot_p99": base["tpot_s"].get("p99") if base else None,
             "max_running": w["max_running"],
             "stock_max_running": base["max_running"] if base else None,
+            "mean_running": w.get("mean_running"),
+            "stock_mean_running": base.get("mean_running") if base else None,
             "elapsed_s": w["elapsed_s"],
             "stock_elapsed_s": base["elapsed_s"] if base else None,
             "requests_compressed": metrics.get("vllm_kvcomp_requests_compressed_total"),
@@ -170,6 +173,8 @@ def summarize(raw: dict, meta: dict) -> dict:
         }
         entry["preemptions"] = w.get("preemptions")
         entry["stock_preemptions"] = base.get("preemptions") if base else None
+        entry["footprint_ratio"] = footprint_ratio(w, base)
+        entry["kv_cache_memory_bytes"] = setup(raw, w.get("invocation")).get("kv_cache_memory_bytes")
         entry.update(amdahl(entry, stock.get(f"{wl['case']}_prefill")))
         # "same run" holds only when stock and plugin were measured by one invocation
         entry["same_invocation"] = bool(base) and w.get("invocation") == base.get("invocation")
@@ -178,6 +183,26 @@ def summarize(raw: dict, meta: dict) -> dict:
             entry["identical_to_stock"] = _identical_share(w["token_digests"], base["token_digests"])
         cases.append(entry)
     return {**meta, "invocations": raw.get("invocations", []), "cases": cases}
+
+
+def footprint_ratio(plugin: dict, stock: dict | None) -> float | None:
+    """The physics of a ratio when KV capacity limits the batch: stock's average KV per running request
+    over the plugin's (each: mean KV usage / mean running, sampled through the run; same pool, so the
+    pool size cancels). The throughput gain is about this ratio while the plugin's batch is not capped
+    by the number of requests or by compute."""
+    if not stock:
+        return None
+    values = [plugin.get("mean_kv_cache_usage"), plugin.get("mean_running")]
+    values += [stock.get("mean_kv_cache_usage"), stock.get("mean_running")]
+    if not all(values):
+        return None
+    usage, running, stock_usage, stock_running = values
+    return (stock_usage / stock_running) / (usage / running)
+
+
+def setup(raw: dict, invocation: int | None) -> dict:
+    """The invocation record (command, commit, model, KV memory) that measured a workload."""
+    return next((i for i in raw.get("invocations", []) if i["id"] == invocation), {})
 
 
 def amdahl(entry: dict, prefill: dict | None) -> dict:
@@ -215,27 +240,37 @@ def markdown(summary: dict) -> str:
             f"- {i['id']}: `{i['command']}` at commit {i.get('commit')}, {i['date']}, {i.get('device')}"
             for i in invocations
         ],
-        f"Model: {summary['model']}. KV cache memory {summary['kv_cache_memory_bytes'] / 2**30:g} GiB "
-        "(`--kv-cache-memory-bytes`) for both engines: KV capacity, not compute, limits the batch.",
+        f"Model: {summary['model']}. KV cache memory (`--kv-cache-memory-bytes`, the `KV GiB` column) is the "
+        "same for the plugin and its stock run: KV capacity, not compute, limits the batch.",
         "Greedy, ignore_eos, random token-id prompts, prefix caching off; all requests submitted at once "
         "(TTFT includes queueing). Budgets are per-request overrides on one plugin engine.",
+        "Running: mean / max requests running, sampled every 50 ms. Footprint ratio: stock's mean KV per "
+        "running request over the plugin's, the gain KV capacity allows. Amdahl: the bound prefill leaves "
+        "(`amdahl_bound` in the JSON; where the case has a stock prefill probe).",
         "",
-        "| case | method | budget | out tok/s | stock | ratio | req/s | TTFT p50 / p99 s | TPOT p50 / p99 ms "
-        "| max running (stock) | eviction ms/req | inv. (stock) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| case | method | budget | KV GiB | out tok/s | stock | ratio | footprint ratio | amdahl bound "
+        "| TTFT p50 / p99 s | TPOT p50 / p99 ms (stock) | running (stock) | preemptions (stock) "
+        "| eviction ms/req | inv. (stock) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def fmt(x, spec=".0f"):
         return "" if x is None else format(x, spec)
 
+    def ms(x):
+        return fmt(x and 1000 * x, ".1f")
+
     for c in summary["cases"]:
+        kv = c.get("kv_cache_memory_bytes")
         lines.append(
-            f"| {c['case']} | {c['method']} | {c['budget']:g} | {fmt(c['output_tok_s'])} "
-            f"| {fmt(c['stock_output_tok_s'])} | {fmt(c['ratio_output_tok_s'], '.2f')} | {fmt(c['req_s'], '.2f')} "
+            f"| {c['case']} | {c['method']} | {c['budget']:g} | {fmt(kv and kv / 2**30, 'g')} "
+            f"| {fmt(c['output_tok_s'])} | {fmt(c['stock_output_tok_s'])} | {fmt(c['ratio_output_tok_s'], '.2f')} "
+            f"| {fmt(c.get('footprint_ratio'), '.2f')} | {fmt(c.get('amdahl_bound'), '.2f')} "
             f"| {fmt(c['ttft_p50'], '.1f')} / {fmt(c['ttft_p99'], '.1f')} "
-            f"| {fmt(c['tpot_p50'] and 1000 * c['tpot_p50'], '.1f')} "
-            f"/ {fmt(c['tpot_p99'] and 1000 * c['tpot_p99'], '.1f')} "
-            f"| {fmt(c['max_running'])} ({fmt(c['stock_max_running'])}) | {fmt(c['eviction_ms_mean'], '.1f')} "
+            f"| {ms(c['tpot_p50'])} / {ms(c['tpot_p99'])} ({ms(c['stock_tpot_p50'])} / {ms(c.get('stock_tpot_p99'))}) "
+            f"| {fmt(c.get('mean_running'), '.1f')} / {fmt(c['max_running'])} "
+            f"({fmt(c.get('stock_mean_running'), '.1f')} / {fmt(c['stock_max_running'])}) "
+            f"| {fmt(c.get('preemptions'))} ({fmt(c.get('stock_preemptions'))}) | {fmt(c['eviction_ms_mean'], '.1f')} "
             f"| {c.get('invocation')} ({c.get('stock_invocation')}) |"
         )
     identical = [c for c in summary["cases"] if "identical_to_stock" in c]
@@ -353,11 +388,14 @@ def write_summary(raw: dict, out: Path, **setup) -> None:
 def write_merged(paths: list[Path], out: Path, command: str) -> int:
     raw = merge_raws([json.loads(p.read_text()) for p in paths])
     invocations = raw["invocations"]
-    setups = {(inv.get("model"), inv.get("kv_cache_memory_bytes")) for inv in invocations}
-    if len(setups) != 1:
-        print(f"bench.throughput: the files measured different models or KV memory: {sorted(map(str, setups))}")
+    # one model per summary; KV memory may differ per case (each case row names its own, and each ratio
+    # compares runs of one invocation, hence one KV memory)
+    models = {inv.get("model") for inv in invocations}
+    if len(models) != 1:
+        print(f"bench.throughput: the files measured different models: {sorted(map(str, models))}")
         return 2
-    model, kv_bytes = setups.pop()
+    kv_sizes = sorted({inv.get("kv_cache_memory_bytes") for inv in invocations})
+    model, kv_bytes = models.pop(), kv_sizes[0] if len(kv_sizes) == 1 else kv_sizes
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput_raw.json").write_text(json.dumps(raw, indent=1))
     write_summary(raw, out, command=command, model=model, kv_cache_memory_bytes=kv_bytes)

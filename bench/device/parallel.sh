@@ -13,9 +13,10 @@
 #   bash bench/device/parallel.sh launch-lifetime   issue #12's layout (below), from a snapshot in /tmp
 #   bash bench/device/parallel.sh stash             copy the carried model parts into /tmp/q (every call)
 # The lifetime layout (issue #12's evidence and the GPU suite, split over the two GPUs):
-#   A  GPU 0      throughput long_generation (stock, 1024, 2048), then kernel_tests runtime_gpu serve
+#   A  GPU 0      throughput long_generation (stock, 1024, 2048), then kernel_tests runtime_gpu serve engine
 #   B  GPU 1      throughput decode_heavy with lifetime budgets, the decode self-check (both graph
-#                 modes), long-output quality on both models (parts carried meanwhile), engine, decode_smoke
+#                 modes), long-output quality on both models (parts carried meanwhile), decode_smoke
+#                 (about 17 minutes each)
 # The quality layout (GGUF parts arrive call by call while the jobs run; each job waits for its parts):
 #   Q  GPU 0      quality qwen05 (uniform, zigzag and the candidates), evaluation.pick, then qwen15
 #                 (uniform, zigzag, the pick): the calibrate-on-one, check-on-the-other protocol of #13
@@ -49,8 +50,8 @@ launch_quality() {
 
 launch_lifetime() {
   $SESSION install
-  job A "CUDA_VISIBLE_DEVICES=0" tput_long kernel_tests runtime_gpu serve
-  job B "CUDA_VISIBLE_DEVICES=1 DECODE_K=1" tput_decode_lifetime decode_verify long_output engine decode_smoke
+  job A "CUDA_VISIBLE_DEVICES=0" tput_long kernel_tests runtime_gpu serve engine
+  job B "CUDA_VISIBLE_DEVICES=1 DECODE_K=1" tput_decode_lifetime decode_verify long_output decode_smoke
   sleep 5
   tail -n 2 "$JOBS"/*.log
 }

@@ -43,7 +43,14 @@ def test_summary_ratios_are_against_stock_of_the_same_case(tmp_path):
     raw = {
         "stock": {
             "workloads": [
-                _measured("decode_heavy@stock", "decode_heavy", None, 1000.0, 7, {"token_digests": ["a", "b"]})
+                _measured(
+                    "decode_heavy@stock",
+                    "decode_heavy",
+                    None,
+                    1000.0,
+                    7,
+                    {"token_digests": ["a", "b"], "mean_running": 6.0, "mean_kv_cache_usage": 0.9},
+                )
             ]
         },
         "plugin": {
@@ -60,7 +67,9 @@ def test_summary_ratios_are_against_stock_of_the_same_case(tmp_path):
                             "vllm_kvcomp_eviction_seconds_sum": 2.56,
                             "vllm_kvcomp_eviction_seconds_count": 256.0,
                             "vllm_kvcomp_blocks_freed_total": 1000.0,
-                        }
+                        },
+                        "mean_running": 30.0,
+                        "mean_kv_cache_usage": 0.9,
                     },
                 ),
                 _measured("decode_heavy@1", "decode_heavy", 1.0, 980.0, 7, {"token_digests": ["a", "b"]}),
@@ -74,6 +83,10 @@ def test_summary_ratios_are_against_stock_of_the_same_case(tmp_path):
     assert by_budget[1.0]["ratio_output_tok_s"] == pytest.approx(0.98)
     assert by_budget[0.2]["eviction_ms_mean"] == pytest.approx(10.0)
     assert by_budget[0.2]["stock_max_running"] == 7
+    # stock held 0.9 / 6 of the pool per running request, the plugin 0.9 / 30: five times less
+    assert by_budget[0.2]["footprint_ratio"] == pytest.approx(5.0)
+    assert by_budget[1.0]["footprint_ratio"] is None  # not sampled: no ratio made up
+    assert by_budget[0.2]["stock_tpot_p99"] == 0.02
     for key in (
         "case",
         "method",
@@ -87,7 +100,8 @@ def test_summary_ratios_are_against_stock_of_the_same_case(tmp_path):
     ):
         assert key in by_budget[0.2]
     text = throughput.markdown(summary)
-    assert "| decode_heavy | zigzag | 0.2 | 2500 | 1000 | 2.50 |" in text
+    assert "| decode_heavy | zigzag | 0.2 |  | 2500 | 1000 | 2.50 | 5.00 |" in text
+    assert "| 30.0 / 35 (6.0 / 7) |" in text
     assert "decode_heavy 100% of requests" in text
     throughput.plot_throughput(summary, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 5000
@@ -150,10 +164,16 @@ def test_raw_results_of_two_jobs_merge_with_each_case_against_its_own_stock(tmp_
     assert (got["decode_heavy"]["invocation"], got["decode_heavy"]["stock_invocation"]) == (1, 1)
     assert [i["commit"] for i in summary["invocations"]] == ["job-a", "job-b"]
     assert summary["kv_cache_memory_bytes"] == 1024 and summary["model"] == "/m"
-    # runs with different KV memory are not one comparison
-    assert main([*common, "--kv-cache-memory-bytes", "2048", "--out", str(tmp_path / "c"), "--cases", "long_generation",
-                 "--budgets", "1024"]) == 0  # fmt: skip
-    assert main(["--merge", raws[0], str(tmp_path / "c" / "throughput_raw.json"), "--out", str(tmp_path / "x")]) == 2
+    # each case may have its own KV memory (its plugin and stock runs share it): every row names its own
+    args = ["--out", str(tmp_path / "c"), "--cases", "long_generation", "--budgets", "1024"]
+    assert main([*common, "--kv-cache-memory-bytes", "2048", *args]) == 0
+    assert main(["--merge", str(tmp_path / "c" / "throughput_raw.json"), raws[1], "--out", str(tmp_path / "d")]) == 0
+    summary = json.loads((tmp_path / "d" / "throughput.json").read_text())
+    got = {c["case"]: c["kv_cache_memory_bytes"] for c in summary["cases"]}
+    assert got == {"long_generation": 2048, "decode_heavy": 1024} and summary["kv_cache_memory_bytes"] == [1024, 2048]
+    # different models are not one summary
+    assert main([*common, "--model", "/other", "--out", str(tmp_path / "e"), "--cases", "long_generation"]) == 0
+    assert main(["--merge", raws[0], str(tmp_path / "e" / "throughput_raw.json"), "--out", str(tmp_path / "x")]) == 2
 
 
 def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkeypatch):
