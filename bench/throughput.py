@@ -52,13 +52,16 @@ def label(case: str, budget: float | None) -> str:
     return f"{case}@stock" if budget is None else f"{case}@{budget:g}"
 
 
-def plan_workloads(cases: list[str], budgets: list[float] | None, num_prompts: dict[str, int]) -> list[dict]:
+def plan_workloads(
+    cases: list[str], budgets: list[float] | None, num_prompts: dict[str, int], output_len: dict[str, int] | None = None
+) -> list[dict]:
     """Workloads of one process; budgets None = stock. Budget 1.0 returns its tokens."""
     workloads = []
     for case in cases:
         if budgets is not None and case in STOCK_ONLY:
             continue
         shape = {**CASES[case], "num_prompts": num_prompts.get(case, CASES[case]["num_prompts"])}
+        shape["output_len"] = (output_len or {}).get(case, shape["output_len"])
         for budget in budgets if budgets is not None else [None]:
             workload = {**shape, "seed": 1, "label": label(case, budget), "case": case, "budget": budget}
             if budget is not None:
@@ -299,6 +302,7 @@ def main(argv=None) -> int:
     parser.add_argument("--evict-every", type=int, default=None, help="the plugin's evict_every (lifetime budgets)")
     parser.add_argument("--cases", type=csv(str), default=list(CASES))
     parser.add_argument("--num-prompts", type=csv(int), default=None, help="per case, in --cases order")
+    parser.add_argument("--output-len", type=csv(int), default=None, help="per case, in --cases order")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=4 << 30)
     parser.add_argument("--runs", type=csv(str), default=["stock", "plugin"])
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per engine process")
@@ -324,7 +328,8 @@ def main(argv=None) -> int:
     if model is None:
         model = str(make_random_model(work / args.shape, args.shape))
     num_prompts = dict(zip(args.cases, args.num_prompts or [], strict=False))  # cases without a count keep theirs
-    max_len = max(CASES[c]["prompt_len"] + CASES[c]["output_len"] for c in args.cases) + 64
+    output_len = dict(zip(args.cases, args.output_len or [], strict=False))
+    max_len = max(CASES[c]["prompt_len"] + output_len.get(c, CASES[c]["output_len"]) for c in args.cases) + 64
     base_spec = {
         "model": model,
         "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
@@ -340,14 +345,14 @@ def main(argv=None) -> int:
     for run in args.runs:
         spec = {**base_spec, "name": f"throughput_{run}", "return_tokens": False}
         if run == "stock":
-            spec["workloads"] = plan_workloads(args.cases, None, num_prompts)
+            spec["workloads"] = plan_workloads(args.cases, None, num_prompts, output_len)
         elif run == "plugin":
             # Fixed server budget: requests override it, and the same engine config
             # (hence vLLM's compile cache) serves every invocation.
             spec["compression"] = {"method": args.method, "budget": 0.2}
             if args.evict_every is not None:
                 spec["compression"]["evict_every"] = args.evict_every
-            spec["workloads"] = plan_workloads(args.cases, args.budgets, num_prompts)
+            spec["workloads"] = plan_workloads(args.cases, args.budgets, num_prompts, output_len)
         else:
             parser.error(f"unknown run {run!r}; choose stock or plugin")
         print(f"[throughput] {run}: {len(spec['workloads'])} workloads", flush=True)

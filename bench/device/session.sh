@@ -204,6 +204,14 @@ stage_tput_long() {
     --runs stock,plugin --cases long_generation --budgets 1024,2048 --kv-cache-memory-bytes ${LONG_KV_BYTES:-2684354560} $LIFETIME 2>&1 \
     | tee "$LOGS/tput_long.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
 }
+stage_tput_long_8b() {
+  # the 8B shape, shortened to 4k output tokens so that stock fits in minutes (16k would take ~17 min);
+  # 10 GiB of KV (80k tokens of 128 KiB): 64 requests at budget 1024 fit at once, as at 1B
+  (cd "$WORK" && timeout 900 $PY -m bench.throughput --out "$RESULTS/long_generation_8b" --work "$WORK/tput" \
+    --shape llama-8b --runs stock,plugin --cases long_generation --output-len 4096 --budgets 1024,2048 \
+    --kv-cache-memory-bytes 10737418240 $LIFETIME 2>&1 \
+    | tee "$LOGS/tput_long_8b.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
+}
 stage_tput_decode_lifetime() {
   # 16k-token prompts, 1k output: stock (+ its 1-token prefill probe) and budgets 0.2 / 1.0 held for life
   (cd "$WORK" && timeout 2400 $PY -m bench.throughput --out "$RESULTS/decode_heavy" --work "$WORK/tput" \
