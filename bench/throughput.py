@@ -116,8 +116,8 @@ def _merge(raw: dict, run: str, result: dict, invocation: int | None = None) -> 
         raw["invocations"][invocation].update(vllm=result.get("vllm"), torch=result.get("torch"))
     previous = raw.get(run)
     if previous and "workloads" in previous:
-        fresh = {w["workload"]["label"] for w in result["workloads"]}
-        kept = [w for w in previous["workloads"] if w["workload"]["label"] not in fresh]
+        fresh = {_key(raw, w) for w in result["workloads"]}
+        kept = [w for w in previous["workloads"] if _key(raw, w) not in fresh]
         result = {**result, "workloads": kept + result["workloads"]}
     raw[run] = result
 
@@ -131,14 +131,22 @@ def _identical_share(a: list[str], b: list[str]) -> float:
     return sum(x == y for x, y in zip(a, b, strict=False)) / max(1, len(a))
 
 
+def _key(raw: dict, workload: dict) -> tuple:
+    """A workload's identity: its model and label (a later measurement of both replaces it)."""
+    return setup(raw, workload.get("invocation")).get("model"), workload["workload"]["label"]
+
+
 def summarize(raw: dict, meta: dict) -> dict:
     """throughput.json (issue #5 schema, plus extra fields) from the raw results."""
-    stock = {w["workload"]["label"].split("@")[0]: w for w in raw.get("stock", {}).get("workloads", [])}
+    stock = {
+        (_key(raw, w)[0], w["workload"]["label"].split("@")[0]): w for w in raw.get("stock", {}).get("workloads", [])
+    }
     plugin = raw.get("plugin", {})
     cases = []
     for w in plugin.get("workloads", []):
         wl = w["workload"]
-        base = stock.get(wl["case"])
+        model = setup(raw, w.get("invocation")).get("model")
+        base = stock.get((model, wl["case"]))
         metrics = w.get("plugin_metrics", {})
         evictions = metrics.get("vllm_kvcomp_eviction_seconds_count", 0.0)
         entry = {
@@ -178,7 +186,8 @@ def summarize(raw: dict, meta: dict) -> dict:
         entry["stock_preemptions"] = base.get("preemptions") if base else None
         entry["footprint_ratio"] = footprint_ratio(w, base)
         entry["kv_cache_memory_bytes"] = setup(raw, w.get("invocation")).get("kv_cache_memory_bytes")
-        entry.update(amdahl(entry, stock.get(f"{wl['case']}_prefill")))
+        entry["model"] = model
+        entry.update(amdahl(entry, stock.get((model, f"{wl['case']}_prefill"))))
         # "same run" holds only when stock and plugin were measured by one invocation
         entry["same_invocation"] = bool(base) and w.get("invocation") == base.get("invocation")
         if base and "token_digests" in w and "token_digests" in base:
@@ -240,21 +249,23 @@ def markdown(summary: dict) -> str:
         "only where the plugin's and stock's invocation are the same):",
         "",
         *[
-            f"- {i['id']}: `{i['command']}` at commit {i.get('commit')}, {i['date']}, {i.get('device')}"
+            f"- {i['id']}: `{i['command']}` at commit {i.get('commit')}, {i['date']}, {i.get('device')}; "
+            f"model {i.get('model')}"
             for i in invocations
         ],
-        f"Model: {summary['model']}. KV cache memory (`--kv-cache-memory-bytes`, the `KV GiB` column) is the "
-        "same for the plugin and its stock run: KV capacity, not compute, limits the batch.",
+        "KV cache memory (`--kv-cache-memory-bytes`, the `KV GiB` column) and the model (the invocation's) are "
+        "the same for the plugin and its stock run: KV capacity, not compute, limits the batch.",
         "Greedy, ignore_eos, random token-id prompts, prefix caching off; all requests submitted at once "
         "(TTFT includes queueing). Budgets are per-request overrides on one plugin engine.",
         "Running: mean / max requests running, sampled every 50 ms. Footprint ratio: stock's mean KV per "
         "running request over the plugin's, the gain KV capacity allows. Amdahl: the bound prefill leaves "
         "(`amdahl_bound` in the JSON; where the case has a stock prefill probe).",
         "",
-        "| case | method | budget | KV GiB | out tok/s | stock | ratio | footprint ratio | amdahl bound "
+        "| case | requests x (in, out) | method | budget | KV GiB | out tok/s | stock | ratio | footprint ratio "
+        "| amdahl bound "
         "| TTFT p50 / p99 s | TPOT p50 / p99 ms (stock) | running (stock) | preemptions (stock) "
         "| eviction ms/req | inv. (stock) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def fmt(x, spec=".0f"):
@@ -266,7 +277,8 @@ def markdown(summary: dict) -> str:
     for c in summary["cases"]:
         kv = c.get("kv_cache_memory_bytes")
         lines.append(
-            f"| {c['case']} | {c['method']} | {c['budget']:g} | {fmt(kv and kv / 2**30, 'g')} "
+            f"| {c['case']} | {c['num_prompts']} x ({c['prompt_len']}, {c['output_len']}) | {c['method']} "
+            f"| {c['budget']:g} | {fmt(kv and kv / 2**30, 'g')} "
             f"| {fmt(c['output_tok_s'])} | {fmt(c['stock_output_tok_s'])} | {fmt(c['ratio_output_tok_s'], '.2f')} "
             f"| {fmt(c.get('footprint_ratio'), '.2f')} | {fmt(c.get('amdahl_bound'), '.2f')} "
             f"| {fmt(c['ttft_p50'], '.1f')} / {fmt(c['ttft_p99'], '.1f')} "
@@ -393,14 +405,12 @@ def write_summary(raw: dict, out: Path, **setup) -> None:
 def write_merged(paths: list[Path], out: Path, command: str) -> int:
     raw = merge_raws([json.loads(p.read_text()) for p in paths])
     invocations = raw["invocations"]
-    # one model per summary; KV memory may differ per case (each case row names its own, and each ratio
-    # compares runs of one invocation, hence one KV memory)
-    models = {inv.get("model") for inv in invocations}
-    if len(models) != 1:
-        print(f"bench.throughput: the files measured different models: {sorted(map(str, models))}")
-        return 2
+    # model and KV memory may differ per case: each case row names its own, and is compared with the
+    # stock run of the same model (each ratio within one invocation, hence one KV memory)
+    models = sorted({inv.get("model") for inv in invocations}, key=str)
     kv_sizes = sorted({inv.get("kv_cache_memory_bytes") for inv in invocations})
-    model, kv_bytes = models.pop(), kv_sizes[0] if len(kv_sizes) == 1 else kv_sizes
+    model = models[0] if len(models) == 1 else models
+    kv_bytes = kv_sizes[0] if len(kv_sizes) == 1 else kv_sizes
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput_raw.json").write_text(json.dumps(raw, indent=1))
     write_summary(raw, out, command=command, model=model, kv_cache_memory_bytes=kv_bytes)

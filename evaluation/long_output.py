@@ -92,12 +92,18 @@ def answer_tokens(task: LongOutputTask, tokenizer=None, margin: float = 1.15) ->
 
 def item_accuracy(tasks: list[LongOutputTask], outputs: list[str], last_items: int | None = None) -> float:
     """Mean share of right items over prompts (`last_items`: only the last that many of each answer)."""
+    shares = prompt_accuracies(tasks, outputs, last_items)
+    return sum(shares) / len(shares)
+
+
+def prompt_accuracies(tasks: list[LongOutputTask], outputs: list[str], last_items: int | None = None) -> list[float]:
+    """Per prompt, the share of right items (the pairs of a paired interval against full KV)."""
     shares = []
     for task, output in zip(tasks, outputs, strict=True):
         right = task.score(output)
         right = right[-last_items:] if last_items else right
         shares.append(sum(right) / len(right))
-    return sum(shares) / len(shares)
+    return shares
 
 
 def agreement_curve(outputs: list[list[int]], reference: list[list[int]], points: int = 16) -> list[dict]:

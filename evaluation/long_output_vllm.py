@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 from bench.offline import current_commit
-from evaluation.long_output import agreement_curve, answer_tokens, item_accuracy, make_task
+from evaluation.long_output import agreement_curve, answer_tokens, item_accuracy, make_task, prompt_accuracies
+from evaluation.report import paired_delta_ci
 from evaluation.vllm_backend import max_model_len
 
 
@@ -63,13 +64,21 @@ def summarize(tasks, texts: dict, tokens: dict, budgets: list[float]) -> list[di
     full_texts = [texts[(t, None)] for t in n]
     quarter = max(1, tasks[0].num_items // 4)
     results = []
+    full_per_prompt = prompt_accuracies(tasks, full_texts)
     for budget in budgets:
         got = [texts[(t, budget)] for t in n]
+        per_prompt = prompt_accuracies(tasks, got)
+        delta, lo, hi = paired_delta_ci(per_prompt, full_per_prompt)
         results.append(
             {
                 "budget": budget,
                 "score": item_accuracy(tasks, got),
                 "full_score": item_accuracy(tasks, full_texts),
+                # paired over prompts: the budget's item accuracy minus full KV's, 95% bootstrap interval
+                "delta_vs_full": delta,
+                "delta_vs_full_ci95": [lo, hi],
+                "per_prompt": per_prompt,
+                "full_per_prompt": full_per_prompt,
                 "score_last_quarter": item_accuracy(tasks, got, last_items=quarter),
                 "full_score_last_quarter": item_accuracy(tasks, full_texts, last_items=quarter),
                 "agreement": agreement_curve([tokens[(t, budget)] for t in n], [tokens[(t, None)] for t in n]),

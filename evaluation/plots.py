@@ -115,22 +115,39 @@ def plot_needle_heatmaps(rows: list[dict], protocol: str, path, methods=None, bu
 
 
 def plot_throughput(summary: dict, path) -> None:
-    """Output tok/s of the plugin over stock vs budget, one line per case (bench/throughput.py's summary)."""
+    """Output tok/s of the plugin over stock vs budget (bench/throughput.py's summary): one panel for
+    fraction budgets and one for token budgets (different axes), one line per case and model, and the
+    footprint ratio (what KV capacity allows) dotted beside each measured line."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for case in sorted({c["case"] for c in summary["cases"]}):
-        pts = sorted(
-            (c["budget"], c["ratio_output_tok_s"])
-            for c in summary["cases"]
-            if c["case"] == case and c["ratio_output_tok_s"]
+    panels = [
+        (kind, [c for c in summary["cases"] if c["ratio_output_tok_s"] and (c["budget"] > 1) == (kind == "tokens")])
+        for kind in ("fraction", "tokens")
+    ]
+    panels = [(kind, cases) for kind, cases in panels if cases]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.8), squeeze=False)
+    for ax, (kind, cases) in zip(axes[0], panels, strict=False):
+        lines = sorted({(c["case"], str(c.get("model") or "")) for c in cases})
+        for case, model in lines:
+            rows = sorted((c for c in cases if (c["case"], str(c.get("model") or "")) == (case, model)),
+                          key=lambda c: c["budget"])  # fmt: skip
+            name = case + (f" ({_short_model(model)})" if len(lines) > len({c for c, _ in lines}) else "")
+            line = ax.plot([c["budget"] for c in rows], [c["ratio_output_tok_s"] for c in rows], marker="o", label=name)
+            bound = [(c["budget"], c["footprint_ratio"]) for c in rows if c.get("footprint_ratio")]
+            if bound:
+                ax.plot(*zip(*bound), ls=":", marker="x", color=line[0].get_color(), label=f"{name}: footprint ratio")
+        ax.axhline(1.0, color="k", ls="--", lw=1, label="stock vLLM")
+        ax.set_xlabel(
+            "KV budget (fraction of context per layer)" if kind == "fraction" else "KV budget (tokens per layer)"
         )
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=case)
-    ax.axhline(1.0, color="k", ls="--", lw=1, label="stock vLLM")
-    ax.set_xlabel("KV budget (fraction of prompt per layer)")
-    ax.set_ylabel("output tok/s, ratio to stock")
-    ax.set_title("throughput vs budget (same KV memory)")
-    ax.legend(fontsize=8)
+        ax.set_ylabel("output tok/s, ratio to stock")
+        ax.legend(fontsize=7)
+    fig.suptitle("throughput vs budget (same GPU, same KV memory as stock)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _short_model(model: str) -> str:
+    """'random-weight llama-8b (32 layers, ...)' -> 'llama-8b'."""
+    words = model.replace("(", " ").split()
+    return next((w for w in words if w.startswith("llama-")), model[:24])

@@ -100,7 +100,7 @@ def test_summary_ratios_are_against_stock_of_the_same_case(tmp_path):
     ):
         assert key in by_budget[0.2]
     text = throughput.markdown(summary)
-    assert "| decode_heavy | zigzag | 0.2 |  | 2500 | 1000 | 2.50 | 5.00 |" in text
+    assert "| decode_heavy | 256 x (16384, 1024) | zigzag | 0.2 |  | 2500 | 1000 | 2.50 | 5.00 |" in text
     assert "| 30.0 / 35 (6.0 / 7) |" in text
     assert "decode_heavy 100% of requests" in text
     throughput.plot_throughput(summary, tmp_path / "t.png")
@@ -171,9 +171,29 @@ def test_raw_results_of_two_jobs_merge_with_each_case_against_its_own_stock(tmp_
     summary = json.loads((tmp_path / "d" / "throughput.json").read_text())
     got = {c["case"]: c["kv_cache_memory_bytes"] for c in summary["cases"]}
     assert got == {"long_generation": 2048, "decode_heavy": 1024} and summary["kv_cache_memory_bytes"] == [1024, 2048]
-    # different models are not one summary
-    assert main([*common, "--model", "/other", "--out", str(tmp_path / "e"), "--cases", "long_generation"]) == 0
-    assert main(["--merge", raws[0], str(tmp_path / "e" / "throughput_raw.json"), "--out", str(tmp_path / "x")]) == 2
+    # the same case on another model (e.g. the 8B shape) is a row of its own, against its own model's stock
+    monkeypatch.setattr(throughput.offline, "run_in_subprocess", _scaled(fake_run, 2.0))
+    assert main([*common, "--model", "/big", "--out", str(tmp_path / "e"), *args[2:]]) == 0
+    assert main(["--merge", raws[0], str(tmp_path / "e" / "throughput_raw.json"), "--out", str(tmp_path / "x")]) == 0
+    summary = json.loads((tmp_path / "x" / "throughput.json").read_text())
+    rows = {(c["model"], c["case"]): c for c in summary["cases"]}
+    assert set(rows) == {("/m", "long_generation"), ("/big", "long_generation")}
+    assert rows[("/m", "long_generation")]["stock_output_tok_s"] == 100.0
+    assert rows[("/big", "long_generation")]["stock_output_tok_s"] == 200.0
+    assert rows[("/big", "long_generation")]["ratio_output_tok_s"] == pytest.approx(3.0)
+    assert summary["model"] == ["/big", "/m"]
+
+
+def _scaled(run, factor):
+    """A fake engine run `factor` times as fast (another model's speed)."""
+
+    def scaled(spec, workdir, timeout=900, partial_ok=False):
+        result = run(spec, workdir, timeout, partial_ok)
+        for w in result["workloads"]:
+            w["output_tok_s"] *= factor
+        return result
+
+    return scaled
 
 
 def test_main_runs_stock_and_plugin_and_writes_the_issue_schema(tmp_path, monkeypatch):

@@ -67,6 +67,12 @@ def test_vllm_runner_builds_full_and_budget_requests_and_summarizes(tiny_model):
     assert results[1]["score"] == results[1]["full_score"] == 1.0
     assert results[0]["score"] == (1.0 + 6 / 8) / 2 and results[0]["score_last_quarter"] == 0.5
     assert results[0]["agreement"][-1]["agreement"] == 0.5
+    # paired over prompts against full KV: prompt 1 lost a quarter of its items
+    assert results[0]["per_prompt"] == [1.0, 0.75] and results[0]["full_per_prompt"] == [1.0, 1.0]
+    assert results[0]["delta_vs_full"] == -0.125
+    lo, hi = results[0]["delta_vs_full_ci95"]
+    assert -0.25 <= lo <= -0.125 <= hi <= 0.0
+    assert results[1]["delta_vs_full"] == 0.0 and results[1]["delta_vs_full_ci95"] == [0.0, 0.0]
 
 
 def test_answer_tokens_hold_the_whole_correct_answer(tiny_model):
