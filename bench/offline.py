@@ -158,10 +158,9 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
     ]
     before = scrape_plugin_metrics(metrics_port) if plugin else {}
 
-    max_running = [0.0]
-    max_usage = [0.0]  # vllm:kv_cache_usage_perc, a share of the KV pool in [0, 1]
-    # every 50 ms sample of (running, usage): their means are the average batch and the average KV held,
-    # hence the average footprint of a running request (usage / running), the physics of a ratio
+    # every 50 ms, (requests running, vllm:kv_cache_usage_perc: a share of the KV pool in [0, 1]): their
+    # maxima, and their means (the average batch and KV held, hence the average footprint of a running
+    # request, usage / running: the physics of a ratio)
     samples: list[tuple[float, float]] = []
     preemptions_before = sum(
         float(getattr(m, "value", 0.0)) for m in llm.get_metrics() if m.name == "vllm:num_preemptions"
@@ -179,7 +178,6 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
                     usage = float(getattr(metric, "value", 0.0))
                 elif metric.name == "vllm:num_preemptions":
                     preemptions[0] = float(getattr(metric, "value", 0.0))
-            max_running[0], max_usage[0] = max(max_running[0], running), max(max_usage[0], usage)
             samples.append((running, usage))
             time.sleep(0.05)
 
@@ -212,8 +210,8 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
         "output_tokens": out_tokens,
         "output_tok_s": out_tokens / elapsed,
         "req_s": len(prompts) / elapsed,
-        "max_running": max_running[0],
-        "max_kv_cache_usage": max_usage[0],
+        "max_running": max((r for r, _ in samples), default=0.0),
+        "max_kv_cache_usage": max((u for _, u in samples), default=0.0),
         "mean_running": sum(r for r, _ in samples) / len(samples) if samples else None,
         "mean_kv_cache_usage": sum(u for _, u in samples) / len(samples) if samples else None,
         "preemptions": preemptions[0] - preemptions_before,

@@ -145,7 +145,8 @@ def summarize(raw: dict, meta: dict) -> dict:
     cases = []
     for w in plugin.get("workloads", []):
         wl = w["workload"]
-        model = setup(raw, w.get("invocation")).get("model")
+        invocation = setup(raw, w.get("invocation"))
+        model = invocation.get("model")
         base = stock.get((model, wl["case"]))
         metrics = w.get("plugin_metrics", {})
         evictions = metrics.get("vllm_kvcomp_eviction_seconds_count", 0.0)
@@ -185,7 +186,7 @@ def summarize(raw: dict, meta: dict) -> dict:
         entry["preemptions"] = w.get("preemptions")
         entry["stock_preemptions"] = base.get("preemptions") if base else None
         entry["footprint_ratio"] = footprint_ratio(w, base)
-        entry["kv_cache_memory_bytes"] = setup(raw, w.get("invocation")).get("kv_cache_memory_bytes")
+        entry["kv_cache_memory_bytes"] = invocation.get("kv_cache_memory_bytes")
         entry["model"] = model
         entry.update(amdahl(entry, stock.get((model, f"{wl['case']}_prefill"))))
         # "same run" holds only when stock and plugin were measured by one invocation

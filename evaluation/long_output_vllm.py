@@ -72,8 +72,8 @@ def summarize(tasks, texts: dict, tokens: dict, budgets: list[float]) -> list[di
         results.append(
             {
                 "budget": budget,
-                "score": item_accuracy(tasks, got),
-                "full_score": item_accuracy(tasks, full_texts),
+                "score": sum(per_prompt) / len(per_prompt),  # item_accuracy, from the same per-prompt shares
+                "full_score": sum(full_per_prompt) / len(full_per_prompt),
                 # paired over prompts: the budget's item accuracy minus full KV's, 95% bootstrap interval
                 "delta_vs_full": delta,
                 "delta_vs_full_ci95": [lo, hi],
