@@ -197,6 +197,12 @@ class CompressionConfig(_Section):
             target = math.ceil(self.budget * prompt_len)
         return min(prompt_len, max(target, self.protected_tokens))
 
+    @property
+    def evicts_while_decoding(self) -> bool:
+        """Whether decode-time eviction can ever free a block: a method, `evict_every`, and a token
+        budget or a fraction below 1 (a fraction of 1 keeps the whole context at every step)."""
+        return self.enabled and self.evict_every is not None and (self.is_absolute_budget or self.budget < 1)
+
     def should_compress(self, prompt_len: int) -> bool:
         if not self.enabled or prompt_len < self.min_prompt_len:
             return False

@@ -253,8 +253,8 @@ class Life:
             return  # its last eviction failed: it grows until the next one succeeds
         config = tracked.config or self.rt.config
         every = config.evict_every  # the request's own cadence (kv_evict_every)
-        if every is None:
-            return  # decode-time eviction off for it: grows as stock vLLM's
+        if every is None or not config.evicts_while_decoding:
+            return  # decode-time eviction off for it (or `none`): grows as stock vLLM's
         average = config.average_budget(s["seq_len"] + 1)
         live = np.array([int(lens[layer][r]) for layer in range(L)])
         assert live.mean() <= average + BS - 1 + every, (req_id, live, average)
@@ -319,6 +319,28 @@ def test_requests_evict_at_their_own_cadence():
     decode = {rid: [r.prompt_len for r in life.records if r.phase == "decode" and r.req_id == rid] for rid in "abc"}
     assert decode == {"a": [150 + 2 * EVERY * k for k in (1, 2)], "b": [150 + EVERY * k for k in (1, 2, 3, 4)], "c": []}
     assert [r.req_id for r in life.records if r.phase == "prefill"] == ["a", "b", "c"]
+    assert [runtime.decode_ring.slot_of(rid) is not None for rid in "abc"] == [True, True, False]
+
+
+def test_requests_that_can_never_be_evicted_hold_no_ring_slot_and_no_decode_state():
+    """Budget 1.0 keeps the whole context at every step and `none` compresses nothing: neither gets a
+    decode-ring slot (its decode tokens write the scratch row) nor a decode state planned every
+    `evict_every` tokens, so a batch of them costs the ring's host planning nothing."""
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    server = runtime.config
+    life = Life(runtime, pool, seed=4)
+    life.prefill({
+        "full": (150, request_config(server, {"kv_budget": 1.0}, block_size=BS)),
+        "none": (150, request_config(server, {"kv_compression": "none"}, block_size=BS)),
+        "fixed": (40, request_config(server, {"kv_budget": 64}, block_size=BS)),  # tokens: evicted later
+    })  # fmt: skip
+    ring = runtime.decode_ring
+    assert [ring.slot_of(rid) is not None for rid in ("full", "none", "fixed")] == [False, False, True]
+    life.run(3 * EVERY + 1)
+    assert runtime.requests["full"].decode is None and runtime.requests["none"].decode is None
+    assert {r.req_id for r in life.records if r.phase == "decode"} == {"fixed"}
+    assert not server.model_copy(update={"budget": 1.0}).evicts_while_decoding
+    assert server.evicts_while_decoding and not server.model_copy(update={"evict_every": None}).evicts_while_decoding
 
 
 def test_self_check_after_decode_evictions(monkeypatch):
@@ -522,6 +544,22 @@ def test_decode_budgets_keep_the_prefill_ratios_at_the_new_average():
     fixed = build_config(method="uniform", budget=1024, overrides={"num_sinks": 4, "num_recent": 64})
     assert decode_budgets(ratios, fixed, 5000).tolist() == decode_budgets(ratios, fixed, 90000).tolist()
     assert decode_budgets(np.ones(3), fixed, 500).tolist() == [500, 500, 500]  # within budget: everything
+
+
+@pytest.mark.parametrize("budget", ["0.2", "0.05", "1024", "70", "1.0"])
+@pytest.mark.parametrize("seq_len", [1, 67, 68, 400, 1100, 17000])
+def test_decode_budgets_of_equal_ratios_are_what_allocate_gives(budget, seq_len):
+    """The equal-ratio shortcut (uniform, and requests without prefill statistics) returns exactly the
+    policies' `allocate` result, without its cost at every decode eviction."""
+    from vllm_kvcomp.policies.base import allocate
+
+    config = build_config(method="uniform", budget=budget, overrides={"num_sinks": 4, "num_recent": 64})
+    for ratios in (np.ones(16), np.full(5, 0.25)):
+        average = config.average_budget(seq_len)
+        floor = min(config.protected_tokens, seq_len)
+        expected = allocate(ratios * average, len(ratios) * average, floor, seq_len)
+        got = decode_budgets(ratios, config, seq_len)
+        assert got.dtype == expected.dtype and got.tolist() == expected.tolist()
 
 
 def test_the_runner_writes_rehomed_ids_into_the_live_request_only():

@@ -59,8 +59,11 @@ def decode_budgets(ratios: np.ndarray, config: CompressionConfig, seq_len: int) 
     """Per-layer budgets at context `seq_len`: `ratios` times `average_budget(seq_len)`, made
     integers that sum to L * B_avg, each in [protected tokens, seq_len] (as the policies')."""
     average = config.average_budget(seq_len)
+    ratios = np.asarray(ratios, dtype=np.float64)
+    if np.all(ratios == ratios[0]):  # uniform (and requests without prefill statistics): every layer the average
+        return np.full(len(ratios), average, dtype=np.int64)  # what `allocate` returns, without its cost
     floor = min(config.protected_tokens, seq_len)
-    return allocate(np.asarray(ratios, dtype=np.float64) * average, len(ratios) * average, floor, seq_len)
+    return allocate(ratios * average, len(ratios) * average, floor, seq_len)
 
 
 def logical_pages(layout: RequestLayout, row, seq_len: int, blocks_per_layer: int) -> np.ndarray:
@@ -140,14 +143,15 @@ class DecodeEvictor:
 
     def _due(self, req: TrackedRequest) -> bool:
         ring, config = self.rt.decode_ring, req.config or self.rt.config
-        if self.rt.requests.get(req.req_id) is not req or config.evict_every is None or ring is None:
-            return False
+        every = config.evict_every
+        if self.rt.requests.get(req.req_id) is not req or not config.evicts_while_decoding or ring is None:
+            return False  # (budget 1.0 or `none`: never, and no ring slot either)
         if req.decode is None and not req.compress and config.enabled and req.prompt_len >= config.min_prompt_len:
             # Its prompt was within budget (no prefill eviction): followed from its prompt on.
             g = self.rt.geometry
             req.decode = DecodeState.after_prefill(None, None, 0, req.prompt_len, g.num_layers, g.block_size)
         state = req.decode
-        if state is None or state.stopped or req.seq_len - state.evicted_at < config.evict_every:
+        if state is None or every is None or state.stopped or req.seq_len - state.evicted_at < every:
             return False
         return ring.rows_ready(req.req_id, req.seq_len)
 
@@ -240,17 +244,18 @@ class DecodeEvictor:
         if observer is not None:
             observer.before("relocate", (batch.reqs,))
         N, published = self.rt.geometry.blocks_per_layer, []
-        copies = [plan.page_copies(req.block_ids, N) for req, plan in zip(batch.reqs, batch.plans)]
+        new_rows = [plan.new_row(req.block_ids) for req, plan in zip(batch.reqs, batch.plans)]
+        copies = [plan.page_copies(req.block_ids, N, new) for req, plan, new in zip(batch.reqs, batch.plans, new_rows)]
         src = np.concatenate([s for s, _ in copies])
         if len(src):
             dst = np.concatenate([d for _, d in copies])
             copy_pages_(self.rt.pool, to_device(src, self.rt.device), to_device(dst, self.rt.device))
-        for req, plan in zip(batch.reqs, batch.plans):
+        for req, plan, new in zip(batch.reqs, batch.plans, new_rows):
             moved = plan.rehomed_ids(req.block_ids)
             if moved:
                 self._row_writes.append((req, plan.before.kept_blocks, moved))
-            batch.rows.append((plan.new_row(req.block_ids), plan.freed_ids(req.block_ids)))
-            published.append((req.index, batch.rows[-1][0], plan))
+            batch.rows.append((new, plan.freed_ids(req.block_ids)))
+            published.append((req.index, new, plan))
         self.rt.pages.publish(published)
         if snapshot is not None and observer is not None:
             req, plan, row = batch.reqs[0], batch.plans[0], batch.rows[0][0]

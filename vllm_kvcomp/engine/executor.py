@@ -46,9 +46,42 @@ def to_device(array: np.ndarray, device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def _domain_pages(plan: EvictionPlan | ReevictionPlan, layer: int) -> int:
-    """Pages `layer` selects from: the prompt's whole blocks, or its logical pages before the tail block."""
-    return int(plan.domain_pages[layer]) if isinstance(plan, ReevictionPlan) else plan.full_blocks
+def _domain_pages(plan: EvictionPlan | ReevictionPlan) -> np.ndarray:
+    """int64 [L]: pages each layer selects from: the prompt's whole blocks, or its logical pages
+    before the tail block."""
+    if isinstance(plan, ReevictionPlan):
+        return np.asarray(plan.domain_pages, dtype=np.int64)
+    return np.full(len(plan.compact_pages), plan.full_blocks, dtype=np.int64)
+
+
+def compaction_rows(
+    plans: Sequence[EvictionPlan | ReevictionPlan | None],
+    layers: range,
+    block_size: int,
+    per_layer: bool,
+    score_of: list[int] | None = None,
+) -> np.ndarray:
+    """int64 [5, rows], one column per evicted (layer, request) of `layers`, layer-major: its row of
+    the layer-major page table, domain tokens, kept tokens, row of the lengths ([L, R] when
+    `per_layer`, else [R]) and row of the scores (layer `layers[g]` scored by block `score_of[g]`).
+    Numpy per request: this runs at every decode eviction, for every due request."""
+    R = len(plans)
+    layer_ids = np.fromiter(layers, dtype=np.int64)
+    groups = np.arange(len(layer_ids), dtype=np.int64)
+    score_group = np.asarray(score_of if score_of is not None else groups, dtype=np.int64)
+    parts = []
+    for r, plan in enumerate(plans):
+        if plan is None:
+            continue
+        g = groups[plan.evicted_layers[layer_ids]]
+        length_row = layer_ids[g] * R + r if per_layer else np.full(len(g), r, dtype=np.int64)
+        domain = _domain_pages(plan)[layer_ids[g]] * block_size
+        keep = plan.compact_pages[layer_ids[g]].astype(np.int64) * block_size
+        parts.append(np.stack([g * R + r, domain, keep, length_row, score_group[g] * R + r]))
+    if not parts:
+        return np.zeros((5, 0), dtype=np.int64)
+    host = np.concatenate(parts, axis=1)
+    return np.ascontiguousarray(host[:, np.argsort(host[0], kind="stable")])
 
 
 class EvictionExecutor:
@@ -165,20 +198,10 @@ class EvictionExecutor:
         cfg, bs = self.config, self.geo.block_size
         layers = layers if layers is not None else range(self.geo.num_layers)
         R, per_layer = len(plans), prompt_lens.dim() == 2
-        score_of = score_of if score_of is not None else list(range(len(layers)))
-        flat, score_rows, domain_host, keep_host, req_of_row, len_rows = [], [], [], [], [], []
-        for g, layer in enumerate(layers):
-            for r, plan in enumerate(plans):
-                if plan is not None and plan.evicted_layers[layer]:
-                    flat.append(g * R + r)
-                    score_rows.append(score_of[g] * R + r)
-                    domain_host.append(_domain_pages(plan, layer) * bs)
-                    keep_host.append(int(plan.compact_pages[layer]) * bs)
-                    req_of_row.append(r)
-                    len_rows.append(layer * R + r if per_layer else r)
-        if not flat:
+        host = compaction_rows(plans, layers, bs, per_layer, score_of)
+        if not host.shape[1]:
             return {}
-        host = np.array([flat, domain_host, keep_host, len_rows, score_rows], dtype=np.int64)
+        flat, keep_host = host[0].tolist(), host[2].tolist()
         dev = to_device(host, self.device)
         rows_t, domain, keep = dev[0], dev[1].to(torch.int32), dev[2].to(torch.int32)
         row_scores = selection_scores(
@@ -195,7 +218,7 @@ class EvictionExecutor:
         keep_idx = select_keep_indices(row_scores, domain, keep, 0, 0, max_keep=max(keep_host), validate=False)
         del row_scores
         compact_kv_(self.pool, pages.index_select(0, rows_t), keep_idx, keep)
-        return {layers[flat[k] // R]: keep_idx[k, :, : keep_host[k]] for k in range(len(flat)) if req_of_row[k] == 0}
+        return {layers[flat[k] // R]: keep_idx[k, :, : keep_host[k]] for k in range(len(flat)) if flat[k] % R == 0}
 
     def relocate(self, compressed: list[tuple[list[int], EvictionPlan]]) -> None:
         """Copy overflow pages into free pages of the retained blocks (engine/layout.py)."""
