@@ -11,6 +11,10 @@ plan (`plan_reeviction`), the logical page table that scoring reads (`logical_pa
 compaction rows (`compaction_rows`), the rewritten block-table row, its copies and freed ids, and the
 entry tables that `LayerPageState.publish` writes. The kernels are not run. Reported per request and
 eviction, and for a round of `--requests` requests (what the GPU waits for, on this machine's CPU).
+
+`us_per_step`: the host work of every decode step on a real runtime (CPU), evicting or not: the
+window-capture and decode-ring plans and the contexts (`begin_step`), and the due check, for 7 and 64
+running requests at budget 1.0 (nothing to evict: the overhead budget 1.0 pays) and at lifetime budgets.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -80,6 +86,46 @@ def _publish_host(plan, row, blocks_per_layer: int):
     return ent[:, 1] * blocks_per_layer + ids[ent[:, 0]], ent[:, 3] * blocks_per_layer + ids[ent[:, 2]]
 
 
+def per_step(budget: str, running: int, steps: int = 500) -> float:
+    """Microseconds of host work per decode step for `running` requests at `budget` on a real runtime
+    (CPU): `begin_step` (window capture plan, decode-ring plan, contexts) and the due check of
+    `end_step`'s decode evictor; no request is due (each is timed between its evictions)."""
+    import torch
+
+    from vllm_kvcomp.config import request_config
+    from vllm_kvcomp.engine.runtime import CompressionRuntime
+
+    L, hkv, group, dim, bs = 16, 8, 4, 64, 16
+    server = build_config(method="uniform", budget="0.2", overrides={"metrics_port": None, "evict_every": 128})
+    runtime = CompressionRuntime(server, vllm_config=None)
+    runtime.setup(
+        layer_names=[f"model.layers.{i}.attn" for i in range(L)],
+        pool=torch.zeros(L * 8, 2, bs, hkv, dim, dtype=torch.bfloat16),
+        blocks_per_layer=8, block_size=bs, num_heads=hkv * group, scale=dim**-0.5, max_reqs=running + 1, width=8,
+    )  # fmt: skip
+    config = request_config(server, {"kv_budget": float(budget)}, block_size=bs)
+    for i in range(running):
+        runtime.add_request(f"r{i}", index=i + 1, block_ids=[1], prompt_len=2000, config=config)
+    batch = SimpleNamespace(  # vLLM's InputBatch: one decode token per request, contexts 2000..
+        req_ids=[f"r{i}" for i in range(running)],
+        num_reqs=running,
+        idx_mapping=torch.arange(1, running + 1, dtype=torch.int32),
+        idx_mapping_np=np.arange(1, running + 1, dtype=np.int32),
+        is_prefilling_np=np.zeros(running, dtype=bool),
+        query_start_loc_np=np.arange(running + 1, dtype=np.int32),
+        num_computed_tokens_np=np.full(running, 2000, dtype=np.int32),
+        num_scheduled_tokens=np.ones(running, dtype=np.int32),
+    )
+    for _ in range(20):
+        runtime.begin_step(batch)
+        runtime.decode_evictor.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        runtime.begin_step(batch)
+        runtime.decode_evictor.step()
+    return 1e6 * (time.perf_counter() - start) / steps
+
+
 def summarize(times: dict[str, list[float]], requests: int) -> dict:
     evictions = len(times["plan"])
     stages = {stage: 1e6 * sum(t) / max(1, len(t)) for stage, t in times.items()}
@@ -101,6 +147,7 @@ def _cpu_name() -> str:
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the runtime's warm-up runs its kernels (CPU)
     parser = argparse.ArgumentParser(prog="python -m bench.decode_host_cost", description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=16)
@@ -124,6 +171,11 @@ def main(argv=None) -> int:
         "device": f"CPU: {_cpu_name()} (Python {platform.python_version()}, numpy {np.__version__})",
         "setup": {k: v for k, v in vars(args).items() if k != "out"},
         **best,
+        # every decode step, evicting or not: fastest of `repeats`
+        "us_per_step": {
+            f"budget {budget}, {running} running": min(per_step(budget, running) for _ in range(args.repeats))
+            for budget, running in (("1.0", 7), ("1.0", 64), ("0.2", 64), (str(args.budget), 64))
+        },
     }
     text = json.dumps(result, indent=1)
     print(text)

@@ -19,3 +19,6 @@ def test_a_whole_life_is_replayed_eviction_by_eviction(tmp_path, monkeypatch):
     total = result["us_per_request_eviction_total"]
     assert abs(total - sum(stages.values())) < 1e-6 and abs(result["ms_per_round_of_8"] - 8 * total / 1e3) < 1e-9
     assert result["commit"] == "feed123" and result["command"].startswith("python -m bench.decode_host_cost")
+    per_step = result["us_per_step"]
+    assert set(per_step) == {f"budget {b}, {r} running" for b, r in (("1.0", 7), ("1.0", 64), ("0.2", 64), ("128", 64))}
+    assert all(0 < v < 1e5 for v in per_step.values())

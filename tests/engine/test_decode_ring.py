@@ -62,6 +62,18 @@ def test_decode_tokens_of_tracked_requests_go_to_their_ring_rows():
     assert (ring.dst[2:] == SCRATCH).all()
 
 
+def test_decode_rows_of_several_tokens_take_one_ring_row_each():
+    """The general path (more than one token in a decode row: the usual step has one, a fast path):
+    each token of a tracked row goes to the ring row of its own position."""
+    ring = make_ring()
+    sa, sb = ring.assign("a", index=2), ring.assign("b", index=0)
+    ring.plan_step(make_batch([("a", 2, 10, 3, False), ("u", 1, 50, 1, False), ("b", 0, 7, 2, False)]))
+    assert ring.dst[:6].tolist() == [sa * W + p % W for p in (10, 11, 12)] + [SCRATCH] + [
+        sb * W + p % W for p in (7, 8)
+    ]
+    assert (ring.dst[6:] == SCRATCH).all()
+
+
 def test_prefill_rows_and_untracked_requests_go_to_scratch():
     ring = make_ring()
     ring.assign("a", index=2)

@@ -125,8 +125,8 @@ class DecodeEvictor:
         contexts = np.asarray(input_batch.num_computed_tokens_np[:n]) + np.asarray(input_batch.num_scheduled_tokens[:n])
         for req_id, context in zip(input_batch.req_ids, contexts.tolist()):
             req = self.rt.requests.get(req_id)
-            if req is not None:
-                req.seq_len = int(context)
+            if req is not None and req.evicts_while_decoding:
+                req.seq_len = context
                 self._stepped.append(req)
 
     def step(self) -> CompressionReport:
@@ -144,8 +144,8 @@ class DecodeEvictor:
     def _due(self, req: TrackedRequest) -> bool:
         ring, config = self.rt.decode_ring, req.config or self.rt.config
         every = config.evict_every
-        if self.rt.requests.get(req.req_id) is not req or not config.evicts_while_decoding or ring is None:
-            return False  # (budget 1.0 or `none`: never, and no ring slot either)
+        if self.rt.requests.get(req.req_id) is not req or not req.evicts_while_decoding or ring is None:
+            return False
         if req.decode is None and not req.compress and config.enabled and req.prompt_len >= config.min_prompt_len:
             # Its prompt was within budget (no prefill eviction): followed from its prompt on.
             g = self.rt.geometry

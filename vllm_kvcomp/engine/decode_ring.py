@@ -136,10 +136,15 @@ class DecodeRing:
         if len(rows) == 0 and self._dirty == 0:
             return  # dst is all scratch already: nothing to copy
         counts = np.asarray(input_batch.num_scheduled_tokens[rows], dtype=np.int64)  # 1 per decode row
-        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        tokens = np.repeat(input_batch.query_start_loc_np[rows], counts) + within
-        positions = np.repeat(input_batch.num_computed_tokens_np[rows], counts) + within
-        token_slots = np.repeat(slots[rows], counts)
+        if counts.size and counts.min() == counts.max() == 1:  # the usual step (no speculative tokens): no repeats
+            tokens = input_batch.query_start_loc_np[rows].astype(np.int64)
+            positions = input_batch.num_computed_tokens_np[rows].astype(np.int64)
+            token_slots = slots[rows]
+        else:
+            within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            tokens = np.repeat(input_batch.query_start_loc_np[rows], counts) + within
+            positions = np.repeat(input_batch.num_computed_tokens_np[rows], counts) + within
+            token_slots = np.repeat(slots[rows], counts)
         used = int(tokens.max()) + 1 if len(tokens) else 0
         plan = np.full(max(used, self._dirty), self.scratch, dtype=np.int64)
         plan[tokens] = token_slots * self.window + positions % self.window

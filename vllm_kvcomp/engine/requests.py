@@ -76,7 +76,8 @@ class TrackedRequest:
     config: CompressionConfig | None = None  # per-request method/budget (None: the server's)
     rows: WindowRows | None = None  # set while its window is being captured
     finished: bool = False  # compressed, skipped, or nothing to do
-    seq_len: int = 0  # its context after the last step that scheduled it (with evict_every only)
+    evicts_while_decoding: bool = False  # its config can free blocks while decoding (and the server has the ring)
+    seq_len: int = 0  # its context after the last step that scheduled it (requests evicted while decoding)
     budgets: np.ndarray | None = None  # per-layer budgets of its prefill plan
     decode: DecodeState | None = None  # set while decode-time eviction follows it
 

@@ -207,10 +207,12 @@ class CompressionRuntime:
         self.remove_request(req_id)
         self.pages.reset(index)
         compress = (config or self.config).should_compress(prompt_len)
-        self.requests[req_id] = TrackedRequest(req_id, index, list(block_ids), prompt_len, compress, config)
-        # A ring slot only for requests that can be evicted while decoding: the others (budget 1.0,
-        # `kv_evict_every: off`) cost the ring's host planning nothing (their rows write the scratch row).
+        req = self.requests[req_id] = TrackedRequest(req_id, index, list(block_ids), prompt_len, compress, config)
+        # A ring slot, and per-step bookkeeping, only for requests that can be evicted while decoding: the
+        # others (budget 1.0, `none`, `kv_evict_every: off`) cost nothing per step (their rows write the
+        # ring's scratch row).
         if self.decode_ring is not None and (config or self.config).evicts_while_decoding:
+            req.evicts_while_decoding = True
             self.decode_ring.assign(req_id, index)
 
     def append_blocks(self, req_id: str, block_ids: list[int]) -> None:
