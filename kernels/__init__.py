@@ -3,13 +3,14 @@
 * ``score_gather``: SnapKV observation-window scores read from the paged cache.
 * ``compact_kv_``: in-place compaction of survivors per (row, KV head).
 * ``copy_pages_``: whole-page copies.
+* ``record_queries_``: the decode-query ring's write (queries and LSE), one launch per layer.
 * ``select_keep_indices``: per-head top-k with forced sinks / recent window.
 * ``reference``: plain-torch oracles (also the CPU path).
 * ``forced_keep_mask``: the sinks + recent tokens eviction always keeps (``common``).
 
 Modules: ``score_gather`` (host side), ``score_gather_kernels`` (jitted,
 autotuned) and ``score_gather_configs`` (their candidates, keys, pruning),
-``compaction``, ``reference``, ``common`` (interpreter check, forced mask,
+``compaction``, ``ring``, ``reference``, ``common`` (interpreter check, forced mask,
 autotune policy).
 """
 
@@ -22,12 +23,14 @@ from .reference import (
     gather_keys,
     gather_kv,
     gather_values,
+    record_queries_reference,
     score_gather_reference,
     select_keep_indices_batched_reference,
     select_keep_indices_reference,
     window_lse_reference,
     window_scores_reference,
 )
+from .ring import record_queries_
 from .score_gather import score_gather
 
 __all__ = [
@@ -41,6 +44,8 @@ __all__ = [
     "gather_keys",
     "gather_kv",
     "gather_values",
+    "record_queries_",
+    "record_queries_reference",
     "score_gather",
     "score_gather_reference",
     "select_keep_indices",

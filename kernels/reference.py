@@ -287,3 +287,15 @@ def copy_pages_reference(kv_cache: torch.Tensor, src_pages: torch.Tensor, dst_pa
     out = kv_cache.clone()
     out[dst_pages.to(torch.long)] = kv_cache[src_pages.to(torch.long)]
     return out
+
+
+def record_queries_reference(
+    queries: torch.Tensor, lse_rows: torch.Tensor, dst: torch.Tensor, query: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """In place: ring row `dst[t]` of `queries` ([..., H, D]) and `lse_rows` ([..., H]) receives
+    token t's query `query[t]` ([T, H, D]) and LSE `lse[:, t]` ([H, >= T]), for t < T (torch's
+    `index_copy_`; duplicate destinations leave their row arbitrary)."""
+    num_tokens, num_heads, head_size = query.shape
+    index = dst[:num_tokens]
+    queries.view(-1, num_heads, head_size).index_copy_(0, index, query.to(queries.dtype))
+    lse_rows.view(-1, num_heads).index_copy_(0, index, lse[:, :num_tokens].t().to(lse_rows.dtype))

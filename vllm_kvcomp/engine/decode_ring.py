@@ -52,12 +52,12 @@ def record_decode_rows(
     """Scatter one layer's T query rows [T, H, D] and their LSE [H, T] into the ring
     rows `dst[:T]` of `queries [rows, W, H, D]` / `lse_rows [rows, W, H]`.
 
-    Capturable: fixed shapes, persistent buffers, no host data. Untracked tokens all
-    point at the scratch row; duplicate indices leave it arbitrary (never read)."""
-    num_tokens, num_heads, head_size = query.shape
-    index = dst[:num_tokens]
-    queries.view(-1, num_heads, head_size).index_copy_(0, index, query)
-    lse_rows.view(-1, num_heads).index_copy_(0, index, lse[:, :num_tokens].t().float())
+    Capturable: fixed shapes, persistent buffers, no host data; one Triton launch
+    (`record_queries_`) per layer. Untracked tokens all point at the scratch row;
+    duplicate indices leave it arbitrary (never read)."""
+    from vllm_kvcomp.kernels import record_queries_
+
+    record_queries_(queries, lse_rows, dst, query, lse)
 
 
 class DecodeRing:
