@@ -1,9 +1,8 @@
 """The decode-query ring's write: one layer's query rows and their LSE into ring rows, one launch.
 
 Attention runs it for every layer at every step, inside the captured CUDA graphs
-(engine/decode_ring.py), so it is one Triton kernel instead of torch's two
-`index_copy_` (queries, LSE) and the transpose copy of the LSE: a third of the
-graph nodes. A program per token: it reads the token's ring row from `dst` and
+(engine/decode_ring.py), so it is one Triton launch instead of torch's two
+`index_copy_` (queries, LSE; the LSE is read transposed). A program per token: it reads the token's ring row from `dst` and
 copies the token's [H, D] query and its H log-sum-exps there. Untracked tokens
 all point at the scratch row (duplicate destinations: that row is left
 arbitrary and never read, as with `index_copy_`).
@@ -25,7 +24,8 @@ from .reference import record_queries_reference
 __all__ = ["record_queries_"]
 
 
-@triton.jit
+# Strides and counts vary with the batch's padded size: not specialized, so no graph size compiles anew.
+@triton.jit(do_not_specialize=["stride_qt", "stride_qh", "stride_lh", "stride_lt", "num_heads", "head_size"])
 def _record_queries_kernel(
     query_ptr,
     lse_ptr,
