@@ -232,7 +232,7 @@ stage_long_output() {
     model=$(hf_model "$key" "$([ "$key" = qwen05 ] && echo 9 || echo 19)") || return 1
     (cd "$WORK" && timeout 1200 $PY -m evaluation.long_output_vllm --model "$model" --model-name "$key (Q4_K_M GGUF -> bf16)" \
       --name "long_output_$key" --out "$RESULTS" --budgets 1024,2048 --evict-every "${EVICT_EVERY:-128}" \
-      --prompts 16 --items 800 --gpu-memory-utilization "${GPU_MEM:-0.85}" 2>&1 \
+      --prompts 32 --items 800 --gpu-memory-utilization "${GPU_MEM:-0.85}" 2>&1 \
       | tee "$LOGS/long_output_$key.log" | grep -E "^\[long-output\]|Error" | tail -5)
   done
 }
