@@ -2,8 +2,9 @@
 
 Attention runs it for every layer at every step, inside the captured CUDA graphs
 (engine/decode_ring.py), so it is one Triton launch instead of torch's two
-`index_copy_` (queries, LSE; the LSE is read transposed). A program per token: it reads the token's ring row from `dst` and
-copies the token's [H, D] query and its H log-sum-exps there. Untracked tokens
+`index_copy_` (queries, LSE; the LSE is read transposed). A program per token:
+it reads the token's ring row from `dst` and copies the token's [H, D] query and
+its H log-sum-exps there. Untracked tokens
 all point at the scratch row (duplicate destinations: that row is left
 arbitrary and never read, as with `index_copy_`).
 
