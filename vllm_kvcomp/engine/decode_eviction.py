@@ -145,8 +145,8 @@ class DecodeEvictor:
         ring, config = self.rt.decode_ring, req.config or self.rt.config
         every = config.evict_every
         if self.rt.requests.get(req.req_id) is not req or not req.evicts_while_decoding or ring is None:
-            return False
-        if req.decode is None and not req.compress and config.enabled and req.prompt_len >= config.min_prompt_len:
+            return False  # (its config has a method: evicts_while_decoding says so)
+        if req.decode is None and not req.compress and req.prompt_len >= config.min_prompt_len:
             # Its prompt was within budget (no prefill eviction): followed from its prompt on.
             g = self.rt.geometry
             req.decode = DecodeState.after_prefill(None, None, 0, req.prompt_len, g.num_layers, g.block_size)

@@ -66,7 +66,7 @@ class RequestLayout:
             raise ValueError(f"{int(c.sum())} compacted pages do not fit in {self.kept_blocks} rows")
         if len(homes) and (homes[:, 0].max() >= self.kept_blocks or homes[:, 1].max() >= len(c) or homes.min() < 0):
             raise ValueError("compacted pages must live in rows 0..K-1, slots 0..L-1")
-        # a count per page, not a set of tuples: this runs at every decode eviction (1.2 ms per request as a set)
+        # a count per page, not a set of tuples: this runs at every decode eviction (about 1 ms per request as a set)
         if len(homes) and np.bincount(homes[:, 0] * len(c) + homes[:, 1]).max() > 1:
             raise ValueError("two compacted pages share one page")
 
