@@ -294,10 +294,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from evaluation.random_model import make_random_model
 
-    model = make_random_model(args.work / MODEL_SHAPE, MODEL_SHAPE)
-    import torch
-
-    torch.cuda.empty_cache()  # the engine's memory check must not see the model build
+    model = make_random_model(args.work / MODEL_SHAPE, MODEL_SHAPE)  # releases its GPU memory
     injector = Path(__file__).resolve().parents[1] / "tests" / "engine" / "fault_injector.py"
     os.environ.update({"VLLM_KVCOMP_VERIFY": str(args.verify), "VLLM_KVCOMP_OBSERVER": f"{injector}:FaultInjector"})
     case = record(args, asyncio.run(drive(args, model)))

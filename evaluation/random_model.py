@@ -82,6 +82,11 @@ def make_random_model(path: str | Path, shape: str = "llama-1b", max_position: i
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
+    del model
+    if device == "cuda":
+        # The caching allocator would keep the build's memory (28 GiB at the 8B shape) from the
+        # engine started next in this process tree: vLLM refuses to start below its free-memory share.
+        torch.cuda.empty_cache()
     make_tokenizer(path)
     marker.write_text(json.dumps({"shape": shape, "seed": seed}))
     return path
