@@ -132,22 +132,24 @@ def _identical_share(a: list[str], b: list[str]) -> float:
 
 
 def _key(raw: dict, workload: dict) -> tuple:
-    """A workload's identity: its model and label (a later measurement of both replaces it)."""
-    return setup(raw, workload.get("invocation")).get("model"), workload["workload"]["label"]
+    """A workload's identity: its model, KV memory and label (a later measurement of all three
+    replaces it; the same case at another KV memory is another row, against its own stock)."""
+    invocation = setup(raw, workload.get("invocation"))
+    return invocation.get("model"), invocation.get("kv_cache_memory_bytes"), workload["workload"]["label"]
 
 
 def summarize(raw: dict, meta: dict) -> dict:
     """throughput.json (issue #5 schema, plus extra fields) from the raw results."""
-    stock = {
-        (_key(raw, w)[0], w["workload"]["label"].split("@")[0]): w for w in raw.get("stock", {}).get("workloads", [])
+    stock = {  # (model, KV memory, case)
+        (*_key(raw, w)[:2], w["workload"]["label"].split("@")[0]): w for w in raw.get("stock", {}).get("workloads", [])
     }
     plugin = raw.get("plugin", {})
     cases = []
     for w in plugin.get("workloads", []):
         wl = w["workload"]
         invocation = setup(raw, w.get("invocation"))
-        model = invocation.get("model")
-        base = stock.get((model, wl["case"]))
+        model, kv_bytes = invocation.get("model"), invocation.get("kv_cache_memory_bytes")
+        base = stock.get((model, kv_bytes, wl["case"]))
         metrics = w.get("plugin_metrics", {})
         evictions = metrics.get("vllm_kvcomp_eviction_seconds_count", 0.0)
         entry = {
@@ -188,7 +190,7 @@ def summarize(raw: dict, meta: dict) -> dict:
         entry["footprint_ratio"] = footprint_ratio(w, base)
         entry["kv_cache_memory_bytes"] = invocation.get("kv_cache_memory_bytes")
         entry["model"] = model
-        entry.update(amdahl(entry, stock.get((model, f"{wl['case']}_prefill"))))
+        entry.update(amdahl(entry, stock.get((model, kv_bytes, f"{wl['case']}_prefill"))))
         # "same run" holds only when stock and plugin were measured by one invocation
         entry["same_invocation"] = bool(base) and w.get("invocation") == base.get("invocation")
         if base and "token_digests" in w and "token_digests" in base:

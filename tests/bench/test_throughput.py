@@ -171,6 +171,17 @@ def test_raw_results_of_two_jobs_merge_with_each_case_against_its_own_stock(tmp_
     summary = json.loads((tmp_path / "d" / "throughput.json").read_text())
     got = {c["case"]: c["kv_cache_memory_bytes"] for c in summary["cases"]}
     assert got == {"long_generation": 2048, "decode_heavy": 1024} and summary["kv_cache_memory_bytes"] == [1024, 2048]
+    # the same case at two KV memories: two rows, each against the stock run of its own KV memory
+    monkeypatch.setattr(throughput.offline, "run_in_subprocess", _scaled(fake_run, 4.0))
+    assert main([*common, "--kv-cache-memory-bytes", "4096", "--out", str(tmp_path / "f"), *args[2:]]) == 0
+    raw_f = str(tmp_path / "f" / "throughput_raw.json")
+    assert main(["--merge", raws[0], raw_f, "--out", str(tmp_path / "y")]) == 0
+    cases = json.loads((tmp_path / "y" / "throughput.json").read_text())["cases"]
+    rows = {c["kv_cache_memory_bytes"]: c for c in cases}
+    assert set(rows) == {1024, 4096}
+    assert (rows[1024]["stock_output_tok_s"], rows[4096]["stock_output_tok_s"]) == (100.0, 400.0)
+    assert (rows[1024]["stock_invocation"], rows[4096]["stock_invocation"]) == (0, 1)
+    monkeypatch.setattr(throughput.offline, "run_in_subprocess", fake_run)
     # the same case on another model (e.g. the 8B shape) is a row of its own, against its own model's stock
     monkeypatch.setattr(throughput.offline, "run_in_subprocess", _scaled(fake_run, 2.0))
     assert main([*common, "--model", "/big", "--out", str(tmp_path / "e"), *args[2:]]) == 0
