@@ -13,7 +13,8 @@
 #   bash bench/device/parallel.sh launch-lifetime   issue #12's layout (below), from a snapshot in /tmp
 #   bash bench/device/parallel.sh stash             copy the carried model parts into /tmp/q (every call)
 # The lifetime layout (issue #12's evidence and the GPU suite, split over the two GPUs):
-#   A  GPU 0      throughput long_generation (stock, 1024, 2048), then kernel_tests runtime_gpu serve engine
+#   A  GPU 0      throughput long_generation (stock, 1024, 2048), then kernel_tests runtime_gpu serve engine,
+#                 then the 8B shape's long generation (4k output; about 6 minutes, so about 22 in all)
 #   B  GPU 1      throughput decode_heavy with lifetime budgets, the decode self-check (both graph
 #                 modes), long-output quality on both models (parts carried meanwhile), decode_smoke
 #                 (about 17 minutes each)
@@ -50,7 +51,7 @@ launch_quality() {
 
 launch_lifetime() {
   $SESSION install
-  job A "CUDA_VISIBLE_DEVICES=0" tput_long kernel_tests runtime_gpu serve engine
+  job A "CUDA_VISIBLE_DEVICES=0" tput_long kernel_tests runtime_gpu serve engine tput_long_8b
   job B "CUDA_VISIBLE_DEVICES=1 DECODE_K=1" tput_decode_lifetime decode_verify long_output decode_smoke
   sleep 5
   tail -n 2 "$JOBS"/*.log
