@@ -188,7 +188,7 @@ def summarize(raw: dict, meta: dict) -> dict:
         entry["preemptions"] = w.get("preemptions")
         entry["stock_preemptions"] = base.get("preemptions") if base else None
         entry["footprint_ratio"] = footprint_ratio(w, base)
-        entry["kv_cache_memory_bytes"] = invocation.get("kv_cache_memory_bytes")
+        entry["kv_cache_memory_bytes"] = kv_bytes
         entry["model"] = model
         entry.update(amdahl(entry, stock.get((model, kv_bytes, f"{wl['case']}_prefill"))))
         # "same run" holds only when stock and plugin were measured by one invocation

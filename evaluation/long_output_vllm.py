@@ -64,7 +64,10 @@ def summarize(tasks, texts: dict, tokens: dict, budgets: list[float]) -> list[di
     full_texts = [texts[(t, None)] for t in n]
     quarter = max(1, tasks[0].num_items // 4)
     results = []
-    full_per_prompt = prompt_accuracies(tasks, full_texts)
+    full_per_prompt = prompt_accuracies(tasks, full_texts)  # full KV's scores: once, for every budget
+    full_score = sum(full_per_prompt) / len(full_per_prompt)
+    full_last_quarter = item_accuracy(tasks, full_texts, last_items=quarter)
+    full_tokens = [tokens[(t, None)] for t in n]
     for budget in budgets:
         got = [texts[(t, budget)] for t in n]
         per_prompt = prompt_accuracies(tasks, got)
@@ -73,15 +76,15 @@ def summarize(tasks, texts: dict, tokens: dict, budgets: list[float]) -> list[di
             {
                 "budget": budget,
                 "score": sum(per_prompt) / len(per_prompt),  # item_accuracy, from the same per-prompt shares
-                "full_score": sum(full_per_prompt) / len(full_per_prompt),
+                "full_score": full_score,
                 # paired over prompts: the budget's item accuracy minus full KV's, 95% bootstrap interval
                 "delta_vs_full": delta,
                 "delta_vs_full_ci95": [lo, hi],
                 "per_prompt": per_prompt,
                 "full_per_prompt": full_per_prompt,
                 "score_last_quarter": item_accuracy(tasks, got, last_items=quarter),
-                "full_score_last_quarter": item_accuracy(tasks, full_texts, last_items=quarter),
-                "agreement": agreement_curve([tokens[(t, budget)] for t in n], [tokens[(t, None)] for t in n]),
+                "full_score_last_quarter": full_last_quarter,
+                "agreement": agreement_curve([tokens[(t, budget)] for t in n], full_tokens),
             }
         )
     return results

@@ -13,9 +13,10 @@ import pytest
 import torch
 from runtime_helpers import make_batch
 from test_runtime_cpu import HQ, D, L, make_runtime
+from vllm_kvcomp.kernels import record_queries_
 
 from vllm_kvcomp.engine import attention
-from vllm_kvcomp.engine.decode_ring import DecodeRing, record_decode_rows
+from vllm_kvcomp.engine.decode_ring import DecodeRing
 
 W, SLOTS, MAX_TOKENS = 4, 5, 32
 SCRATCH = SLOTS * W
@@ -172,7 +173,7 @@ def test_record_writes_rows_and_sends_duplicates_to_scratch():
     dst = torch.tensor([1 * W + 2, scratch, 0 * W + 3, scratch, scratch, scratch, scratch])  # longer than T
     query = torch.arange(T, dtype=torch.float32).view(T, 1, 1).expand(T, HQ, D) + 1
     lse = torch.arange(T, dtype=torch.float32).view(1, T).expand(HQ, T) + 10
-    record_decode_rows(queries, lse_rows, dst, query, lse)
+    record_queries_(queries, lse_rows, dst, query, lse)  # the ring's write (DecodeRing.record)
     assert (queries[1, 2] == 1).all() and (queries[0, 3] == 3).all()
     assert (lse_rows[1, 2] == 10).all() and (lse_rows[0, 3] == 12).all()
     assert queries[:2].count_nonzero() == 2 * HQ * D and lse_rows[:2].count_nonzero() == 2 * HQ

@@ -46,20 +46,6 @@ from vllm_kvcomp.engine.requests import TrackedRequest
 FREE = -1  # no slot (runner index not tracked, ring row never written)
 
 
-def record_decode_rows(
-    queries: torch.Tensor, lse_rows: torch.Tensor, dst: torch.Tensor, query: torch.Tensor, lse: torch.Tensor
-) -> None:
-    """Scatter one layer's T query rows [T, H, D] and their LSE [H, T] into the ring
-    rows `dst[:T]` of `queries [rows, W, H, D]` / `lse_rows [rows, W, H]`.
-
-    Capturable: fixed shapes, persistent buffers, no host data; one Triton launch
-    (`record_queries_`) per layer. Untracked tokens all point at the scratch row;
-    duplicate indices leave it arbitrary (never read)."""
-    from vllm_kvcomp.kernels import record_queries_
-
-    record_queries_(queries, lse_rows, dst, query, lse)
-
-
 class DecodeRing:
     def __init__(
         self,
@@ -158,8 +144,13 @@ class DecodeRing:
         self._dirty = 0
 
     def record(self, layer: int, query: torch.Tensor, lse: torch.Tensor) -> None:
-        """Attention's write (query [T, H, D], lse [H, T]); see `record_decode_rows`."""
-        record_decode_rows(self.queries[layer], self.lse[layer], self.dst, query, lse)
+        """Attention's write: one layer's T query rows [T, H, D] and their LSE [H, T] into the ring
+        rows `dst[:T]`. Capturable (fixed shapes, persistent buffers, no host data); one Triton
+        launch per layer. Untracked tokens all point at the scratch row; duplicate indices leave it
+        arbitrary (never read)."""
+        from vllm_kvcomp.kernels import record_queries_
+
+        record_queries_(self.queries[layer], self.lse[layer], self.dst, query, lse)
 
     def _copy_dst(self, plan: np.ndarray) -> None:
         src = torch.from_numpy(plan)
