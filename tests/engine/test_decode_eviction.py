@@ -605,3 +605,53 @@ def test_decode_evictions_have_their_own_counters():
     assert float(lines['vllm_kvcomp_decode_tokens_evicted_total{layer="0"}']) == 32
     assert float(lines['vllm_kvcomp_decode_tokens_evicted_total{layer="1"}']) == 64
     assert float(lines['vllm_kvcomp_decode_evictions_deferred_total{reason="decode_eviction_error_score"}']) == 1
+
+
+def _planned_life(seed, plan_ahead, monkeypatch):
+    """The whole-life stream of three requests; returns (records, rows, each planning's (request,
+    context planned for, context then))."""
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    server = runtime.config
+    evictor, planned = runtime.decode_evictor, []
+    plan = evictor._plan
+    monkeypatch.setattr(evictor, "_plan", lambda req, s: planned.append((req.req_id, s, req.seq_len)) or plan(req, s))
+    if not plan_ahead:
+        monkeypatch.setattr(evictor, "plan_ahead", lambda stepped: None)
+    life = Life(runtime, pool, seed=seed)
+    life.prefill({
+        "a": (150, request_config(server, {"kv_compression": "pyramid"})),
+        "b": (200, request_config(server, {"kv_budget": 96})),
+        "c": (40, request_config(server, {"kv_budget": 64})),  # within budget: followed from its first step
+    })  # fmt: skip
+    life.run(4 * EVERY + 3)  # every read checked against what each eviction kept
+    records = [(r.req_id, r.phase, r.prompt_len, r.kept_tokens, r.freed_block_ids) for r in life.records]
+    return records, {rid: runtime.requests[rid].block_ids for rid in "abc"}, planned
+
+
+def test_plans_made_ahead_are_the_plans_made_when_due(monkeypatch):
+    """Planning ahead moves the host planning out of the due step and changes nothing else: the same
+    evictions, freed ids and rows as planning every eviction in its due step."""
+    records, rows, planned = _planned_life(3, True, monkeypatch)
+    when_due, due_rows, due_planned = _planned_life(3, False, monkeypatch)
+    assert records == when_due and rows == due_rows
+    assert [r for r in records if r[1] == "decode"], "no decode eviction"
+    assert all(s == now for _, s, now in due_planned)  # without it: every plan in its due step
+    # with it: every eviction was planned in an earlier step, each (request, context) once
+    ahead = [(rid, s) for rid, s, now in planned if s > now]
+    assert len(ahead) == len(planned) and len(set(ahead)) == len(ahead)
+    evicted = {(r[0], r[2]) for r in records if r[1] == "decode"}
+    assert evicted <= set(ahead) and ("c", 40 + EVERY) in ahead  # c's first frees nothing: planned all the same
+
+
+def test_a_plan_made_ahead_holds_only_for_its_context_and_layout():
+    from vllm_kvcomp.engine.requests import DecodeState
+
+    state = DecodeState.after_prefill(None, None, 0, 100, L, BS)
+    plan = plan_reeviction(state.layout, [40] * L, 132, SINKS, RECENT)
+    state.next_plan = (132, state.layout, plan)
+    assert state.planned(132) == (True, plan)
+    assert state.planned(133) == (False, None)  # reached another context (several tokens in a step)
+    state.layout = RequestLayout.uncompressed(L, BS)  # an equal layout, but not the one planned from
+    assert state.planned(132) == (False, None)
+    state.next_plan = (140, state.layout, None)  # planned: nothing to free
+    assert state.planned(140) == (True, None)

@@ -6,7 +6,9 @@ grown by `evict_every` tokens since its last eviction, scored by its last
 due in a step form one batch (`DecodeEvictor.step`, from `end_step`):
   1. plan, host only: the prefill plan's per-layer budget ratios scaled to the
      average budget at context S (`decode_budgets`), then `plan_reeviction` on
-     the request's `RequestLayout` (no statistics read back, no collective);
+     the request's `RequestLayout` (no statistics read back, no collective).
+     Usually made in an earlier step (`plan_ahead`), so that a round of requests
+     due together does not plan while the GPU waits;
   2. score every layer's logical pages (`logical_pages`) with its own queries;
   3. compact each layer in place into its first c'_l logical pages, copy the
      kept pages of rows about to be freed into dead slots of retained rows,
@@ -111,6 +113,7 @@ class DecodeEvictor:
         self.workspace_bytes = runtime.config.eviction_workspace_mb << 20
         self._stepped: list[TrackedRequest] = []
         self._row_writes: list[tuple[TrackedRequest, int, list[int]]] = []
+        self._cursor = 0  # plan_ahead's place in the stepped requests
         config = runtime.config
         if config.evict_every is not None and config.decode_window != config.window:
             runtime.executor.warm_up(config.decode_window)  # the scorer's tiles for W_dec: no compile mid-serving
@@ -130,10 +133,41 @@ class DecodeEvictor:
                 self._stepped.append(req)
 
     def step(self) -> CompressionReport:
-        """Evict every request due after this step, in one batch."""
+        """Evict every request due after this step, in one batch; then plan a few next evictions."""
         stepped, self._stepped = self._stepped, []
         due = [req for req in stepped if self._due(req)]
-        return self.evict(due) if due else CompressionReport()
+        report = self.evict(due) if due else CompressionReport()
+        self.plan_ahead(stepped)
+        return report
+
+    def plan_ahead(self, stepped: list[TrackedRequest]) -> None:
+        """Plan the next eviction of a few requests, round-robin over those that stepped.
+
+        A plan depends only on the layout, the budgets and the context, all known
+        `evict_every` tokens ahead. Requests evicted together (a round) would otherwise
+        all be planned in their due step while the GPU waits. Here each step looks at
+        about 4 / evict_every of the requests and plans those without a plan, so a round
+        is planned within a quarter of an interval at O(1) host work per step. A plan
+        is used only if the request reaches its due context in that layout
+        (`DecodeState.planned`); else it is planned again when due.
+        """
+        n, every = len(stepped), self.rt.config.evict_every
+        if not n or every is None:
+            return
+        look = min(n, 2 * cdiv(2 * n, every))
+        start, self._cursor = self._cursor % n, (self._cursor + look) % n
+        for k in range(look):
+            req = stepped[(start + k) % n]
+            state, req_every = req.decode, (req.config or self.rt.config).evict_every
+            if state is None or state.stopped or req_every is None or self.rt.requests.get(req.req_id) is not req:
+                continue
+            due = state.evicted_at + req_every
+            if due <= req.seq_len or state.planned(due)[0]:
+                continue
+            try:
+                state.next_plan = (due, state.layout, self._plan(req, due))
+            except Exception:  # planned again when due, where a failure defers the eviction (logged there)
+                logger.debug("vllm-kvcomp: %s: planning ahead failed", req.req_id, exc_info=True)
 
     def take_row_writes(self) -> list[tuple[TrackedRequest, int, list[int]]]:
         """(request, first position, block ids) to write into its block-table row before the
@@ -191,10 +225,17 @@ class DecodeEvictor:
     def _plans(self, reqs: list[TrackedRequest]) -> list[ReevictionPlan | None]:
         plans = []
         for req in reqs:
-            config, state = req.config or self.rt.config, _state(req)
-            budgets = decode_budgets(state.ratios, config, req.seq_len)
-            plans.append(plan_reeviction(state.layout, budgets, req.seq_len, config.num_sinks, config.num_recent))
+            state = _state(req)
+            ahead, plan = state.planned(req.seq_len)
+            state.next_plan = None
+            plans.append(plan if ahead else self._plan(req, req.seq_len))
         return plans
+
+    def _plan(self, req: TrackedRequest, seq_len: int) -> ReevictionPlan | None:
+        """Its eviction at context `seq_len` from its current layout (host only)."""
+        config, state = req.config or self.rt.config, _state(req)
+        budgets = decode_budgets(state.ratios, config, seq_len)
+        return plan_reeviction(state.layout, budgets, seq_len, config.num_sinks, config.num_recent)
 
     def _gather(self, reqs: list[TrackedRequest], plans: list[ReevictionPlan | None], groups: list[range]) -> _Batch:
         """The decode queries and logical pages of the requests that free blocks; scores the last group."""

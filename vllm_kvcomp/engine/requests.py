@@ -8,7 +8,7 @@ import numpy as np
 
 from vllm_kvcomp.config import CompressionConfig
 from vllm_kvcomp.engine.layout import EvictionPlan
-from vllm_kvcomp.engine.reeviction import RequestLayout
+from vllm_kvcomp.engine.reeviction import ReevictionPlan, RequestLayout
 
 
 @dataclass
@@ -49,6 +49,16 @@ class DecodeState:
     ratios: np.ndarray  # float64 [L]: B_l / B_avg
     deferred: int = 0  # decode evictions in a row that failed before rewriting anything
     stopped: bool = False  # no longer evicted (failed MAX_DEFERRED times, or after compaction)
+    # The plan of its next eviction, made steps ahead (DecodeEvictor.plan_ahead): (context, the
+    # layout it was planned from, the plan or None for nothing to free). Used only if both match.
+    next_plan: tuple[int, RequestLayout, ReevictionPlan | None] | None = None
+
+    def planned(self, seq_len: int) -> tuple[bool, ReevictionPlan | None]:
+        """(whether a plan made ahead holds for context `seq_len`, that plan)."""
+        ahead = self.next_plan
+        if ahead is None or ahead[0] != seq_len or ahead[1] is not self.layout:
+            return False, None
+        return True, ahead[2]
 
     @classmethod
     def after_prefill(
