@@ -7,9 +7,10 @@ round of 64 due requests (bench/results/lifetime/h200_evidence/). The GPU idles 
 this measures the host side alone: for one request of `--prompt` tokens that generates `--output`
 tokens at a token budget `--budget` with `evict_every`, every eviction goes through the functions
 `DecodeEvictor` calls per request (engine/decode_eviction.py): the budgets (`decode_budgets`), the
-plan (`plan_reeviction`), the logical page table that scoring reads (`logical_pages`), the
-compaction rows (`compaction_rows`), the rewritten block-table row, its copies and freed ids, and the
-entry tables that `LayerPageState.publish` writes. The kernels are not run. Reported per request and
+plan (`plan_reeviction`), the block-table row as an array (once per request), the logical page table
+that scoring reads (`logical_pages`), the compaction rows (`compaction_rows`), the rewritten
+block-table row, its copies and freed ids, the entry tables that `LayerPageState.publish` writes, and
+the new row as vLLM's list of ids. The kernels are not run. Reported per request and
 eviction, and for a round of `--requests` requests (what the GPU waits for, on this machine's CPU).
 Since `DecodeEvictor.plan_ahead` makes the budgets and the plan in earlier steps, the round's due step
 has only the rest (`ms_per_round_of_N_in_due_step`).
@@ -69,14 +70,21 @@ def replay(args) -> dict[str, list[float]]:
         plan = timed("plan", plan_reeviction, layout, budgets, seq_len, config.num_sinks, config.num_recent)
         if plan is None:
             continue
-        timed("logical_pages", logical_pages, plan.before, row, seq_len, N)
+        if hasattr(plan, "rewritten_row"):  # the evictor converts the row to an array once per request
+            ids = timed("row_array", np.asarray, row, np.int64)
+            timed("logical_pages", logical_pages, plan.before, ids, seq_len, N)
+        else:  # pragma: no cover - older checkouts: every stage took the list
+            ids = row
+            timed("logical_pages", logical_pages, plan.before, row, seq_len, N)
         if compaction_rows is not None:
             timed("compaction_rows", compaction_rows, [plan], range(L), bs, True)
-        new_row = timed("new_row", plan.new_row, row)
-        timed("page_copies", plan.page_copies, row, N, new_row)
-        timed("rehomed_ids", plan.rehomed_ids, row)
-        timed("freed_ids", plan.freed_ids, row)
-        timed("publish_host", _publish_host, plan, new_row, N)
+        rewrite = plan.rewritten_row if hasattr(plan, "rewritten_row") else plan.new_row
+        new_ids = timed("new_row", rewrite, ids)
+        timed("page_copies", plan.page_copies, ids, N, new_ids)
+        timed("rehomed_ids", plan.rehomed_ids, ids)
+        timed("freed_ids", plan.freed_ids, ids)
+        timed("publish_host", _publish_host, plan, new_ids, N)
+        new_row = timed("row_list", new_ids.tolist) if isinstance(new_ids, np.ndarray) else new_ids
         row, layout = new_row, plan.after
     return times
 

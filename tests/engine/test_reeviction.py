@@ -295,6 +295,10 @@ def test_hand_checked_grown_budgets_rehome_one_row():
     assert plan.compact_pages.tolist() == [4, 4, 4, 4] and plan.kept_blocks == 4
     assert plan.rehomed_ids(row) == [row[6]] and plan.new_row(row)[:4] == [row[0], row[1], row[2], row[6]]
     assert plan.freed_ids(row) == [row[7], row[8]]
+    ids = np.asarray(row, dtype=np.int64)  # the evictor's form: the array in, the array out, the input kept
+    rewritten = plan.rewritten_row(ids)
+    assert rewritten.dtype == np.int64 and rewritten.tolist() == plan.new_row(row) and ids.tolist() == list(row)
+    assert plan.rehomed_ids(ids) == plan.rehomed_ids(row) and plan.freed_ids(ids) == plan.freed_ids(row)
     # stay: row 6's pages (now position 3); move: the kept pages of rows 7, 8 into dead slots
     # (layer 2's dropped pages 4, 5 at (1, 1), (2, 1); free slots slot-major).
     assert plan.relocation_array.tolist() == [

@@ -102,6 +102,7 @@ class _Batch:
     pages: torch.Tensor | None = None  # int32 [L, R, P]: logical pages before the eviction
     max_len: int = 0
     first: tuple[torch.Tensor, torch.Tensor] | None = None  # scores and pages of the last group
+    row_ids: list[np.ndarray] = field(default_factory=list)  # int64 block-table rows before the eviction
     rows: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (new row, freed ids)
     compaction_started: bool = False
     verify: dict | None = None  # the self-check of reqs[0] (engine/verify.py), when on
@@ -247,7 +248,11 @@ class DecodeEvictor:
         assert ring is not None
         batch.queries, batch.lse = ring.gather(batch.reqs, [req.seq_len for req in batch.reqs])
         live = np.stack([plan.before.live_tokens(req.seq_len) for req, plan in chosen], axis=1)  # [L, R]
-        tables = [logical_pages(plan.before, req.block_ids, req.seq_len, g.blocks_per_layer) for req, plan in chosen]
+        batch.row_ids = [np.asarray(req.block_ids, dtype=np.int64) for req in batch.reqs]  # once per request
+        tables = [
+            logical_pages(plan.before, row, req.seq_len, g.blocks_per_layer)
+            for (req, plan), row in zip(chosen, batch.row_ids)
+        ]
         pages = np.zeros((g.num_layers, len(chosen), max(t.shape[1] for t in tables)), dtype=np.int32)
         for r, table in enumerate(tables):
             pages[:, r, : table.shape[1]] = table
@@ -285,17 +290,17 @@ class DecodeEvictor:
         if observer is not None:
             observer.before("relocate", (batch.reqs,))
         N, published = self.rt.geometry.blocks_per_layer, []
-        new_rows = [plan.new_row(req.block_ids) for req, plan in zip(batch.reqs, batch.plans)]
-        copies = [plan.page_copies(req.block_ids, N, new) for req, plan, new in zip(batch.reqs, batch.plans, new_rows)]
+        new_rows = [plan.rewritten_row(old) for plan, old in zip(batch.plans, batch.row_ids)]
+        copies = [plan.page_copies(old, N, new) for plan, old, new in zip(batch.plans, batch.row_ids, new_rows)]
         src = np.concatenate([s for s, _ in copies])
         if len(src):
             dst = np.concatenate([d for _, d in copies])
             copy_pages_(self.rt.pool, to_device(src, self.rt.device), to_device(dst, self.rt.device))
-        for req, plan, new in zip(batch.reqs, batch.plans, new_rows):
-            moved = plan.rehomed_ids(req.block_ids)
+        for req, plan, old, new in zip(batch.reqs, batch.plans, batch.row_ids, new_rows):
+            moved = plan.rehomed_ids(old)
             if moved:
                 self._row_writes.append((req, plan.before.kept_blocks, moved))
-            batch.rows.append((new, plan.freed_ids(req.block_ids)))
+            batch.rows.append((new.tolist(), plan.freed_ids(old)))  # vLLM's block ids are a list
             published.append((req.index, new, plan))
         self.rt.pages.publish(published)
         if snapshot is not None and observer is not None:

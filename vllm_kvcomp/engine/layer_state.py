@@ -85,10 +85,10 @@ class LayerPageState:
         table = torch.zeros(1, self.tables.shape[2], dtype=torch.int32, device=self.device)
         self.build(table, torch.ones(1, dtype=torch.int32, device=self.device), None, 1)
 
-    def publish(self, compressed: Sequence[tuple[int, list[int], EvictionPlan | ReevictionPlan]]) -> None:
+    def publish(self, compressed: Sequence[tuple[int, list[int] | np.ndarray, EvictionPlan | ReevictionPlan]]) -> None:
         """Write the entry tables and (c, C, d) of compressed requests.
 
-        `compressed`: (request slot, block ids, plan) per request: a prefill plan, or a
+        `compressed`: (request slot, block ids (list or int64 array), plan) per request: a prefill plan, or a
         decode-time one with the block-table row after re-homing (engine/reeviction.py:
         its entry array is in the same (entry position, slot, page position, slot) form).
         Runs after the overflow pages were copied (their sources are about to be freed).
