@@ -166,7 +166,8 @@ class DecodeEvictor:
             if due <= req.seq_len or state.planned(due)[0]:
                 continue
             try:
-                state.next_plan = (due, state.layout, self._plan(req, due))
+                plan = self._plan(req, due)
+                state.next_plan = (due, state.layout, plan.precompute() if plan is not None else None)
             except Exception:  # planned again when due, where a failure defers the eviction (logged there)
                 logger.debug("vllm-kvcomp: %s: planning ahead failed", req.req_id, exc_info=True)
 

@@ -36,6 +36,7 @@ never freed. No block to free: None, as `plan_eviction`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -44,6 +45,12 @@ from vllm_kvcomp.engine.layout import EvictionPlan, cdiv, page_id
 
 def _offsets(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """A cached array, read-only: layouts and plans are shared, never changed."""
+    array.flags.writeable = False
+    return array
 
 
 @dataclass(frozen=True)
@@ -85,22 +92,24 @@ class RequestLayout:
     def num_layers(self) -> int:
         return len(self.compact_pages)
 
-    @property
+    # Derived arrays are cached (the layout never changes): a decode eviction reads them at its
+    # due step, and `ReevictionPlan.precompute` fills them in an earlier step.
+    @cached_property
     def shift_pages(self) -> np.ndarray:
         """d_l: logical page j >= c_l of layer l is row j + d_l."""
-        return self.tail_block - self.compact_pages
+        return _frozen(self.tail_block - self.compact_pages)
 
-    @property
+    @cached_property
     def entry_offsets(self) -> np.ndarray:
         """C_l: first entry of layer l in the entry table."""
-        return _offsets(self.compact_pages)
+        return _frozen(_offsets(self.compact_pages))
 
-    @property
+    @cached_property
     def entry_array(self) -> np.ndarray:
         """int64 [sum c_l, 4]: (entry position, entry slot, page position, page slot), as `EvictionPlan`'s."""
         q = np.arange(len(self.homes), dtype=np.int64)
         L = self.num_layers
-        return np.stack([q // L, q % L, self.homes[:, 0], self.homes[:, 1]], axis=1)
+        return _frozen(np.stack([q // L, q % L, self.homes[:, 0], self.homes[:, 1]], axis=1))
 
     def live_tokens(self, seq_len: int) -> np.ndarray:
         """Tokens each layer reads at context `seq_len` (its logical length)."""
@@ -163,15 +172,23 @@ class ReevictionPlan:
         """k'_l: tokens each layer reads right after the eviction."""
         return self.after.live_tokens(self.seq_len)
 
-    @property
+    @cached_property
     def domain_pages(self) -> np.ndarray:
         """m_l = c_l + t - B: the logical pages layer l selects from (its compaction domain)."""
-        return self.before.compact_pages + (self.tail_block - self.before.tail_block)
+        return _frozen(self.before.compact_pages + (self.tail_block - self.before.tail_block))
 
-    @property
+    @cached_property
     def evicted_layers(self) -> np.ndarray:
         """Layers that lose tokens (the others only move pages, if at all)."""
-        return self.compact_pages < self.domain_pages
+        return _frozen(self.compact_pages < self.domain_pages)
+
+    def precompute(self) -> ReevictionPlan:
+        """Fill the cached arrays that the due step reads (scoring, compaction, publish), so that a
+        plan made ahead (`DecodeEvictor.plan_ahead`) leaves the due step less host work."""
+        for layout in (self.before, self.after):
+            _ = layout.entry_offsets, layout.shift_pages
+        _ = self.after.entry_array, self.evicted_layers
+        return self
 
     def rehomed_ids(self, row) -> list[int]:
         return [int(row[p]) for p in self.rehome_sources]
