@@ -12,7 +12,7 @@ that scoring reads (`logical_pages`), the compaction rows (`compaction_rows`), t
 block-table row, its copies and freed ids, the entry tables that `LayerPageState.publish` writes, and
 the new row as vLLM's list of ids. The kernels are not run. Reported per request and
 eviction, and for a round of `--requests` requests (what the GPU waits for, on this machine's CPU).
-Since `DecodeEvictor.plan_ahead` makes the budgets and the plan (with its cached arrays:
+Since `DecodePlanner.plan_ahead` makes the budgets and the plan (with its cached arrays:
 `precompute`) in earlier steps, the round's due step has only the rest
 (`ms_per_round_of_N_in_due_step`).
 
@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from vllm_kvcomp.config import build_config
-from vllm_kvcomp.engine.decode_eviction import decode_budgets, logical_pages
+from vllm_kvcomp.engine.decode_planning import decode_budgets, logical_pages
 from vllm_kvcomp.engine.layout import cdiv
 from vllm_kvcomp.engine.reeviction import RequestLayout, plan_reeviction
 
@@ -144,14 +144,14 @@ def summarize(times: dict[str, list[float]], requests: int) -> dict:
     evictions = len(times["plan"])
     stages = {stage: 1e6 * sum(t) / max(1, len(t)) for stage, t in times.items()}
     per_eviction = sum(stages.values())
-    ahead = ("budgets", "plan", "precompute")  # made in an earlier step by DecodeEvictor.plan_ahead
+    ahead = ("budgets", "plan", "precompute")  # made in an earlier step by DecodePlanner.plan_ahead
     in_due_step = per_eviction - sum(stages.get(stage, 0.0) for stage in ahead)
     return {
         "evictions": evictions,
         "us_per_request_eviction": stages,
         "us_per_request_eviction_total": per_eviction,
         f"ms_per_round_of_{requests}": per_eviction * requests / 1e3,
-        # with plans made ahead (engine/decode_eviction.py plan_ahead), what is left for the due step
+        # with plans made ahead (engine/decode_planning.py), what is left for the due step
         f"ms_per_round_of_{requests}_in_due_step": in_due_step * requests / 1e3,
     }
 

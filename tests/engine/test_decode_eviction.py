@@ -28,7 +28,8 @@ from runtime_helpers import FailAt, make_batch
 from vllm_kvcomp.kernels.reference import window_lse_reference, window_scores_reference
 
 from vllm_kvcomp.config import build_config, request_config
-from vllm_kvcomp.engine.decode_eviction import MAX_DEFERRED, decode_budgets, logical_pages
+from vllm_kvcomp.engine.decode_eviction import MAX_DEFERRED
+from vllm_kvcomp.engine.decode_planning import decode_budgets, logical_pages
 from vllm_kvcomp.engine.layout import cdiv, plan_eviction
 from vllm_kvcomp.engine.reeviction import RequestLayout, layout_page_table_reference, plan_reeviction
 from vllm_kvcomp.engine.runtime import CompressionRuntime
@@ -612,11 +613,11 @@ def _planned_life(seed, plan_ahead, monkeypatch):
     context planned for, context then))."""
     runtime, pool = make_runtime("uniform", budget="0.3")
     server = runtime.config
-    evictor, planned = runtime.decode_evictor, []
-    plan = evictor._plan
-    monkeypatch.setattr(evictor, "_plan", lambda req, s: planned.append((req.req_id, s, req.seq_len)) or plan(req, s))
+    planner, planned = runtime.decode_evictor.planner, []
+    plan = planner.plan
+    monkeypatch.setattr(planner, "plan", lambda req, s: planned.append((req.req_id, s, req.seq_len)) or plan(req, s))
     if not plan_ahead:
-        monkeypatch.setattr(evictor, "plan_ahead", lambda stepped: None)
+        monkeypatch.setattr(planner, "plan_ahead", lambda stepped: None)
     life = Life(runtime, pool, seed=seed)
     life.prefill({
         "a": (150, request_config(server, {"kv_compression": "pyramid"})),

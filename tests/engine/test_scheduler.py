@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import vllm_kvcomp
 from vllm_kvcomp import planner
 from vllm_kvcomp.config import build_config, request_config
-from vllm_kvcomp.engine.decode_eviction import decode_budgets
+from vllm_kvcomp.engine.decode_planning import decode_budgets
 from vllm_kvcomp.engine.kv_cache import CompressedAttentionSpec
 from vllm_kvcomp.engine.layout import cdiv, plan_eviction
 from vllm_kvcomp.engine.records import CompressionReport, EvictionRecord, SkipRecord

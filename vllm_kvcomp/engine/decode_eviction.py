@@ -4,11 +4,10 @@ With `evict_every` set, a request is evicted again each time its context has
 grown by `evict_every` tokens since its last eviction, scored by its last
 `decode_window` decode queries (the ring, engine/decode_ring.py). The requests
 due in a step form one batch (`DecodeEvictor.step`, from `end_step`):
-  1. plan, host only: the prefill plan's per-layer budget ratios scaled to the
-     average budget at context S (`decode_budgets`), then `plan_reeviction` on
-     the request's `RequestLayout` (no statistics read back, no collective).
-     Usually made in an earlier step (`plan_ahead`), so that a round of requests
-     due together does not plan while the GPU waits;
+  1. plan, host only (`DecodePlanner`, engine/decode_planning.py): the prefill
+     plan's per-layer budget ratios scaled to the average budget at context S
+     (`decode_budgets`), then `plan_reeviction` on the request's `RequestLayout`
+     (no statistics read back, no collective); usually made in an earlier step;
   2. score every layer's logical pages (`logical_pages`) with its own queries;
   3. compact each layer in place into its first c'_l logical pages, copy the
      kept pages of rows about to be freed into dead slots of retained rows,
@@ -40,14 +39,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from vllm_kvcomp.config import CompressionConfig
+from vllm_kvcomp.engine.decode_planning import DecodePlanner, decode_state, logical_pages
 from vllm_kvcomp.engine.eviction import guarded, workspace_chunks
 from vllm_kvcomp.engine.executor import to_device
-from vllm_kvcomp.engine.layout import cdiv
 from vllm_kvcomp.engine.records import CompressionReport, EvictionRecord, SkipRecord
-from vllm_kvcomp.engine.reeviction import ReevictionPlan, RequestLayout, plan_reeviction
+from vllm_kvcomp.engine.reeviction import ReevictionPlan
 from vllm_kvcomp.engine.requests import DecodeState, TrackedRequest
-from vllm_kvcomp.policies.base import allocate
 
 if TYPE_CHECKING:
     from vllm_kvcomp.engine.runtime import CompressionRuntime
@@ -55,37 +52,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.kvcomp")
 
 MAX_DEFERRED = 3  # decode evictions failed in a row before a request is given up
-
-
-def decode_budgets(ratios: np.ndarray, config: CompressionConfig, seq_len: int) -> np.ndarray:
-    """Per-layer budgets at context `seq_len`: `ratios` times `average_budget(seq_len)`, made
-    integers that sum to L * B_avg, each in [protected tokens, seq_len] (as the policies')."""
-    average = config.average_budget(seq_len)
-    ratios = np.asarray(ratios, dtype=np.float64)
-    if np.all(ratios == ratios[0]):  # uniform (and requests without prefill statistics): every layer the average
-        return np.full(len(ratios), average, dtype=np.int64)  # what `allocate` returns, without its cost
-    floor = min(config.protected_tokens, seq_len)
-    return allocate(ratios * average, len(ratios) * average, floor, seq_len)
-
-
-def logical_pages(layout: RequestLayout, row, seq_len: int, blocks_per_layer: int) -> np.ndarray:
-    """int64 [L, P]: each layer's pages at context `seq_len`, zero-padded: its compacted pages
-    (entry table), then the stock pages of rows B.. (`layout_page_table_reference`, vectorised)."""
-    row = np.asarray(row, dtype=np.int64)
-    L, c = layout.num_layers, layout.compact_pages
-    tail = row[layout.tail_block : cdiv(seq_len, layout.block_size)]
-    pages = np.zeros((L, int(c.max()) + len(tail)), dtype=np.int64)
-    layer = np.repeat(np.arange(L), c)
-    page = np.arange(len(layer)) - np.repeat(layout.entry_offsets, c)
-    pages[layer, page] = layout.homes[:, 1] * blocks_per_layer + row[layout.homes[:, 0]]
-    layers = np.arange(L).reshape(-1, 1)
-    pages[layers, c.reshape(-1, 1) + np.arange(len(tail))] = layers * blocks_per_layer + tail
-    return pages
-
-
-def _state(req: TrackedRequest) -> DecodeState:
-    assert req.decode is not None, f"{req.req_id} is not followed by decode-time eviction"
-    return req.decode
 
 
 @dataclass
@@ -114,7 +80,7 @@ class DecodeEvictor:
         self.workspace_bytes = runtime.config.eviction_workspace_mb << 20
         self._stepped: list[TrackedRequest] = []
         self._row_writes: list[tuple[TrackedRequest, int, list[int]]] = []
-        self._cursor = 0  # plan_ahead's place in the stepped requests
+        self.planner = DecodePlanner(runtime)
         config = runtime.config
         if config.evict_every is not None and config.decode_window != config.window:
             runtime.executor.warm_up(config.decode_window)  # the scorer's tiles for W_dec: no compile mid-serving
@@ -138,38 +104,8 @@ class DecodeEvictor:
         stepped, self._stepped = self._stepped, []
         due = [req for req in stepped if self._due(req)]
         report = self.evict(due) if due else CompressionReport()
-        self.plan_ahead(stepped)
+        self.planner.plan_ahead(stepped)
         return report
-
-    def plan_ahead(self, stepped: list[TrackedRequest]) -> None:
-        """Plan the next eviction of a few requests, round-robin over those that stepped.
-
-        A plan depends only on the layout, the budgets and the context, all known
-        `evict_every` tokens ahead. Requests evicted together (a round) would otherwise
-        all be planned in their due step while the GPU waits. Here each step looks at
-        about 4 / evict_every of the requests and plans those without a plan, so a round
-        is planned within a quarter of an interval at O(1) host work per step. A plan
-        is used only if the request reaches its due context in that layout
-        (`DecodeState.planned`); else it is planned again when due.
-        """
-        n, every = len(stepped), self.rt.config.evict_every
-        if not n or every is None:
-            return
-        look = min(n, 2 * cdiv(2 * n, every))
-        start, self._cursor = self._cursor % n, (self._cursor + look) % n
-        for k in range(look):
-            req = stepped[(start + k) % n]
-            state, req_every = req.decode, (req.config or self.rt.config).evict_every
-            if state is None or state.stopped or req_every is None or self.rt.requests.get(req.req_id) is not req:
-                continue
-            due = state.evicted_at + req_every
-            if due <= req.seq_len or state.planned(due)[0]:
-                continue
-            try:
-                plan = self._plan(req, due)
-                state.next_plan = (due, state.layout, plan.precompute() if plan is not None else None)
-            except Exception:  # planned again when due, where a failure defers the eviction (logged there)
-                logger.debug("vllm-kvcomp: %s: planning ahead failed", req.req_id, exc_info=True)
 
     def take_row_writes(self) -> list[tuple[TrackedRequest, int, list[int]]]:
         """(request, first position, block ids) to write into its block-table row before the
@@ -194,7 +130,7 @@ class DecodeEvictor:
     # --------------------------------------------------------------- batch
     def evict(self, reqs: list[TrackedRequest]) -> CompressionReport:
         report = CompressionReport()
-        lengths = [int(_state(req).layout.live_tokens(req.seq_len).max()) for req in reqs]
+        lengths = [int(decode_state(req).layout.live_tokens(req.seq_len).max()) for req in reqs]
         for start, end, groups in workspace_chunks(lengths, self.rt.geometry, self.workspace_bytes):
             report.extend(self._evict_chunk(reqs[start:end], groups))
         return report
@@ -204,7 +140,7 @@ class DecodeEvictor:
         executor = self.rt.executor
         timer = self.rt.timer.start(len(reqs))  # CUDA events: read at a later step, no sync
         stage, batch = "plan", None
-        plans, error = guarded(self.rt, "decode_plan", self._plans, reqs)
+        plans, error = guarded(self.rt, "decode_plan", self.planner.plans, reqs)
         if plans is not None:
             stage = "score"
             batch, error = guarded(self.rt, "decode_score", self._gather, reqs, plans, groups)
@@ -212,7 +148,7 @@ class DecodeEvictor:
             return self._deferred(reqs, stage, error)
         for req, plan in zip(reqs, plans):
             if plan is None:  # nothing to free: its layout stays valid; again in evict_every tokens
-                _state(req).evicted_at = req.seq_len
+                decode_state(req).evicted_at = req.seq_len
         if not batch.reqs:
             return CompressionReport()
         _, error = guarded(self.rt, "decode_compact", self._rewrite, batch)
@@ -223,21 +159,6 @@ class DecodeEvictor:
             return self._deferred(reqs, "compact", error)
         self.rt.timer.stop(timer)  # into vllm_kvcomp_eviction_seconds, with the prefill batches
         return self._records(reqs, batch)
-
-    def _plans(self, reqs: list[TrackedRequest]) -> list[ReevictionPlan | None]:
-        plans = []
-        for req in reqs:
-            state = _state(req)
-            ahead, plan = state.planned(req.seq_len)
-            state.next_plan = None
-            plans.append(plan if ahead else self._plan(req, req.seq_len))
-        return plans
-
-    def _plan(self, req: TrackedRequest, seq_len: int) -> ReevictionPlan | None:
-        """Its eviction at context `seq_len` from its current layout (host only)."""
-        config, state = req.config or self.rt.config, _state(req)
-        budgets = decode_budgets(state.ratios, config, seq_len)
-        return plan_reeviction(state.layout, budgets, seq_len, config.num_sinks, config.num_recent)
 
     def _gather(self, reqs: list[TrackedRequest], plans: list[ReevictionPlan | None], groups: list[range]) -> _Batch:
         """The decode queries and logical pages of the requests that free blocks; scores the last group."""
@@ -312,11 +233,11 @@ class DecodeEvictor:
     def _records(self, reqs: list[TrackedRequest], batch: _Batch) -> CompressionReport:
         """Every request of the chunk was evicted (or had nothing to free) at its context."""
         for req in reqs:
-            _state(req).deferred = 0
+            decode_state(req).deferred = 0
         records = []
         ring = self.rt.decode_ring
         for req, plan, (row, freed) in zip(batch.reqs, batch.plans, batch.rows):
-            state = _state(req)
+            state = decode_state(req)
             req.block_ids, state.layout, state.evicted_at = row, plan.after, req.seq_len
             if ring is not None:  # queries before this context lose their exact LSE
                 ring.note_eviction(req.req_id, req.seq_len)
@@ -335,7 +256,7 @@ class DecodeEvictor:
         """Nothing was rewritten: each request keeps its layout and is retried later."""
         reason = f"decode_eviction_error_{stage}" if error is not None else f"decode_eviction_error_other_rank_{stage}"
         for req in reqs:
-            state = _state(req)
+            state = decode_state(req)
             state.evicted_at, state.deferred = req.seq_len, state.deferred + 1
             if state.deferred >= MAX_DEFERRED:
                 state.stopped = True

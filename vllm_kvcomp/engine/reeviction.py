@@ -184,7 +184,7 @@ class ReevictionPlan:
 
     def precompute(self) -> ReevictionPlan:
         """Fill the cached arrays that the due step reads (scoring, compaction, publish), so that a
-        plan made ahead (`DecodeEvictor.plan_ahead`) leaves the due step less host work."""
+        plan made ahead (`DecodePlanner.plan_ahead`) leaves the due step less host work."""
         for layout in (self.before, self.after):
             _ = layout.entry_offsets, layout.shift_pages
         _ = self.after.entry_array, self.evicted_layers

@@ -49,7 +49,7 @@ class DecodeState:
     ratios: np.ndarray  # float64 [L]: B_l / B_avg
     deferred: int = 0  # decode evictions in a row that failed before rewriting anything
     stopped: bool = False  # no longer evicted (failed MAX_DEFERRED times, or after compaction)
-    # The plan of its next eviction, made steps ahead (DecodeEvictor.plan_ahead): (context, the
+    # The plan of its next eviction, made steps ahead (DecodePlanner.plan_ahead): (context, the
     # layout it was planned from, the plan or None for nothing to free). Used only if both match.
     next_plan: tuple[int, RequestLayout, ReevictionPlan | None] | None = None
 

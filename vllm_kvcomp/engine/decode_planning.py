@@ -1,0 +1,108 @@
+"""The host side of decode-time eviction: budgets, plans and page tables (no GPU work).
+
+`DecodePlanner` plans each request's next eviction (engine/reeviction.py) either
+in its due step or, usually, in an earlier one (`plan_ahead`): a plan depends
+only on the layout, the budgets and the context, all known `evict_every` tokens
+ahead, and requests evicted together in one round would otherwise all be planned
+in their due step while the GPU waits. `DecodeEvictor` (engine/decode_eviction.py)
+takes the plans when the requests are due, and scores the pages `logical_pages`
+lists.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vllm_kvcomp.config import CompressionConfig
+from vllm_kvcomp.engine.layout import cdiv
+from vllm_kvcomp.engine.reeviction import ReevictionPlan, RequestLayout, plan_reeviction
+from vllm_kvcomp.engine.requests import DecodeState, TrackedRequest
+from vllm_kvcomp.policies.base import allocate
+
+if TYPE_CHECKING:
+    from vllm_kvcomp.engine.runtime import CompressionRuntime
+
+logger = logging.getLogger("vllm.kvcomp")
+
+
+def decode_budgets(ratios: np.ndarray, config: CompressionConfig, seq_len: int) -> np.ndarray:
+    """Per-layer budgets at context `seq_len`: `ratios` times `average_budget(seq_len)`, made
+    integers that sum to L * B_avg, each in [protected tokens, seq_len] (as the policies')."""
+    average = config.average_budget(seq_len)
+    ratios = np.asarray(ratios, dtype=np.float64)
+    if np.all(ratios == ratios[0]):  # uniform (and requests without prefill statistics): every layer the average
+        return np.full(len(ratios), average, dtype=np.int64)  # what `allocate` returns, without its cost
+    floor = min(config.protected_tokens, seq_len)
+    return allocate(ratios * average, len(ratios) * average, floor, seq_len)
+
+
+def logical_pages(layout: RequestLayout, row, seq_len: int, blocks_per_layer: int) -> np.ndarray:
+    """int64 [L, P]: each layer's pages at context `seq_len`, zero-padded: its compacted pages
+    (entry table), then the stock pages of rows B.. (`layout_page_table_reference`, vectorised)."""
+    row = np.asarray(row, dtype=np.int64)
+    L, c = layout.num_layers, layout.compact_pages
+    tail = row[layout.tail_block : cdiv(seq_len, layout.block_size)]
+    pages = np.zeros((L, int(c.max()) + len(tail)), dtype=np.int64)
+    layer = np.repeat(np.arange(L), c)
+    page = np.arange(len(layer)) - np.repeat(layout.entry_offsets, c)
+    pages[layer, page] = layout.homes[:, 1] * blocks_per_layer + row[layout.homes[:, 0]]
+    layers = np.arange(L).reshape(-1, 1)
+    pages[layers, c.reshape(-1, 1) + np.arange(len(tail))] = layers * blocks_per_layer + tail
+    return pages
+
+
+def decode_state(req: TrackedRequest) -> DecodeState:
+    assert req.decode is not None, f"{req.req_id} is not followed by decode-time eviction"
+    return req.decode
+
+
+class DecodePlanner:
+    def __init__(self, runtime: CompressionRuntime) -> None:
+        self.rt = runtime
+        self._cursor = 0  # plan_ahead's place in the stepped requests
+
+    def plan(self, req: TrackedRequest, seq_len: int) -> ReevictionPlan | None:
+        """Its eviction at context `seq_len` from its current layout (None: nothing to free)."""
+        config, state = req.config or self.rt.config, decode_state(req)
+        budgets = decode_budgets(state.ratios, config, seq_len)
+        return plan_reeviction(state.layout, budgets, seq_len, config.num_sinks, config.num_recent)
+
+    def plans(self, reqs: list[TrackedRequest]) -> list[ReevictionPlan | None]:
+        """The plans of requests due now: made ahead where they still hold, else made now."""
+        plans = []
+        for req in reqs:
+            state = decode_state(req)
+            ahead, plan = state.planned(req.seq_len)
+            state.next_plan = None
+            plans.append(plan if ahead else self.plan(req, req.seq_len))
+        return plans
+
+    def plan_ahead(self, stepped: list[TrackedRequest]) -> None:
+        """Plan the next eviction of a few requests, round-robin over those that stepped.
+
+        Each step looks at about 4 / evict_every of the requests and plans those without
+        a plan, so a round is planned within a quarter of an interval at O(1) host work
+        per step. A plan is used only if the request reaches its due context in that
+        layout (`DecodeState.planned`); else it is planned again when due.
+        """
+        n, every = len(stepped), self.rt.config.evict_every
+        if not n or every is None:
+            return
+        look = min(n, 2 * cdiv(2 * n, every))
+        start, self._cursor = self._cursor % n, (self._cursor + look) % n
+        for k in range(look):
+            req = stepped[(start + k) % n]
+            state, req_every = req.decode, (req.config or self.rt.config).evict_every
+            if state is None or state.stopped or req_every is None or self.rt.requests.get(req.req_id) is not req:
+                continue
+            due = state.evicted_at + req_every
+            if due <= req.seq_len or state.planned(due)[0]:
+                continue
+            try:
+                plan = self.plan(req, due)
+                state.next_plan = (due, state.layout, plan.precompute() if plan is not None else None)
+            except Exception:  # planned again when due, where a failure defers the eviction (logged there)
+                logger.debug("vllm-kvcomp: %s: planning ahead failed", req.req_id, exc_info=True)
