@@ -66,6 +66,7 @@ def test_summary_ratios_are_against_stock_of_the_same_case(tmp_path):
                         "plugin_metrics": {
                             "vllm_kvcomp_eviction_seconds_sum": 2.56,
                             "vllm_kvcomp_eviction_seconds_count": 256.0,
+                            "vllm_kvcomp_eviction_host_seconds_sum": 0.64,
                             "vllm_kvcomp_blocks_freed_total": 1000.0,
                         },
                         "mean_running": 30.0,
@@ -82,6 +83,9 @@ def test_summary_ratios_are_against_stock_of_the_same_case(tmp_path):
     assert by_budget[0.2]["ratio_output_tok_s"] == pytest.approx(2.5)
     assert by_budget[1.0]["ratio_output_tok_s"] == pytest.approx(0.98)
     assert by_budget[0.2]["eviction_ms_mean"] == pytest.approx(10.0)
+    assert by_budget[0.2]["eviction_host_ms_mean"] == pytest.approx(2.5)
+    assert by_budget[0.2]["eviction_host_s_total"] == pytest.approx(0.64)
+    assert "| 10.0 (2.5) |" in throughput.markdown(summary)
     assert by_budget[0.2]["stock_max_running"] == 7
     # stock held 0.9 / 6 of the pool per running request, the plugin 0.9 / 30: five times less
     assert by_budget[0.2]["footprint_ratio"] == pytest.approx(5.0)

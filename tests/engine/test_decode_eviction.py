@@ -410,6 +410,9 @@ def test_decode_evictions_are_timed_into_the_eviction_seconds(monkeypatch):
     evicted = [step for step, r in enumerate(reports) if r is not None and r.evictions]
     # one entry per request of a batch, in the next step's report: the prefill's, then each decode batch's
     assert evicted == [EVERY - 1, 2 * EVERY - 1] and timed == {0: 2, EVERY: 2, 2 * EVERY: 2}
+    # the host's share (planning, enqueueing): in the batch's own report, one entry per request
+    host = {step: r.eviction_host_seconds for step, r in enumerate(reports) if r and r.eviction_host_seconds}
+    assert sorted(host) == evicted and all(len(v) == 2 and min(v) > 0 for v in host.values())
     runtime, pool = make_runtime("uniform", budget="0.3")
     runtime.observer = FailAt("decode_score")
     life = Life(runtime, pool, seed=12)

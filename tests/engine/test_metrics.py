@@ -12,7 +12,7 @@ def test_eviction_reports_become_counters():
     for err in (0.002, 0.001):
         check = {"exact": True, "needle": True, "attention_rel_err": err}
         metrics.record_eviction(EvictionRecord("a", [1, 2], 100, [20, 36], check), blocks_freed=2)
-    metrics.record_eviction_seconds([0.004, 0.006])
+    metrics.record_eviction_seconds([0.004, 0.006], [0.001, 0.002])
     metrics.record_skip("capture_slots")
     text = generate_latest(metrics.registry).decode()
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
@@ -24,6 +24,7 @@ def test_eviction_reports_become_counters():
     assert float(lines['vllm_kvcomp_verify_checks_total{result="exact"}']) == 2
     assert float(lines["vllm_kvcomp_verify_attention_rel_err"]) == 0.002  # the largest seen
     assert float(lines["vllm_kvcomp_eviction_seconds_count"]) == 2
+    assert float(lines["vllm_kvcomp_eviction_host_seconds_sum"]) == 0.003
     assert metrics.port is None
 
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
@@ -117,6 +118,12 @@ class CompressionMetrics:
             "vllm_kvcomp_eviction_seconds",
             "GPU time per compressed request: scoring, statistics, budgets, selection, compaction (CUDA events)",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.host_seconds = Histogram(
+            "vllm_kvcomp_eviction_host_seconds",
+            "Host time per compressed request: planning and enqueueing its eviction batch's kernels",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
             registry=r,
         )
         self._verify_metrics(r)
@@ -230,9 +237,11 @@ class CompressionMetrics:
     def record_decode_deferred(self, reason: str) -> None:
         self.decode_deferred.labels(reason).inc()
 
-    def record_eviction_seconds(self, seconds: list[float]) -> None:
+    def record_eviction_seconds(self, seconds: Sequence[float], host_seconds: Sequence[float] = ()) -> None:
         for value in seconds:
             self.seconds.observe(value)
+        for value in host_seconds:
+            self.host_seconds.observe(value)
 
     def record_skip(self, reason: str) -> None:
         self.skipped.labels(reason).inc()

@@ -38,6 +38,8 @@ class CompressionReport:
     failures: list[SkipRecord] = field(default_factory=list)
     # GPU seconds per request of eviction batches that completed since the last report.
     eviction_seconds: list[float] = field(default_factory=list)
+    # Host seconds per request (planning and enqueueing) of the batches timed since the last report.
+    eviction_host_seconds: list[float] = field(default_factory=list)
     # Decode-time evictions that failed before rewriting anything: the request keeps its
     # layout and is evicted again later (engine/decode_eviction.py).
     deferred: list[SkipRecord] = field(default_factory=list)
@@ -47,7 +49,9 @@ class CompressionReport:
         self.skips.extend(other.skips)
         self.failures.extend(other.failures)
         self.eviction_seconds.extend(other.eviction_seconds)
+        self.eviction_host_seconds.extend(other.eviction_host_seconds)
         self.deferred.extend(other.deferred)
 
     def __bool__(self) -> bool:
-        return bool(self.evictions or self.skips or self.failures or self.eviction_seconds or self.deferred)
+        timed = self.eviction_seconds or self.eviction_host_seconds
+        return bool(self.evictions or self.skips or self.failures or timed or self.deferred)

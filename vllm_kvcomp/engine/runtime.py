@@ -277,6 +277,7 @@ class CompressionRuntime:
         if batch:
             report.extend(self._evict(batch))
         report.extend(self.decode_evictor.step())  # after the prefill evictions: one batch of those due
+        report.eviction_host_seconds = self.timer.host()
         return report if report else None
 
     def _skip(self, req: TrackedRequest, reason: str) -> None:

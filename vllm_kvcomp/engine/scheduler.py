@@ -120,7 +120,7 @@ class CompressionSchedulerMixin(Scheduler):
         return requests
 
     def apply_compression_report(self, report) -> None:
-        self.kvcomp_metrics.record_eviction_seconds(report.eviction_seconds)
+        self.kvcomp_metrics.record_eviction_seconds(report.eviction_seconds, report.eviction_host_seconds)
         for skip in report.skips:
             self.kvcomp_metrics.record_skip(skip.reason)
             # Served uncompressed from now on: its growth is stock, unbounded and not reserved.

@@ -4,6 +4,11 @@ Each eviction batch records a CUDA event before and after its kernels; the
 elapsed time is read at a later step, once the end event has completed, so the
 metric costs no device synchronization on the serving path. On CPU (tests) the
 host clock is the device clock.
+
+The host's own share is timed beside it (`host_seconds`: the wall time from
+`start` to `stop`, planning plus enqueueing the kernels). While the host plans,
+the GPU runs out of work and waits, so the GPU time includes the host time;
+the difference is the kernels' time beyond what the host overlapped.
 """
 
 from __future__ import annotations
@@ -19,21 +24,26 @@ class _Batch:
     requests: int
     start: torch.cuda.Event | float
     end: torch.cuda.Event | float | None = None
+    host_start: float = 0.0
 
 
 class EvictionTimer:
     def __init__(self, on_cuda: bool = False) -> None:
         self.on_cuda = on_cuda
         self._pending: list[_Batch] = []
+        self._host_seconds: list[float] = []  # per request of every stopped batch, not yet taken
 
     def start(self, requests: int) -> _Batch:
+        now = time.perf_counter()
         if self.on_cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            return _Batch(requests, event)
-        return _Batch(requests, time.perf_counter())
+            return _Batch(requests, event, host_start=now)
+        return _Batch(requests, now, host_start=now)
 
     def stop(self, batch: _Batch) -> None:
+        host = time.perf_counter() - batch.host_start
+        self._host_seconds.extend([host / batch.requests] * batch.requests)
         if isinstance(batch.start, float):
             batch.end = time.perf_counter()
         else:
@@ -55,3 +65,8 @@ class EvictionTimer:
                 waiting.append(batch)
         self._pending = waiting
         return done
+
+    def host(self) -> list[float]:
+        """Host seconds per request of every batch stopped since the last call (one entry per request)."""
+        seconds, self._host_seconds = self._host_seconds, []
+        return seconds
