@@ -12,6 +12,8 @@ that scoring reads (`logical_pages`), the compaction rows (`compaction_rows`), t
 block-table row, its copies and freed ids, the entry tables that `LayerPageState.publish` writes, and
 the new row as vLLM's list of ids. The kernels are not run. Reported per request and
 eviction, and for a round of `--requests` requests (what the GPU waits for, on this machine's CPU).
+Stages the evictor runs once for the whole round (the page table, the compaction rows) are timed
+on `--requests` copies of the request and divided by that count.
 Since `DecodePlanner.plan_ahead` makes the budgets and the plan (with its cached arrays:
 `precompute`) in earlier steps, the round's due step has only the rest
 (`ms_per_round_of_N_in_due_step`).
@@ -38,6 +40,11 @@ import numpy as np
 
 from vllm_kvcomp.config import build_config
 from vllm_kvcomp.engine.decode_planning import decode_budgets, logical_pages
+
+try:  # the round's page table in one pass (before: one table per request, then padded)
+    from vllm_kvcomp.engine.decode_planning import logical_page_table
+except ImportError:  # pragma: no cover - older checkouts
+    logical_page_table = None  # type: ignore[assignment]
 from vllm_kvcomp.engine.layout import cdiv
 from vllm_kvcomp.engine.reeviction import RequestLayout, plan_reeviction
 
@@ -62,6 +69,12 @@ def replay(args) -> dict[str, list[float]]:
         times[stage].append(time.perf_counter() - start)
         return out
 
+    def timed_round(stage, fn, *a):
+        """A stage vectorised over the round: run once for `--requests` copies, per request."""
+        start = time.perf_counter()
+        fn(*a)
+        times[stage].append((time.perf_counter() - start) / args.requests)
+
     while seq_len + args.evict_every <= args.prompt + args.output:
         seq_len += args.evict_every
         while len(row) < cdiv(seq_len, bs):  # the scheduler's new blocks, appended to the row
@@ -73,14 +86,17 @@ def replay(args) -> dict[str, list[float]]:
             continue
         if hasattr(plan, "precompute"):  # with the plan, in the step that plans ahead
             timed("precompute", plan.precompute)
+        R = args.requests
         if hasattr(plan, "rewritten_row"):  # the evictor converts the row to an array once per request
             ids = timed("row_array", np.asarray, row, np.int64)
-            timed("logical_pages", logical_pages, plan.before, ids, seq_len, N)
         else:  # pragma: no cover - older checkouts: every stage took the list
             ids = row
-            timed("logical_pages", logical_pages, plan.before, row, seq_len, N)
-        if compaction_rows is not None:
-            timed("compaction_rows", compaction_rows, [plan], range(L), bs, True)
+        if logical_page_table is not None:  # the round's table at once
+            timed_round("logical_pages", logical_page_table, [plan.before] * R, [ids] * R, [seq_len] * R, N)
+        else:  # pragma: no cover - older checkouts
+            timed("logical_pages", logical_pages, plan.before, ids, seq_len, N)
+        if compaction_rows is not None:  # vectorised over the round since 2026-11-30's second session
+            timed_round("compaction_rows", compaction_rows, [plan] * R, range(L), bs, True)
         rewrite = plan.rewritten_row if hasattr(plan, "rewritten_row") else plan.new_row
         new_ids = timed("new_row", rewrite, ids)
         timed("page_copies", plan.page_copies, ids, N, new_ids)

@@ -218,6 +218,20 @@ stage_tput_decode_lifetime() {
     --runs stock,plugin --cases decode_heavy,decode_heavy_prefill --budgets 0.2,1.0 $LIFETIME 2>&1 \
     | tee "$LOGS/tput_decode_lifetime.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
 }
+stage_tput_overhead() {
+  # budget 1.0's overhead with and without the decode ring: 32 decode-heavy requests; each invocation runs
+  # stock, then the plugin (same GPU, same KV memory); without --evict-every the plugin has no ring
+  (cd "$WORK" && timeout 420 $PY -m bench.throughput --out "$RESULTS/overhead_ring" --work "$WORK/tput" \
+    --runs stock,plugin --cases decode_heavy --num-prompts 32 --budgets 1.0 $LIFETIME 2>&1 \
+    | tee "$LOGS/tput_overhead_ring.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
+  (cd "$WORK" && timeout 420 $PY -m bench.throughput --out "$RESULTS/overhead_no_ring" --work "$WORK/tput" \
+    --runs stock,plugin --cases decode_heavy --num-prompts 32 --budgets 1.0 --method "${METHOD:-uniform}" 2>&1 \
+    | tee "$LOGS/tput_overhead_no_ring.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
+}
+stage_ring_cost() {
+  # the ring's writes per decode step inside a CUDA graph, against graph nodes that do nothing
+  (cd "$WORK" && timeout 120 $PY -m bench.ring_cost --out "$RESULTS/ring_cost.json" 2>&1 | tee "$LOGS/ring_cost.log" | tail -5)
+}
 hf_model() {  # $1 key, $2 parts: waits for the carried GGUF parts, converts once, prints /tmp/<key>-hf
   wait_for "$1 parts" model_parts_here "$1" "$2" >&2 || return 1
   python3 -c "import gguf" 2>/dev/null \

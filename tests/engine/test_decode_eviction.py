@@ -29,7 +29,8 @@ from vllm_kvcomp.kernels.reference import window_lse_reference, window_scores_re
 
 from vllm_kvcomp.config import build_config, request_config
 from vllm_kvcomp.engine.decode_eviction import MAX_DEFERRED
-from vllm_kvcomp.engine.decode_planning import decode_budgets, logical_pages
+from vllm_kvcomp.engine.decode_planning import decode_budgets, logical_page_table, logical_pages
+from vllm_kvcomp.engine.executor import compaction_rows
 from vllm_kvcomp.engine.layout import cdiv, plan_eviction
 from vllm_kvcomp.engine.reeviction import RequestLayout, layout_page_table_reference, plan_reeviction
 from vllm_kvcomp.engine.runtime import CompressionRuntime
@@ -516,12 +517,10 @@ def test_without_evict_every_nothing_is_followed():
 # ------------------------------------------------------------------ host pieces
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_logical_pages_are_the_reference_page_tables(seed):
-    rng = np.random.default_rng(seed)
-    layers, bs, blocks = int(rng.integers(1, 5)), int(rng.choice([1, 4, 16])), 500
+def _random_life(rng, layers: int, bs: int, blocks: int):
+    """(layout, row, seq_len, plans) of a request after a random prefill eviction and decode evictions."""
     prompt = int(rng.integers(0, 200))
-    layout = RequestLayout.uncompressed(layers, bs)
+    layout, plans = RequestLayout.uncompressed(layers, bs), []
     first = plan_eviction(rng.integers(0, prompt + 1, layers), prompt, bs)
     if first is not None:
         layout = RequestLayout.from_plan(first)
@@ -529,13 +528,68 @@ def test_logical_pages_are_the_reference_page_tables(seed):
     for _ in range(int(rng.integers(0, 4))):
         seq_len += int(rng.integers(0, 80))
         plan = plan_reeviction(layout, rng.integers(0, seq_len + 1, layers), seq_len)
+        plans.append(plan)
         layout = plan.after if plan is not None else layout
     seq_len += int(rng.integers(1, 40))
     row = [int(b) for b in rng.permutation(blocks)[: cdiv(seq_len, bs)]]
+    return layout, row, seq_len, plans
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_logical_pages_are_the_reference_page_tables(seed):
+    rng = np.random.default_rng(seed)
+    layers, bs, blocks = int(rng.integers(1, 5)), int(rng.choice([1, 4, 16])), 500
+    layout, row, seq_len, _ = _random_life(rng, layers, bs, blocks)
     pages = logical_pages(layout, row, seq_len, blocks)
     for layer in range(layers):
         reference, live = layout_page_table_reference(row, seq_len, layer, layout, blocks)
         assert pages[layer, : len(reference)].tolist() == reference and not pages[layer, len(reference) :].any()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_round_page_table_is_each_requests_reference_table(seed):
+    """`logical_page_table`: R requests of different layouts and contexts in one pass."""
+    rng = np.random.default_rng(100 + seed)
+    layers, bs, blocks = int(rng.integers(1, 5)), int(rng.choice([1, 4, 16])), 500
+    lives = [_random_life(rng, layers, bs, blocks) for _ in range(int(rng.integers(1, 7)))]
+    rows = [np.asarray(row, dtype=np.int64) for _, row, _, _ in lives]
+    table = logical_page_table([life[0] for life in lives], rows, [life[2] for life in lives], blocks)
+    assert table.shape[:2] == (layers, len(lives))
+    for r, (layout, row, seq_len, _) in enumerate(lives):
+        for layer in range(layers):
+            reference, _ = layout_page_table_reference(row, seq_len, layer, layout, blocks)
+            got = table[layer, r]
+            assert got[: len(reference)].tolist() == reference and not got[len(reference) :].any()
+
+
+def _compaction_rows_reference(plans, layers, bs, per_layer, score_of=None):
+    """One column per (layer of `layers`, request) that loses tokens, in layer-major order."""
+    R, columns = len(plans), []
+    for g, layer in enumerate(layers):
+        for r, plan in enumerate(plans):
+            if plan is None or not plan.evicted_layers[layer]:
+                continue
+            length_row = layer * R + r if per_layer else r
+            score = (score_of[g] if score_of is not None else g) * R + r
+            domain, keep = int(plan.domain_pages[layer]) * bs, int(plan.compact_pages[layer]) * bs
+            columns.append([g * R + r, domain, keep, length_row, score])
+    return np.asarray(columns, dtype=np.int64).reshape(-1, 5).T
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_compaction_rows_are_the_per_layer_and_request_loop(seed):
+    rng = np.random.default_rng(200 + seed)
+    layers, bs = int(rng.integers(1, 6)), int(rng.choice([1, 4, 16]))
+    plans = [plan for _ in range(6) for plan in _random_life(rng, layers, bs, 500)[3]]
+    rng.shuffle(plans)  # some None: requests with nothing to free
+    start = int(rng.integers(0, layers))
+    group = range(start, int(rng.integers(start + 1, layers + 1)))
+    score_of = sorted(int(x) for x in rng.integers(0, len(group), len(group)))
+    for per_layer in (True, False):
+        for scored_by in (None, score_of):
+            got = compaction_rows(plans, group, bs, per_layer, scored_by)
+            want = _compaction_rows_reference(plans, group, bs, per_layer, scored_by)
+            assert got.dtype == np.int64 and got.tolist() == want.tolist()
 
 
 def test_decode_budgets_keep_the_prefill_ratios_at_the_new_average():

@@ -8,7 +8,7 @@ due in a step form one batch (`DecodeEvictor.step`, from `end_step`):
      plan's per-layer budget ratios scaled to the average budget at context S
      (`decode_budgets`), then `plan_reeviction` on the request's `RequestLayout`
      (no statistics read back, no collective); usually made in an earlier step;
-  2. score every layer's logical pages (`logical_pages`) with its own queries;
+  2. score every layer's logical pages (`logical_page_table`) with its own queries;
   3. compact each layer in place into its first c'_l logical pages, copy the
      kept pages of rows about to be freed into dead slots of retained rows,
      re-home ids into the block-table row (`take_row_writes`: the runner stages
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from vllm_kvcomp.engine.decode_planning import DecodePlanner, decode_state, logical_pages
+from vllm_kvcomp.engine.decode_planning import DecodePlanner, decode_state, logical_page_table
 from vllm_kvcomp.engine.eviction import guarded, workspace_chunks
 from vllm_kvcomp.engine.executor import to_device
 from vllm_kvcomp.engine.records import CompressionReport, EvictionRecord, SkipRecord
@@ -171,13 +171,8 @@ class DecodeEvictor:
         batch.queries, batch.lse = ring.gather(batch.reqs, [req.seq_len for req in batch.reqs])
         live = np.stack([plan.before.live_tokens(req.seq_len) for req, plan in chosen], axis=1)  # [L, R]
         batch.row_ids = [np.asarray(req.block_ids, dtype=np.int64) for req in batch.reqs]  # once per request
-        tables = [
-            logical_pages(plan.before, row, req.seq_len, g.blocks_per_layer)
-            for (req, plan), row in zip(chosen, batch.row_ids)
-        ]
-        pages = np.zeros((g.num_layers, len(chosen), max(t.shape[1] for t in tables)), dtype=np.int32)
-        for r, table in enumerate(tables):
-            pages[:, r, : table.shape[1]] = table
+        layouts, seq_lens = [plan.before for plan in batch.plans], [req.seq_len for req in batch.reqs]
+        pages = logical_page_table(layouts, batch.row_ids, seq_lens, g.blocks_per_layer).astype(np.int32)
         batch.live, batch.pages = to_device(live.astype(np.int32), dev), to_device(pages, dev)
         batch.window_lens = torch.full((len(chosen),), batch.queries.shape[2], dtype=torch.int32, device=dev)
         batch.max_len = int(live.max())

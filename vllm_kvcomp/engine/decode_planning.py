@@ -42,16 +42,32 @@ def decode_budgets(ratios: np.ndarray, config: CompressionConfig, seq_len: int) 
 def logical_pages(layout: RequestLayout, row, seq_len: int, blocks_per_layer: int) -> np.ndarray:
     """int64 [L, P]: each layer's pages at context `seq_len`, zero-padded: its compacted pages
     (entry table), then the stock pages of rows B.. (`layout_page_table_reference`, vectorised)."""
-    row = np.asarray(row, dtype=np.int64)
-    L, c = layout.num_layers, layout.compact_pages
-    tail = row[layout.tail_block : cdiv(seq_len, layout.block_size)]
-    pages = np.zeros((L, int(c.max()) + len(tail)), dtype=np.int64)
-    layer = np.repeat(np.arange(L), c)
-    page = np.arange(len(layer)) - np.repeat(layout.entry_offsets, c)
-    pages[layer, page] = layout.homes[:, 1] * blocks_per_layer + row[layout.homes[:, 0]]
-    layers = np.arange(L).reshape(-1, 1)
-    pages[layers, c.reshape(-1, 1) + np.arange(len(tail))] = layers * blocks_per_layer + tail
-    return pages
+    return logical_page_table([layout], [np.asarray(row, dtype=np.int64)], [seq_len], blocks_per_layer)[:, 0]
+
+
+def logical_page_table(
+    layouts: list[RequestLayout], rows: list[np.ndarray], seq_lens: list[int], blocks_per_layer: int
+) -> np.ndarray:
+    """int64 [L, R, P]: `logical_pages` of R requests (int64 rows), padded to the longest, in one
+    pass: the due step of a round builds it for every request at once."""
+    R, L, N = len(layouts), layouts[0].num_layers, blocks_per_layer
+    tails = [row[lay.tail_block : cdiv(s, lay.block_size)] for lay, row, s in zip(layouts, rows, seq_lens)]
+    tail_lens = np.fromiter(map(len, tails), dtype=np.int64, count=R)
+    compact = np.stack([lay.compact_pages for lay in layouts], axis=1)  # [L, R]
+    P = max(int((compact + tail_lens).max()), 1)
+    pages = np.zeros(L * R * P, dtype=np.int64)  # flat: layer l, request r, page j at (l * R + r) * P + j
+    # compacted page j of layer l: its home (row position, layer slot) in the entry table at C_l + j
+    sizes = [len(lay.homes) for lay in layouts]
+    where = np.concatenate([lay.entry_layers * (R * P) + lay.entry_pages for lay in layouts])
+    pages[where + np.repeat(np.arange(R) * P, sizes)] = np.concatenate(
+        [lay.homes[:, 1] * N + row[lay.homes[:, 0]] for lay, row in zip(layouts, rows)]
+    )
+    if tail_lens.sum():  # page c_l + j of layer l: row B + j's block in layer l's region
+        r = np.repeat(np.arange(R), tail_lens)
+        j = np.arange(len(r)) - np.repeat(np.cumsum(tail_lens) - tail_lens, tail_lens)
+        layer = np.arange(L).reshape(-1, 1)
+        pages[layer * (R * P) + r * P + compact[:, r] + j] = layer * N + np.concatenate(tails)
+    return pages.reshape(L, R, P)
 
 
 def decode_state(req: TrackedRequest) -> DecodeState:

@@ -64,24 +64,22 @@ def compaction_rows(
     """int64 [5, rows], one column per evicted (layer, request) of `layers`, layer-major: its row of
     the layer-major page table, domain tokens, kept tokens, row of the lengths ([L, R] when
     `per_layer`, else [R]) and row of the scores (layer `layers[g]` scored by block `score_of[g]`).
-    Numpy per request: this runs at every decode eviction, for every due request."""
+    Vectorised over the requests: this runs at every decode eviction, for a round of up to
+    hundreds of due requests."""
     R = len(plans)
     layer_ids = np.fromiter(layers, dtype=np.int64)
-    groups = np.arange(len(layer_ids), dtype=np.int64)
-    score_group = np.asarray(score_of if score_of is not None else groups, dtype=np.int64)
-    parts = []
-    for r, plan in enumerate(plans):
-        if plan is None:
-            continue
-        g = groups[plan.evicted_layers[layer_ids]]
-        length_row = layer_ids[g] * R + r if per_layer else np.full(len(g), r, dtype=np.int64)
-        domain = _domain_pages(plan)[layer_ids[g]] * block_size
-        keep = plan.compact_pages[layer_ids[g]].astype(np.int64) * block_size
-        parts.append(np.stack([g * R + r, domain, keep, length_row, score_group[g] * R + r]))
-    if not parts:
+    score_group = np.asarray(score_of if score_of is not None else range(len(layer_ids)), dtype=np.int64)
+    index = [r for r, plan in enumerate(plans) if plan is not None]
+    chosen = [plans[r] for r in index]
+    if not chosen:
         return np.zeros((5, 0), dtype=np.int64)
-    host = np.concatenate(parts, axis=1)
-    return np.ascontiguousarray(host[:, np.argsort(host[0], kind="stable")])
+    evicted = np.stack([plan.evicted_layers for plan in chosen], axis=1)[layer_ids]  # [G, R']
+    g, k = np.nonzero(evicted)  # by layer group, then request: layer-major row order
+    r = np.asarray(index, dtype=np.int64)[k]
+    domain = np.stack([_domain_pages(plan) for plan in chosen], axis=1)[layer_ids[g], k] * block_size
+    keep = np.stack([plan.compact_pages for plan in chosen], axis=1)[layer_ids[g], k].astype(np.int64) * block_size
+    length_row = layer_ids[g] * R + r if per_layer else r
+    return np.ascontiguousarray(np.stack([g * R + r, domain, keep, length_row, score_group[g] * R + r]))
 
 
 class EvictionExecutor:

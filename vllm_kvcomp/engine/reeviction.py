@@ -105,6 +105,16 @@ class RequestLayout:
         return _frozen(_offsets(self.compact_pages))
 
     @cached_property
+    def entry_layers(self) -> np.ndarray:
+        """int64 [sum c_l]: the layer of each entry (page j of layer l is entry C_l + j)."""
+        return _frozen(np.repeat(np.arange(self.num_layers, dtype=np.int64), self.compact_pages))
+
+    @cached_property
+    def entry_pages(self) -> np.ndarray:
+        """int64 [sum c_l]: the logical page j of each entry."""
+        return _frozen(np.arange(len(self.homes), dtype=np.int64) - np.repeat(self.entry_offsets, self.compact_pages))
+
+    @cached_property
     def entry_array(self) -> np.ndarray:
         """int64 [sum c_l, 4]: (entry position, entry slot, page position, page slot), as `EvictionPlan`'s."""
         q = np.arange(len(self.homes), dtype=np.int64)
@@ -186,7 +196,7 @@ class ReevictionPlan:
         """Fill the cached arrays that the due step reads (scoring, compaction, publish), so that a
         plan made ahead (`DecodePlanner.plan_ahead`) leaves the due step less host work."""
         for layout in (self.before, self.after):
-            _ = layout.entry_offsets, layout.shift_pages
+            _ = layout.entry_offsets, layout.shift_pages, layout.entry_layers, layout.entry_pages
         _ = self.after.entry_array, self.evicted_layers
         return self
 
