@@ -1,9 +1,9 @@
 """Evicting again from an already compressed request (decode time; docs/LIFETIME-BUDGETS.md, section 3).
 
-Pure host arithmetic, not wired into the engine yet. After an eviction a request
-has "one hole" (`RequestLayout`): it holds rows `0..K-1` of its block-table row
-and rows `B..` (B, `tail_block`: the boundary block of that eviction, the first
-row of the tail); rows `K..B-1` keep stale ids that are never read. Layer l reads
+Host arithmetic only. After an eviction a request has "one hole" (`RequestLayout`):
+it holds rows `0..K-1` of its block-table row and rows `B..` (B, `tail_block`: the
+boundary block of that eviction, the first row of the tail); rows `K..B-1` keep
+stale ids that are never read. Layer l reads
   * logical page j <  c_l: its compacted page, at (row position, layer slot)
     `homes[C_l + j]` with the position `< K` (published as the entry table);
   * logical page j >= c_l: the stock page `l * N + row[j + d_l]`, `d_l = B - c_l`.
@@ -105,13 +105,11 @@ class RequestLayout:
         return _frozen(_offsets(self.compact_pages))
 
     @cached_property
-    def entry_layers(self) -> np.ndarray:
-        """int64 [sum c_l]: the layer of each entry (page j of layer l is entry C_l + j)."""
+    def entry_layers(self) -> np.ndarray:  # int64 [sum c_l]: l of entry C_l + j
         return _frozen(np.repeat(np.arange(self.num_layers, dtype=np.int64), self.compact_pages))
 
     @cached_property
-    def entry_pages(self) -> np.ndarray:
-        """int64 [sum c_l]: the logical page j of each entry."""
+    def entry_pages(self) -> np.ndarray:  # int64 [sum c_l]: j of entry C_l + j (layer l's logical page)
         return _frozen(np.arange(len(self.homes), dtype=np.int64) - np.repeat(self.entry_offsets, self.compact_pages))
 
     @cached_property
