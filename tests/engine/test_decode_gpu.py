@@ -107,8 +107,9 @@ def test_decode_evictions_pass_the_self_check(tmp_path, cudagraph_mode):
         (Path(out) / f"{spec['name']}.json").write_text(json.dumps(record, indent=1) + "\n")
     assert run["output_tokens"] == 8 * 512
     assert metrics.get("vllm_kvcomp_decode_evictions_total", 0) > 0
-    # more exact checks than the prefill can give: at least one decode eviction was checked
-    assert metrics.get("vllm_kvcomp_verify_checks_total{result=exact}", 0) > checks
+    # decode evictions were checked, each exact (counted apart from the prefill's checks, whose number
+    # depends on how many prefill batches vLLM formed: 6 checks in all at 84d10a4, 4 at fa6ba15)
+    assert metrics.get("vllm_kvcomp_verify_decode_checks_total{result=exact}", 0) >= 1
     assert metrics.get("vllm_kvcomp_verify_checks_total{result=mismatch}", 0) == 0
     assert metrics["vllm_kvcomp_verify_attention_rel_err"] < 2e-2
     # fed only by decode checks whose W ring rows all ran after the last eviction

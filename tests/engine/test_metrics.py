@@ -24,6 +24,13 @@ def test_eviction_reports_become_counters():
     assert float(lines['vllm_kvcomp_verify_checks_total{result="exact"}']) == 2
     assert float(lines["vllm_kvcomp_verify_attention_rel_err"]) == 0.002  # the largest seen
     assert float(lines["vllm_kvcomp_eviction_seconds_count"]) == 2
+    assert 'vllm_kvcomp_verify_decode_checks_total{result="exact"}' not in lines  # prefill checks only
+    check = {"exact": True, "attention_rel_err": 0.001, "ring_lse_abs_err": 1e-6}
+    metrics.record_decode_eviction(EvictionRecord("a", [3], 228, [20, 20], check, phase="decode"), blocks_freed=1)
+    text = generate_latest(metrics.registry).decode()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert float(lines['vllm_kvcomp_verify_decode_checks_total{result="exact"}']) == 1
+    assert float(lines['vllm_kvcomp_verify_checks_total{result="exact"}']) == 3  # all checks, both phases
     assert float(lines["vllm_kvcomp_eviction_host_seconds_sum"]) == 0.003
     assert metrics.port is None
 

@@ -69,8 +69,8 @@ def compaction_rows(
     R = len(plans)
     layer_ids = np.fromiter(layers, dtype=np.int64)
     score_group = np.asarray(score_of if score_of is not None else range(len(layer_ids)), dtype=np.int64)
-    index = [r for r, plan in enumerate(plans) if plan is not None]
-    chosen = [plans[r] for r in index]
+    pairs = [(r, plan) for r, plan in enumerate(plans) if plan is not None]
+    index, chosen = [r for r, _ in pairs], [plan for _, plan in pairs]
     if not chosen:
         return np.zeros((5, 0), dtype=np.int64)
     evicted = np.stack([plan.evicted_layers for plan in chosen], axis=1)[layer_ids]  # [G, R']

@@ -138,6 +138,11 @@ class CompressionMetrics:
         self.verify_checks = Counter(
             "vllm_kvcomp_verify_checks", "Self-checks of compacted layers", ["result"], registry=r
         )
+        # Those of decode-time evictions alone: how many prefill batches vLLM forms (and so how many
+        # prefill checks there are) depends on when requests reach the engine core.
+        self.verify_decode_checks = Counter(
+            "vllm_kvcomp_verify_decode_checks", "Self-checks after decode-time evictions", ["result"], registry=r
+        )
         self.verify_needle = Counter(
             "vllm_kvcomp_verify_needle", "Oracle-kept needle found in every layer and head", ["result"], registry=r
         )
@@ -218,7 +223,10 @@ class CompressionMetrics:
         """The self-check's result of a prefill or decode eviction (when VLLM_KVCOMP_VERIFY is on)."""
         if record.verify is None:
             return
-        self.verify_checks.labels("exact" if record.verify["exact"] else "mismatch").inc()
+        result = "exact" if record.verify["exact"] else "mismatch"
+        self.verify_checks.labels(result).inc()
+        if record.phase == "decode":
+            self.verify_decode_checks.labels(result).inc()
         if "needle" in record.verify:  # the tests' needle oracle (tests/engine/needle_oracle.py)
             self.verify_needle.labels("kept" if record.verify["needle"] else "lost").inc()
         self._max_verify_error = max(record.verify["attention_rel_err"], self._max_verify_error)
