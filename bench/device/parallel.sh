@@ -59,6 +59,17 @@ launch_lifetime() {
   tail -n 2 "$JOBS"/*.log
 }
 
+# launch-jobs "STAGES OF A" "STAGES OF B": any two stage lists, A on GPU 0 and B on GPU 1 (a short lease)
+launch_jobs() {
+  $SESSION install
+  # shellcheck disable=SC2086  # each argument is a list of stages
+  job A "CUDA_VISIBLE_DEVICES=0 DECODE_K=1" $1
+  # shellcheck disable=SC2086
+  job B "CUDA_VISIBLE_DEVICES=1 DECODE_K=1" $2
+  sleep 5
+  tail -n 2 "$JOBS"/*.log
+}
+
 # Carried files (.device/q05, .device/q15, .device/tok-*, the gguf wheel) into /tmp/q/<key>/, each written
 # under a temporary name and renamed, so a job polling for its parts never reads half a file.
 stash() {
@@ -104,7 +115,8 @@ case "${1:-}" in
   launch) launch ;;
   launch-quality) launch_quality ;;
   launch-lifetime) launch_lifetime ;;
+  launch-jobs) launch_jobs "${2:-}" "${3:-}" ;;
   stash) stash ;;
   wait) wait_jobs "${2:-500}" ;;
-  *) echo "usage: $0 launch | launch-quality | launch-lifetime | stash | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-jobs A-STAGES B-STAGES | stash | wait SECONDS" >&2; exit 2 ;;
 esac
