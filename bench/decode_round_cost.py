@@ -8,8 +8,9 @@ batches 0.33 ms (bench/results/lifetime/h200_plan_ahead/). The replay of the pla
 (bench/decode_host_cost.py) leaves only about 5 ms of a round in the due step, so this runs the rest
 too: a `CompressionRuntime` with the 1B geometry's layers and blocks (16 layers, blocks of 16; heads
 tiny by default, see `--kv-heads`) follows `--requests` requests of `--prompt` tokens at token
-budget `--budget` and `evict_every` through decode steps (`begin_step`: the ring's plan and the contexts; `end_step`: the due check, the
-round, planning ahead), with the scheduler's new blocks appended and freed ids recycled.
+budget `--budget` and `evict_every` through decode steps (`begin_step`: the ring's plan and the
+contexts; `end_step`: the due check, the round, planning ahead), with the scheduler's new blocks
+appended and freed ids recycled.
 
 The kernels (score-gather, selection, compaction, page copies) are replaced by stand-ins that return
 tensors of the right shapes without computing, so what is timed is the host's own work: planning,
