@@ -26,8 +26,6 @@ running requests at budget 1.0 (nothing to evict: the overhead budget 1.0 pays) 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import sys
@@ -172,14 +170,6 @@ def summarize(times: dict[str, list[float]], requests: int) -> dict:
     }
 
 
-def _cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the runtime's warm-up runs its kernels (CPU)
     parser = argparse.ArgumentParser(prog="python -m bench.decode_host_cost", description=__doc__.split("\n")[0])
@@ -194,16 +184,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="lives replayed; the fastest is reported")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    from bench.offline import current_commit
+    from bench.offline import bench_header, cpu_name, write_json
 
     runs = [summarize(replay(args), args.requests) for _ in range(args.repeats)]
     best = min(runs, key=lambda r: r["us_per_request_eviction_total"])
+    device = f"CPU: {cpu_name()} (Python {platform.python_version()}, numpy {np.__version__})"
     result = {
-        "command": "python -m bench.decode_host_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": current_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU: {_cpu_name()} (Python {platform.python_version()}, numpy {np.__version__})",
-        "setup": {k: v for k, v in vars(args).items() if k != "out"},
+        **bench_header("bench.decode_host_cost", argv, device, args),
         **best,
         # every decode step, evicting or not: fastest of `repeats`
         "us_per_step": {
@@ -211,11 +198,7 @@ def main(argv=None) -> int:
             for budget, running in (("1.0", 7), ("1.0", 64), ("0.2", 64), (str(args.budget), 64))
         },
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_json(result, args.out)
     return 0
 
 

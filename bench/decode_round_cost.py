@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import datetime
-import json
 import os
 import platform
 import pstats
@@ -217,22 +215,10 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    from bench.decode_host_cost import _cpu_name
-    from bench.offline import current_commit
+    from bench.offline import bench_header, cpu_name, write_json
 
-    result = {
-        "command": "python -m bench.decode_round_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": current_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU: {_cpu_name()} (Python {platform.python_version()}, torch {torch.__version__})",
-        "setup": {k: v for k, v in vars(args).items() if k != "out"},
-        **run(args),
-    }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    device = f"CPU: {cpu_name()} (Python {platform.python_version()}, torch {torch.__version__})"
+    write_json({**bench_header("bench.decode_round_cost", argv, device, args), **run(args)}, args.out)
     return 0
 
 

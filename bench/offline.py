@@ -55,6 +55,39 @@ def provenance(command: str, run: dict) -> dict:
     }
 
 
+def bench_header(prog: str, argv, device: str, args) -> dict:
+    """The header of a micro-benchmark's results file: command, commit, date, device and setup
+    (its arguments but `--out`)."""
+    import datetime
+
+    return {
+        "command": f"python -m {prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": current_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "setup": {k: v for k, v in vars(args).items() if k != "out"},
+    }
+
+
+def write_json(result: dict, out: Path | None) -> None:
+    """Print a results file and write it to `out` (parents made), when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
+def cpu_name() -> str:
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def make_prompts(workload: dict) -> list[list[int]]:
     rng = np.random.default_rng(workload.get("seed", 0))
     length = workload["prompt_len"]

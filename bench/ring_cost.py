@@ -16,8 +16,6 @@ bench/results/throughput.md).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -94,22 +92,14 @@ def main(argv=None) -> int:
     parser.add_argument("--tpot-ms", type=float, default=2.8, help="the step the writes are a share of")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    from bench.offline import current_commit
+    from bench.offline import bench_header, write_json
 
     result = {
-        "command": "python -m bench.ring_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": current_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
+        **bench_header("bench.ring_cost", argv, torch.cuda.get_device_name(), args),
         "torch": torch.__version__,
-        "setup": {k: v for k, v in vars(args).items() if k != "out"},
         "results": [measure(args, int(t)) for t in args.tokens.split(",")],
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_json(result, args.out)
     return 0
 
 
