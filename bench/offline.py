@@ -162,9 +162,26 @@ def build_llm(spec: dict):
         kwargs["gpu_memory_utilization"] = spec["gpu_memory_utilization"]
     if spec.get("compression"):
         kwargs["additional_config"] = {"kv_compression": spec["compression"]}
+    if spec.get("profile"):  # bench/step_profile.py: vLLM's torch profiler over a window of engine steps
+        kwargs["profiler_config"] = profiler_config(spec["profile"])
     if spec.get("cudagraph_mode"):  # e.g. "PIECEWISE": attention outside the graphs (default FULL_AND_PIECEWISE)
         kwargs["compilation_config"] = {"cudagraph_mode": spec["cudagraph_mode"]}
     return LLM(**kwargs)
+
+
+def profiler_config(profile: dict):
+    """vLLM's torch profiler: `iterations` engine steps, `delay` steps after `start_profile`; the
+    worker's trace (*.pt.trace.json.gz) and vLLM's per-op table (profiler_out_0.txt) go to `dir`."""
+    from vllm.config import ProfilerConfig
+
+    return ProfilerConfig(
+        profiler="torch",
+        torch_profiler_dir=str(Path(profile["dir"]).resolve()),
+        torch_profiler_with_stack=False,
+        ignore_frontend=True,
+        delay_iterations=profile.get("delay", 0),
+        max_iterations=profile["iterations"],
+    )
 
 
 def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None, return_tokens: bool) -> dict:
@@ -298,12 +315,16 @@ def run(spec: dict, result_path: Path | None = None) -> dict:
     single = "workloads" not in spec
     workloads = [spec["workload"]] if single else spec["workloads"]
     result["workloads"] = []
+    if spec.get("profile"):  # the window starts `delay` steps into the first workload
+        llm.start_profile()
     for workload in workloads:
         want_tokens = workload.get("return_tokens", spec.get("return_tokens", False))
         measured = run_workload(llm, workload, plugin=plugin, metrics_port=port, return_tokens=want_tokens)
         result["workloads"].append(measured)
         if result_path is not None:
             Path(result_path).write_text(json.dumps(result))
+    if spec.get("profile"):
+        llm.stop_profile()  # (a no-op once `iterations` steps were profiled)
     llm.llm_engine.engine_core.shutdown()
     if single:  # the flat form of one workload (engine tests)
         flat = {**result, **result["workloads"][0]}

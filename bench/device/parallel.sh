@@ -17,8 +17,10 @@
 #                 then the 8B shape's long generation (4k output; about 6 minutes, so about 22 in all)
 #   B  GPU 1      throughput decode_heavy with lifetime budgets, the decode self-check (both graph
 #                 modes), long-output quality on both models (parts carried meanwhile), decode_smoke,
-#                 then budget 1.0's overhead: the ring's write in a CUDA graph (ring_cost) and 32
-#                 decode-heavy requests with and without the ring (tput_overhead): about 20 minutes
+#                 then the ring's write in a CUDA graph (ring_cost) and the decode steps under the torch
+#                 profiler, stock against the plugin (step_profile: long generation at 1024, decode-heavy
+#                 at 1.0): about 22 minutes (`tput_overhead`, budget 1.0 with and without the ring, is
+#                 the A/B alternative to the second profile)
 # The quality layout (GGUF parts arrive call by call while the jobs run; each job waits for its parts):
 #   Q  GPU 0      quality qwen05 (uniform, zigzag and the candidates), evaluation.pick, then qwen15
 #                 (uniform, zigzag, the pick): the calibrate-on-one, check-on-the-other protocol of #13
@@ -54,7 +56,7 @@ launch_lifetime() {
   $SESSION install
   job A "CUDA_VISIBLE_DEVICES=0" tput_long kernel_tests runtime_gpu serve engine tput_long_8b
   job B "CUDA_VISIBLE_DEVICES=1 DECODE_K=1" tput_decode_lifetime decode_verify long_output decode_smoke ring_cost \
-    tput_overhead
+    step_profile
   sleep 5
   tail -n 2 "$JOBS"/*.log
 }

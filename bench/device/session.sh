@@ -228,6 +228,16 @@ stage_tput_overhead() {
     --runs stock,plugin --cases decode_heavy --num-prompts 32 --budgets 1.0 --method "${METHOD:-uniform}" 2>&1 \
     | tee "$LOGS/tput_overhead_no_ring.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
 }
+stage_step_profile() {
+  # where a decode step's time goes (GPU busy vs idle, top kernels), stock against the plugin, under vLLM's
+  # torch profiler: long generation at budget 1024 (64 running), and decode-heavy at budget 1.0 (overhead)
+  (cd "$WORK" && timeout 420 $PY -m bench.step_profile --out "$RESULTS/step_profile_long" --work "$WORK/profile" \
+    --case long_generation --budget 1024 --output-len 1024 --delay 600 --iterations 256 2>&1 \
+    | tee "$LOGS/step_profile_long.log" | grep -E "^\[step_profile\]|Error" | tail -4)
+  (cd "$WORK" && timeout 420 $PY -m bench.step_profile --out "$RESULTS/step_profile_overhead" --work "$WORK/profile" \
+    --case decode_heavy --num-prompts 32 --budget 1.0 --output-len 1024 --delay 300 --iterations 256 \
+    --kv-cache-memory-bytes 4294967296 2>&1 | tee "$LOGS/step_profile_overhead.log" | grep -E "^\[step_profile\]|Error" | tail -4)
+}
 stage_ring_cost() {
   # the ring's writes per decode step inside a CUDA graph, against graph nodes that do nothing
   (cd "$WORK" && timeout 120 $PY -m bench.ring_cost --out "$RESULTS/ring_cost.json" 2>&1 | tee "$LOGS/ring_cost.log" | tail -5)
