@@ -2,7 +2,8 @@
 
     python -m bench.step_profile --out bench/results/lifetime/step_profile --case long_generation --budget 1024
 
-Each run (stock, then the plugin with `--evict-every`) is one engine in its own process (bench/offline.py),
+Each run (stock, then the plugin with `--evict-every` once per `--budgets` entry, each budget a
+per-request override) is one engine in its own process (bench/offline.py),
 with vLLM's torch profiler on for `--iterations` engine steps, `--delay` steps after the workload
 starts (past the prefill and into steady decoding; with `evict_every` 128 a window of 256 steps
 holds two rounds of evictions). From the worker's trace this reports, per run:
@@ -87,13 +88,13 @@ def main(argv=None) -> int:
     parser.add_argument("--case", default="long_generation", choices=sorted(CASES))
     parser.add_argument("--num-prompts", type=int, default=None)
     parser.add_argument("--output-len", type=int, default=1024)
-    parser.add_argument("--budget", type=float, default=1024, help="the plugin's per-request budget")
+    parser.add_argument("--budgets", default="1024", help="one plugin run per per-request budget, comma-separated")
     parser.add_argument("--evict-every", type=int, default=128)
     parser.add_argument("--method", default="uniform")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=2684354560)
     parser.add_argument("--delay", type=int, default=600, help="engine steps before the window")
     parser.add_argument("--iterations", type=int, default=256, help="engine steps profiled")
-    parser.add_argument("--runs", default="stock,plugin")
+    parser.add_argument("--stock", action=argparse.BooleanOptionalAction, default=True, help="also profile stock")
     parser.add_argument("--out", type=Path, default=Path("bench/results/step_profile"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/kvcomp-step-profile"))
     args = parser.parse_args(argv)
@@ -108,20 +109,21 @@ def main(argv=None) -> int:
         "seed": 1,
     }
     runs = {}
-    for run in args.runs.split(","):
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    for run, budget in [("stock", None)] * args.stock + [(f"plugin@{b:g}", b) for b in budgets]:
         folder = args.work / f"trace_{run}"
         shutil.rmtree(folder, ignore_errors=True)
         spec = {
-            "name": f"step_profile_{run}",
+            "name": f"step_profile_{run.replace('@', '_')}",
             "model": model,
             "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
             "max_model_len": case["prompt_len"] + args.output_len + 64,
             "workload": dict(workload),
             "profile": {"dir": str(folder), "delay": args.delay, "iterations": args.iterations},
         }
-        if run == "plugin":
+        if budget is not None:  # the server budget is overridden per request, as in bench.throughput
             spec["compression"] = {"method": args.method, "budget": 0.2, "evict_every": args.evict_every}
-            spec["workload"]["extra_args"] = {"kv_budget": args.budget}
+            spec["workload"]["extra_args"] = {"kv_budget": budget}
         measured = offline.run_in_subprocess(spec, args.work / "logs", timeout=1200)
         loaded = load_trace(folder)
         summary = summarize_trace(loaded[0], args.iterations) if loaded else {"error": f"no trace in {folder}"}

@@ -230,12 +230,12 @@ stage_tput_overhead() {
 }
 stage_step_profile() {
   # where a decode step's time goes (GPU busy vs idle, top kernels), stock against the plugin, under vLLM's
-  # torch profiler: long generation at budget 1024 (64 running), and decode-heavy at budget 1.0 (overhead)
+  # torch profiler: long generation at budget 1024 (64 running), decode-heavy at 1.0 (overhead) and 0.2 (~30 running)
   (cd "$WORK" && timeout 420 $PY -m bench.step_profile --out "$RESULTS/step_profile_long" --work "$WORK/profile" \
-    --case long_generation --budget 1024 --output-len 1024 --delay 600 --iterations 256 2>&1 \
+    --case long_generation --budgets 1024 --output-len 1024 --delay 600 --iterations 256 2>&1 \
     | tee "$LOGS/step_profile_long.log" | grep -E "^\[step_profile\]|Error" | tail -4)
-  (cd "$WORK" && timeout 420 $PY -m bench.step_profile --out "$RESULTS/step_profile_overhead" --work "$WORK/profile" \
-    --case decode_heavy --num-prompts 32 --budget 1.0 --output-len 1024 --delay 300 --iterations 256 \
+  (cd "$WORK" && timeout 540 $PY -m bench.step_profile --out "$RESULTS/step_profile_overhead" --work "$WORK/profile" \
+    --case decode_heavy --num-prompts 32 --budgets 1.0,0.2 --output-len 1024 --delay 300 --iterations 256 \
     --kv-cache-memory-bytes 4294967296 2>&1 | tee "$LOGS/step_profile_overhead.log" | grep -E "^\[step_profile\]|Error" | tail -4)
 }
 stage_ring_cost() {

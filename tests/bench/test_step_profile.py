@@ -40,7 +40,7 @@ def test_each_run_is_profiled_and_summarised(tmp_path, monkeypatch):
 
     def fake_run(spec, workdir, timeout=900, partial_ok=False):
         specs.append(spec)
-        folder = tmp_path / "work" / f"trace_{spec['name'].rsplit('_', 1)[1]}"
+        folder = tmp_path / "work" / ("trace_stock" if "compression" not in spec else "trace_plugin@1024")
         folder.mkdir(parents=True, exist_ok=True)
         gap = 500 if "compression" in spec else 100  # the plugin's steps wait longer for the host
         with gzip.open(folder / "worker.pt.trace.json.gz", "wt") as handle:
@@ -60,6 +60,6 @@ def test_each_run_is_profiled_and_summarised(tmp_path, monkeypatch):
     result = json.loads((out / "step_profile.json").read_text())
     runs = result["runs"]
     assert runs["stock"]["gpu_idle_share"] == pytest.approx(100 / 2100)
-    assert runs["plugin"]["gpu_idle_share"] == pytest.approx(500 / 2500)
-    assert runs["plugin"]["tpot_p50_ms"] == pytest.approx(3.0) and result["device"] == "FakeGPU"
-    assert result["commit"] == "feed123" and (out / "profiler_out_plugin.txt").read_text() == "table"
+    assert runs["plugin@1024"]["gpu_idle_share"] == pytest.approx(500 / 2500)
+    assert runs["plugin@1024"]["tpot_p50_ms"] == pytest.approx(3.0) and result["device"] == "FakeGPU"
+    assert result["commit"] == "feed123" and (out / "profiler_out_plugin@1024.txt").read_text() == "table"
