@@ -116,11 +116,14 @@ def _publish_host(plan, row, blocks_per_layer: int):
 def per_step(budget: str, running: int, steps: int = 500) -> float:
     """Microseconds of host work per decode step for `running` requests at `budget` on a real runtime
     (CPU): `begin_step` (window capture plan, decode-ring plan, contexts) and the due check of
-    `end_step`'s decode evictor (its due check, and `plan_ahead`'s look at a few requests: none has
-    a decode state here, so nothing is planned); no request is due."""
+    `end_step`'s decode evictor (its due check, and `plan_ahead`'s look at a few requests). The
+    followed requests are in the state after a prefill eviction that freed nothing; their contexts
+    advance by one per step and never reach the next due context, and the warm-up of `every`
+    steps makes their plans ahead, so what is timed is the per-step work alone."""
     import torch
 
     from vllm_kvcomp.config import request_config
+    from vllm_kvcomp.engine.requests import DecodeState
     from vllm_kvcomp.engine.runtime import CompressionRuntime
 
     L, hkv, group, dim, bs = 16, 8, 4, 64, 16
@@ -134,6 +137,9 @@ def per_step(budget: str, running: int, steps: int = 500) -> float:
     config = request_config(server, {"kv_budget": float(budget)}, block_size=bs)
     for i in range(running):
         runtime.add_request(f"r{i}", index=i + 1, block_ids=[1], prompt_len=2000, config=config)
+        req = runtime.requests[f"r{i}"]
+        if req.evicts_while_decoding and hasattr(DecodeState, "after_prefill"):  # as after its prefill eviction
+            req.decode = DecodeState.after_prefill(None, None, 0, 2000, L, bs)
     batch = SimpleNamespace(  # vLLM's InputBatch: one decode token per request, contexts 2000..
         req_ids=[f"r{i}" for i in range(running)],
         num_reqs=running,
@@ -144,13 +150,17 @@ def per_step(budget: str, running: int, steps: int = 500) -> float:
         num_computed_tokens_np=np.full(running, 2000, dtype=np.int32),
         num_scheduled_tokens=np.ones(running, dtype=np.int32),
     )
-    for _ in range(20):
-        runtime.begin_step(batch)
-        runtime.decode_evictor.step()
+    every = server.evict_every  # contexts 2000 .. 2000 + every - 2, again and again: never due
+
+    def run(count: int) -> None:
+        for k in range(count):
+            batch.num_computed_tokens_np = np.full(running, 2000 + k % (every - 1), dtype=np.int32)
+            runtime.begin_step(batch)
+            runtime.decode_evictor.step()
+
+    run(every)
     start = time.perf_counter()
-    for _ in range(steps):
-        runtime.begin_step(batch)
-        runtime.decode_evictor.step()
+    run(steps)
     return 1e6 * (time.perf_counter() - start) / steps
 
 

@@ -674,7 +674,7 @@ def _planned_life(seed, plan_ahead, monkeypatch):
     plan = planner.plan
     monkeypatch.setattr(planner, "plan", lambda req, s: planned.append((req.req_id, s, req.seq_len)) or plan(req, s))
     if not plan_ahead:
-        monkeypatch.setattr(planner, "plan_ahead", lambda stepped: None)
+        monkeypatch.setattr(planner, "plan_ahead", lambda req_ids, contexts: None)
     life = Life(runtime, pool, seed=seed)
     life.prefill({
         "a": (150, request_config(server, {"kv_compression": "pyramid"})),
@@ -713,3 +713,36 @@ def test_a_plan_made_ahead_holds_only_for_its_context_and_layout():
     assert state.planned(132) == (False, None)
     state.next_plan = (140, state.layout, None)  # planned: nothing to free
     assert state.planned(140) == (True, None)
+
+
+def _checked_life(seed, monkeypatch, check_all: bool):
+    """The three-request stream of `_planned_life`; returns (records, rows, `_due` calls).
+    `check_all`: every followed request is checked at every step (no per-index lower bound)."""
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    server, evictor, calls = runtime.config, runtime.decode_evictor, []
+    due = evictor._due
+    monkeypatch.setattr(evictor, "_due", lambda req: calls.append(req.req_id) or due(req))
+    if check_all:
+        monkeypatch.setattr(evictor, "_next_context", lambda req: 0)
+    life = Life(runtime, pool, seed=seed)
+    life.prefill({
+        "a": (150, request_config(server, {"kv_compression": "pyramid"})),
+        "b": (200, request_config(server, {"kv_budget": 96})),
+        "c": (40, request_config(server, {"kv_budget": 64})),  # within budget: followed from its first step
+        "d": (120, request_config(server, {"kv_budget": 1.0})),  # never evicted while decoding: never checked
+    })  # fmt: skip
+    life.run(4 * EVERY + 3)
+    records = [(r.req_id, r.phase, r.prompt_len, r.kept_tokens, r.freed_block_ids) for r in life.records]
+    return records, {rid: runtime.requests[rid].block_ids for rid in "abcd"}, calls
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_the_per_step_check_skips_only_requests_that_cannot_be_due(seed, monkeypatch):
+    """`_next_check` (a lower bound on each request's next due context) changes no eviction: the same
+    records and rows as checking every followed request at every step, with far fewer checks."""
+    records, rows, calls = _checked_life(seed, monkeypatch, check_all=False)
+    every_step, every_rows, all_calls = _checked_life(seed, monkeypatch, check_all=True)
+    assert records == every_step and rows == every_rows
+    assert sum(r[1] == "decode" for r in records) >= 3, "too few decode evictions to compare"
+    assert "d" not in calls and "d" not in all_calls  # budget 1.0: not followed at all
+    assert len(calls) < len(all_calls) / 4

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.kvcomp")
 
 MAX_DEFERRED = 3  # decode evictions failed in a row before a request is given up
+NEVER = np.iinfo(np.int64).max  # `_next_check` of a request that is not followed
 
 
 @dataclass
@@ -75,10 +76,15 @@ class _Batch:
 
 
 class DecodeEvictor:
-    def __init__(self, runtime: CompressionRuntime) -> None:
+    def __init__(self, runtime: CompressionRuntime, max_reqs: int) -> None:
         self.rt = runtime
         self.workspace_bytes = runtime.config.eviction_workspace_mb << 20
-        self._stepped: list[TrackedRequest] = []
+        # Per runner index: the first context at which `_due` can hold, so that a step checks only
+        # the requests that reach it (one numpy comparison, not a Python call per running request).
+        # Set when a request is added (`follow`) and again after every check of it (`_next_context`).
+        self._next_check = np.full(max_reqs + 1, NEVER, dtype=np.int64)
+        self._candidates: list[TrackedRequest] = []
+        self._stepped: tuple[list[str], np.ndarray] = ([], np.zeros(0, dtype=np.int64))
         self._row_writes: list[tuple[TrackedRequest, int, list[int]]] = []
         self.planner = DecodePlanner(runtime)
         config = runtime.config
@@ -86,26 +92,48 @@ class DecodeEvictor:
             runtime.executor.warm_up(config.decode_window)  # the scorer's tiles for W_dec: no compile mid-serving
 
     # ------------------------------------------------------------ per step
+    def follow(self, req: TrackedRequest) -> None:
+        """A new request at its runner index: checked from its next step on, if it can be evicted."""
+        self._next_check[req.index] = 0 if req.evicts_while_decoding else NEVER
+
     def note_step(self, input_batch) -> None:
-        """Host: the context of every scheduled request after this step (evict_every only)."""
-        self._stepped = []
-        if self.rt.config.evict_every is None:
-            return
+        """Host: each scheduled request's context after this step; those that may be due (evict_every only)."""
+        self._candidates = []
+        if self.rt.config.evict_every is None or self.rt.decode_ring is None or not self.rt.decode_ring.in_use:
+            return  # nothing followed (e.g. only budget-1.0 requests): no per-step work at all
         n = input_batch.num_reqs
         contexts = np.asarray(input_batch.num_computed_tokens_np[:n]) + np.asarray(input_batch.num_scheduled_tokens[:n])
-        for req_id, context in zip(input_batch.req_ids, contexts.tolist()):
-            req = self.rt.requests.get(req_id)
+        self._stepped = (input_batch.req_ids, contexts)  # for plan_ahead
+        reached = contexts >= self._next_check[np.asarray(input_batch.idx_mapping_np[:n])]
+        for k in np.flatnonzero(reached).tolist():
+            req = self.rt.requests.get(input_batch.req_ids[k])
             if req is not None and req.evicts_while_decoding:
-                req.seq_len = context
-                self._stepped.append(req)
+                req.seq_len = int(contexts[k])
+                self._candidates.append(req)
 
     def step(self) -> CompressionReport:
         """Evict every request due after this step, in one batch; then plan a few next evictions."""
-        stepped, self._stepped = self._stepped, []
-        due = [req for req in stepped if self._due(req)]
+        candidates, self._candidates = self._candidates, []
+        due = [req for req in candidates if self._due(req)]
         report = self.evict(due) if due else CompressionReport()
-        self.planner.plan_ahead(stepped)
+        for req in candidates:  # after the evictions: from their new state
+            if self.rt.requests.get(req.req_id) is req:
+                self._next_check[req.index] = self._next_context(req)
+        self.planner.plan_ahead(*self._stepped)
+        self._stepped = ([], self._stepped[1][:0])
         return report
+
+    def _next_context(self, req: TrackedRequest) -> int:
+        """The first context at which `_due(req)` can hold again, given its state now."""
+        config = req.config or self.rt.config
+        state, every = req.decode, config.evict_every
+        if state is None:  # prefill eviction not done yet (or failed: it stays unfollowed)
+            return NEVER if not req.compress and req.prompt_len < config.min_prompt_len else req.seq_len + 1
+        if state.stopped or every is None:
+            return NEVER
+        if req.seq_len - state.evicted_at >= every:  # due, but its ring rows were not all recorded yet
+            return req.seq_len + 1
+        return state.evicted_at + every
 
     def take_row_writes(self) -> list[tuple[TrackedRequest, int, list[int]]]:
         """(request, first position, block ids) to write into its block-table row before the

@@ -96,23 +96,28 @@ class DecodePlanner:
             plans.append(plan if ahead else self.plan(req, req.seq_len))
         return plans
 
-    def plan_ahead(self, stepped: list[TrackedRequest]) -> None:
-        """Plan the next eviction of a few requests, round-robin over those that stepped.
+    def plan_ahead(self, req_ids: list[str], contexts: np.ndarray) -> None:
+        """Plan the next eviction of a few requests, round-robin over those that stepped
+        (`req_ids`, with their contexts after the step).
 
         Each step looks at about 4 / evict_every of the requests and plans those without
         a plan, so a round is planned within a quarter of an interval at O(1) host work
         per step. A plan is used only if the request reaches its due context in that
         layout (`DecodeState.planned`); else it is planned again when due.
         """
-        n, every = len(stepped), self.rt.config.evict_every
+        n, every = len(contexts), self.rt.config.evict_every
         if not n or every is None:
             return
         look = min(n, 2 * cdiv(2 * n, every))
         start, self._cursor = self._cursor % n, (self._cursor + look) % n
         for k in range(look):
-            req = stepped[(start + k) % n]
+            position = (start + k) % n
+            req = self.rt.requests.get(req_ids[position])
+            if req is None or not req.evicts_while_decoding or req.decode is None:
+                continue
+            req.seq_len = int(contexts[position])
             state, req_every = req.decode, (req.config or self.rt.config).evict_every
-            if state is None or state.stopped or req_every is None or self.rt.requests.get(req.req_id) is not req:
+            if state.stopped or req_every is None:
                 continue
             due = state.evicted_at + req_every
             if due <= req.seq_len or state.planned(due)[0]:

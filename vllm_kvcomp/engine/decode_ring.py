@@ -104,6 +104,11 @@ class DecodeRing:
         self._index_of_slot[slot] = FREE
         self.free_slots.append(slot)
 
+    @property
+    def in_use(self) -> int:
+        """Slots held: the requests followed by decode-time eviction."""
+        return len(self._slot_of_req)
+
     def slot_of(self, req_id: str) -> int | None:
         return self._slot_of_req.get(req_id)
 

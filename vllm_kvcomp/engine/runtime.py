@@ -146,7 +146,7 @@ class CompressionRuntime:
         self.executor = EvictionExecutor(pool, self.geometry, self.config, tp_size)
         self.timer = EvictionTimer(on_cuda=self.device.type == "cuda")
         self.evictor = Evictor(self)
-        self.decode_evictor = DecodeEvictor(self)  # evict_every: evicts again while decoding
+        self.decode_evictor = DecodeEvictor(self, max_reqs)  # evict_every: evicts again while decoding
         self.executor.warm_up(self.config.window)
         self.pages.warm_up()
         logger.info(
@@ -214,6 +214,7 @@ class CompressionRuntime:
         if self.decode_ring is not None and (config or self.config).evicts_while_decoding:
             req.evicts_while_decoding = True
             self.decode_ring.assign(req_id, index)
+        self.decode_evictor.follow(req)
 
     def append_blocks(self, req_id: str, block_ids: list[int]) -> None:
         req = self.requests.get(req_id)
