@@ -3,7 +3,9 @@
 With `evict_every` set, a request is evicted again each time its context has
 grown by `evict_every` tokens since its last eviction, scored by its last
 `decode_window` decode queries (the ring, engine/decode_ring.py). The requests
-due in a step form one batch (`DecodeEvictor.step`, from `end_step`):
+due in a step form one batch (`DecodeEvictor.step`, from `end_step`; a step checks
+only the requests whose context reaches a lower bound kept per runner index,
+`_next_check`, so most steps do no Python work per request):
   1. plan, host only (`DecodePlanner`, engine/decode_planning.py): the prefill
      plan's per-layer budget ratios scaled to the average budget at context S
      (`decode_budgets`), then `plan_reeviction` on the request's `RequestLayout`
