@@ -15,12 +15,13 @@
 # The lifetime layout (issue #12's evidence and the GPU suite, split over the two GPUs):
 #   A  GPU 0      throughput long_generation (stock, 1024, 2048), then kernel_tests runtime_gpu serve engine,
 #                 then the 8B shape's long generation (4k output; about 6 minutes, so about 22 in all)
-#   B  GPU 1      throughput decode_heavy with lifetime budgets, the decode self-check (both graph
-#                 modes), long-output quality on both models (parts carried meanwhile), decode_smoke,
-#                 then the ring's write in a CUDA graph (ring_cost) and the decode steps under the torch
-#                 profiler, stock against the plugin (step_profile: long generation at 1024, decode-heavy
-#                 at 1.0): about 22 minutes (`tput_overhead`, budget 1.0 with and without the ring, is
-#                 the A/B alternative to the second profile)
+#   B  GPU 1      throughput decode_heavy with lifetime budgets; then, once A's long generation is over
+#                 (engine starts beside it slowed its steps in the 2026-12-01 lease), the decode self-check
+#                 (both graph modes), decode_smoke, the ring's write in a CUDA graph (ring_cost) and the
+#                 decode steps under the torch profiler, stock against the plugin (step_profile: long
+#                 generation at 1024, decode-heavy at 1.0 and 0.2): about 22 minutes. Long-output quality
+#                 (stage long_output, both real models, GGUF parts carried) is no longer in it: run it
+#                 when a change alters which tokens are kept (the plans-ahead branch does not: same plans)
 # The quality layout (GGUF parts arrive call by call while the jobs run; each job waits for its parts):
 #   Q  GPU 0      quality qwen05 (uniform, zigzag and the candidates), evaluation.pick, then qwen15
 #                 (uniform, zigzag, the pick): the calibrate-on-one, check-on-the-other protocol of #13
@@ -55,7 +56,7 @@ launch_quality() {
 launch_lifetime() {
   $SESSION install
   job A "CUDA_VISIBLE_DEVICES=0" tput_long kernel_tests runtime_gpu serve engine tput_long_8b
-  job B "CUDA_VISIBLE_DEVICES=1 DECODE_K=1" tput_decode_lifetime decode_verify long_output decode_smoke ring_cost \
+  job B "CUDA_VISIBLE_DEVICES=1 DECODE_K=1" tput_decode_lifetime after_tput_long decode_verify decode_smoke ring_cost \
     step_profile
   sleep 5
   tail -n 2 "$JOBS"/*.log

@@ -238,6 +238,11 @@ stage_step_profile() {
     --case decode_heavy --num-prompts 32 --budgets 1.0,0.2 --output-len 1024 --delay 300 --iterations 256 \
     --kv-cache-memory-bytes 4294967296 2>&1 | tee "$LOGS/step_profile_overhead.log" | grep -E "^\[step_profile\]|Error" | tail -4)
 }
+stage_after_tput_long() {
+  # hold this job until job A's long-generation run is over: the compile-heavy engine starts of the stages
+  # after it share the host's CPUs, and the long-generation steps are host-bound (h200_plan_ahead/README.md)
+  WAIT_S=900 wait_for "job A's tput_long" grep -q "^=== kernel_tests" /tmp/kvcomp-jobs/A.log || true
+}
 stage_ring_cost() {
   # the ring's writes per decode step inside a CUDA graph, against graph nodes that do nothing
   (cd "$WORK" && timeout 120 $PY -m bench.ring_cost --out "$RESULTS/ring_cost.json" 2>&1 | tee "$LOGS/ring_cost.log" | tail -5)
