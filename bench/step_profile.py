@@ -11,7 +11,9 @@ holds two rounds of evictions). From the worker's trace this reports, per run:
 - `gpu_busy_ms_per_step`: the union of the kernels' intervals per step, and `gpu_idle_share`, the
   rest of the window: time the GPU waited for the host. A share near 0 means the steps are
   GPU-bound; a large one, host-bound;
-- `top_kernels`: the kernels with the most time, in ms per step, and launches per step.
+- `top_kernels`: the kernels with the most time, in ms per step, and launches per step;
+- `host_ranges`: the host's named ranges, the plugin's `kvcomp::` ones among them (engine/timing.py
+  `profiled`), and `cuda_runtime`: the CUDA runtime calls (launches, graph replays, copies).
 vLLM's own per-op table (`profiler_out_0.txt`: CPU and CUDA time per op) is copied beside it.
 The profiler slows the host a little, so compare the runs with each other, not with the
 throughput bench.
@@ -40,6 +42,20 @@ def kernel_intervals(trace: dict) -> list[tuple[float, float, str]]:
     ]
 
 
+def _totals(events, category: str, steps: int, top: int) -> list[dict]:
+    """Events of one trace category by name: ms per step and calls per step, the largest first."""
+    per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") == category:
+            per_name[str(e.get("name", ""))][0] += float(e.get("dur", 0.0))
+            per_name[str(e.get("name", ""))][1] += 1
+    ranked = sorted(per_name.items(), key=lambda kv: kv[1][0], reverse=True)[:top]
+    return [
+        {"name": name[:120], "ms_per_step": total / 1e3 / steps, "calls_per_step": count / steps}
+        for name, (total, count) in ranked
+    ]
+
+
 def summarize_trace(trace: dict, steps: int, top: int = 15) -> dict:
     """The window, the GPU's busy and idle time, per step, and the top kernels (see the module doc)."""
     kernels = sorted(kernel_intervals(trace))
@@ -52,11 +68,7 @@ def summarize_trace(trace: dict, steps: int, top: int = 15) -> dict:
         cur_end = max(cur_end, end)
     busy += cur_end - cur_start
     window = max(end for _, end, _ in kernels) - kernels[0][0]
-    per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for start, end, name in kernels:
-        per_name[name][0] += end - start
-        per_name[name][1] += 1
-    ranked = sorted(per_name.items(), key=lambda kv: kv[1][0], reverse=True)[:top]
+    events = trace.get("traceEvents", [])
     return {
         "steps": steps,
         "window_ms": window / 1e3,
@@ -64,10 +76,11 @@ def summarize_trace(trace: dict, steps: int, top: int = 15) -> dict:
         "gpu_busy_ms_per_step": busy / 1e3 / steps,
         "gpu_idle_share": 1.0 - busy / window if window else 0.0,
         "kernel_launches_per_step": len(kernels) / steps,
-        "top_kernels": [
-            {"name": name[:120], "ms_per_step": total / 1e3 / steps, "launches_per_step": count / steps}
-            for name, (total, count) in ranked
-        ],
+        "top_kernels": _totals(events, "kernel", steps, top),
+        # host side: record_function ranges (the plugin's `kvcomp::begin_step`, `kvcomp::layer_tables`,
+        # `kvcomp::end_step`, `kvcomp::decode_evictions`; vLLM's own) and CUDA runtime calls
+        "host_ranges": _totals(events, "user_annotation", steps, top),
+        "cuda_runtime": _totals(events, "cuda_runtime", steps, 6),
     }
 
 

@@ -12,6 +12,8 @@ def _trace(kernels):
     """A Chrome trace of (ts µs, dur µs, name) kernels plus CPU events (ignored)."""
     events = [{"cat": "kernel", "ts": ts, "dur": dur, "name": name} for ts, dur, name in kernels]
     events += [{"cat": "cpu_op", "ts": 0, "dur": 10_000, "name": "aten::mm"}]
+    events += [{"cat": "user_annotation", "ts": 0, "dur": 50, "name": "kvcomp::end_step"}] * 2
+    events += [{"cat": "cuda_runtime", "ts": 0, "dur": 5, "name": "cudaGraphLaunch"}] * 2
     return {"traceEvents": events}
 
 
@@ -22,10 +24,14 @@ def test_busy_time_is_the_union_of_kernel_intervals_and_idle_the_rest():
     assert got["window_ms"] == pytest.approx(1.0) and got["ms_per_step"] == pytest.approx(0.5)
     assert got["gpu_busy_ms_per_step"] == pytest.approx(0.35) and got["gpu_idle_share"] == pytest.approx(0.3)
     assert got["kernel_launches_per_step"] == 1.5
-    assert [(k["name"], k["ms_per_step"], k["launches_per_step"]) for k in got["top_kernels"]] == [
+    assert [(k["name"], k["ms_per_step"], k["calls_per_step"]) for k in got["top_kernels"]] == [
         ("gemm", pytest.approx(0.3), 1.0),
         ("flash", pytest.approx(0.1), 0.5),
     ]
+    assert got["host_ranges"] == [
+        {"name": "kvcomp::end_step", "ms_per_step": pytest.approx(0.05), "calls_per_step": 1.0}
+    ]
+    assert got["cuda_runtime"][0]["name"] == "cudaGraphLaunch" and got["cuda_runtime"][0]["calls_per_step"] == 1.0
     assert "error" in step_profile.summarize_trace({"traceEvents": []}, steps=1)
 
 

@@ -746,3 +746,15 @@ def test_the_per_step_check_skips_only_requests_that_cannot_be_due(seed, monkeyp
     assert sum(r[1] == "decode" for r in records) >= 3, "too few decode evictions to compare"
     assert "d" not in calls and "d" not in all_calls  # budget 1.0: not followed at all
     assert len(calls) < len(all_calls) / 4
+
+
+def test_decode_evictions_are_a_named_range_in_a_profile():
+    """bench/step_profile.py reads the `kvcomp::` ranges of a torch-profiler trace."""
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    life = Life(runtime, pool, seed=12)
+    life.prefill({"a": (150, None)})
+    life.run(EVERY - 2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        reports = life.run(2)  # the eviction step is one of these
+    assert any(r is not None and r.evictions for r in reports)
+    assert "kvcomp::decode_evictions" in {event.key for event in prof.key_averages()}

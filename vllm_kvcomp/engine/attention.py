@@ -33,6 +33,7 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from vllm_kvcomp.engine.capture import CapturePlan
 from vllm_kvcomp.engine.runtime import get_runtime
+from vllm_kvcomp.engine.timing import profiled
 
 
 @dataclass
@@ -53,10 +54,8 @@ class CompressedFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         base = super().build(0, common_attn_metadata, fast_build)
         runtime = get_runtime()
-        tables, lens = runtime.layer_tables(
-            common_attn_metadata.block_table_tensor,
-            common_attn_metadata.seq_lens,
-        )
+        with profiled("kvcomp::layer_tables"):
+            tables, lens = runtime.layer_tables(common_attn_metadata.block_table_tensor, common_attn_metadata.seq_lens)
         return CompressedFlashAttentionMetadata(
             **{f.name: getattr(base, f.name) for f in fields(FlashAttentionMetadata)},
             layer_block_tables=tables,

@@ -47,6 +47,7 @@ from vllm_kvcomp.engine.executor import to_device
 from vllm_kvcomp.engine.records import CompressionReport, EvictionRecord, SkipRecord
 from vllm_kvcomp.engine.reeviction import ReevictionPlan
 from vllm_kvcomp.engine.requests import DecodeState, TrackedRequest
+from vllm_kvcomp.engine.timing import profiled
 
 if TYPE_CHECKING:
     from vllm_kvcomp.engine.runtime import CompressionRuntime
@@ -161,8 +162,9 @@ class DecodeEvictor:
     def evict(self, reqs: list[TrackedRequest]) -> CompressionReport:
         report = CompressionReport()
         lengths = [int(decode_state(req).layout.live_tokens(req.seq_len).max()) for req in reqs]
-        for start, end, groups in workspace_chunks(lengths, self.rt.geometry, self.workspace_bytes):
-            report.extend(self._evict_chunk(reqs[start:end], groups))
+        with profiled("kvcomp::decode_evictions"):
+            for start, end, groups in workspace_chunks(lengths, self.rt.geometry, self.workspace_bytes):
+                report.extend(self._evict_chunk(reqs[start:end], groups))
         return report
 
     def _evict_chunk(self, reqs: list[TrackedRequest], groups: list[range]) -> CompressionReport:

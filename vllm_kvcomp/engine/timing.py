@@ -13,6 +13,7 @@ the difference is the kernels' time beyond what the host overlapped.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -70,3 +71,11 @@ class EvictionTimer:
         """Host seconds per request of every batch stopped since the last call (one entry per request)."""
         seconds, self._host_seconds = self._host_seconds, []
         return seconds
+
+
+def profiled(name: str):
+    """A named range in torch.profiler traces (bench/step_profile.py reports the `kvcomp::` ones);
+    free when no profiler runs (a range costs several µs even then, the check a fraction of one)."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()

@@ -23,6 +23,7 @@ from vllm_kvcomp.config import CompressionConfigError, from_additional_config, r
 from vllm_kvcomp.engine.kv_cache import CompressedAttentionSpec
 from vllm_kvcomp.engine.memory import plugin_memory
 from vllm_kvcomp.engine.runtime import CompressionRuntime, set_runtime
+from vllm_kvcomp.engine.timing import profiled
 
 logger = logging.getLogger("vllm.kvcomp")
 
@@ -112,7 +113,8 @@ class CompressionModelRunner(GPUModelRunner):
         return super()._remove_request(req_id)
 
     def prepare_attn(self, input_batch):
-        self.kvcomp.begin_step(input_batch)
+        with profiled("kvcomp::begin_step"):
+            self.kvcomp.begin_step(input_batch)
         return super().prepare_attn(input_batch)
 
     def prepare_dummy_attn(self, input_batch):
@@ -121,7 +123,7 @@ class CompressionModelRunner(GPUModelRunner):
 
     def sample_tokens(self, grammar_output):
         output = super().sample_tokens(grammar_output)
-        with torch.inference_mode():
+        with torch.inference_mode(), profiled("kvcomp::end_step"):
             report = self.kvcomp.end_step()
         if report is not None and output is not None:
             target = getattr(output, "model_runner_output", output)
