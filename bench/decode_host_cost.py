@@ -113,6 +113,23 @@ def _publish_host(plan, row, blocks_per_layer: int):
     return ent[:, 1] * blocks_per_layer + ids[ent[:, 0]], ent[:, 3] * blocks_per_layer + ids[ent[:, 2]]
 
 
+def decode_batch(req_ids: list[str], contexts: np.ndarray):
+    """vLLM's InputBatch for one decode token per request (runner indices 1..n), at `contexts`."""
+    import torch
+
+    n = len(req_ids)
+    return SimpleNamespace(
+        req_ids=req_ids,
+        num_reqs=n,
+        idx_mapping=torch.arange(1, n + 1, dtype=torch.int32),
+        idx_mapping_np=np.arange(1, n + 1, dtype=np.int32),
+        is_prefilling_np=np.zeros(n, dtype=bool),
+        query_start_loc_np=np.arange(n + 1, dtype=np.int32),
+        num_computed_tokens_np=contexts,
+        num_scheduled_tokens=np.ones(n, dtype=np.int32),
+    )
+
+
 def per_step(budget: str, running: int, steps: int = 500) -> float:
     """Microseconds of host work per decode step for `running` requests at `budget` on a real runtime
     (CPU): `begin_step` (window capture plan, decode-ring plan, contexts) and the due check of
@@ -140,22 +157,12 @@ def per_step(budget: str, running: int, steps: int = 500) -> float:
         req = runtime.requests[f"r{i}"]
         if req.evicts_while_decoding and hasattr(DecodeState, "after_prefill"):  # as after its prefill eviction
             req.decode = DecodeState.after_prefill(None, None, 0, 2000, L, bs)
-    batch = SimpleNamespace(  # vLLM's InputBatch: one decode token per request, contexts 2000..
-        req_ids=[f"r{i}" for i in range(running)],
-        num_reqs=running,
-        idx_mapping=torch.arange(1, running + 1, dtype=torch.int32),
-        idx_mapping_np=np.arange(1, running + 1, dtype=np.int32),
-        is_prefilling_np=np.zeros(running, dtype=bool),
-        query_start_loc_np=np.arange(running + 1, dtype=np.int32),
-        num_computed_tokens_np=np.full(running, 2000, dtype=np.int32),
-        num_scheduled_tokens=np.ones(running, dtype=np.int32),
-    )
+    req_ids = [f"r{i}" for i in range(running)]
     every = server.evict_every  # contexts 2000 .. 2000 + every - 2, again and again: never due
 
     def run(count: int) -> None:
         for k in range(count):
-            batch.num_computed_tokens_np = np.full(running, 2000 + k % (every - 1), dtype=np.int32)
-            runtime.begin_step(batch)
+            runtime.begin_step(decode_batch(req_ids, np.full(running, 2000 + k % (every - 1), dtype=np.int32)))
             runtime.decode_evictor.step()
 
     run(every)

@@ -32,11 +32,11 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from bench.decode_host_cost import decode_batch
 from vllm_kvcomp.config import build_config
 from vllm_kvcomp.engine.layout import cdiv
 
@@ -129,21 +129,12 @@ class Harness:
 
     def step(self) -> tuple[object, float]:
         """One decode step of every request: (its eviction report, host seconds of end_step)."""
-        n, rt = len(self.req_ids), self.rt
+        rt = self.rt
         contexts = np.array([self.context[r] for r in self.req_ids], dtype=np.int32)
         for req_id, ctx in zip(self.req_ids, contexts.tolist()):
             if ctx % self.bs == 0:  # the scheduler's new block for this step's token
                 rt.append_blocks(req_id, [self.free.pop()])
-        rt.begin_step(
-            SimpleNamespace(
-                req_ids=self.req_ids, num_reqs=n,
-                idx_mapping=torch.arange(1, n + 1, dtype=torch.int32),
-                idx_mapping_np=np.arange(1, n + 1, dtype=np.int32),
-                is_prefilling_np=np.zeros(n, dtype=bool),
-                query_start_loc_np=np.arange(n + 1, dtype=np.int32),
-                num_computed_tokens_np=contexts, num_scheduled_tokens=np.ones(n, dtype=np.int32),
-            )
-        )  # fmt: skip
+        rt.begin_step(decode_batch(self.req_ids, contexts))
         start = time.perf_counter()
         report = rt.end_step()
         seconds = time.perf_counter() - start

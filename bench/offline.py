@@ -42,31 +42,28 @@ def current_commit() -> str | None:
     return done.stdout.strip() or None
 
 
-def provenance(command: str, run: dict) -> dict:
-    """What every results file records: the command, the commit, the date, and the device and
-    versions of an engine run (`run_in_subprocess`'s record)."""
+def _stamp(command: str) -> dict:
+    """The command, the commit and the date: how every results file begins."""
     import datetime
 
     return {
         "command": command,
         "commit": current_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **{key: run.get(key) for key in ("device", "vllm", "torch")},
     }
+
+
+def provenance(command: str, run: dict) -> dict:
+    """What every results file records: the command, the commit, the date, and the device and
+    versions of an engine run (`run_in_subprocess`'s record)."""
+    return {**_stamp(command), **{key: run.get(key) for key in ("device", "vllm", "torch")}}
 
 
 def bench_header(prog: str, argv, device: str, args) -> dict:
     """The header of a micro-benchmark's results file: command, commit, date, device and setup
     (its arguments but `--out`)."""
-    import datetime
-
-    return {
-        "command": f"python -m {prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": current_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "setup": {k: v for k, v in vars(args).items() if k != "out"},
-    }
+    command = f"python -m {prog} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return {**_stamp(command), "device": device, "setup": {k: v for k, v in vars(args).items() if k != "out"}}
 
 
 def write_json(result: dict, out: Path | None) -> None:
