@@ -240,7 +240,7 @@ stage_step_profile() {
 }
 stage_after_tput_long() {
   # hold this job until job A's long-generation run is over: the compile-heavy engine starts of the stages
-  # after it share the host's CPUs, and the long-generation steps are host-bound (h200_plan_ahead/README.md)
+  # after it share the host's CPUs, which slowed those steps in the 2026-12-01 lease (h200_plan_ahead/README.md)
   WAIT_S=900 wait_for "job A's tput_long" grep -q "^=== kernel_tests" /tmp/kvcomp-jobs/A.log || true
 }
 stage_ring_cost() {

@@ -56,6 +56,7 @@ logger = logging.getLogger("vllm.kvcomp")
 
 MAX_DEFERRED = 3  # decode evictions failed in a row before a request is given up
 NEVER = np.iinfo(np.int64).max  # `_next_check` of a request that is not followed
+_NO_STEP: tuple[list[str], np.ndarray] = ([], np.zeros(0, dtype=np.int64))  # no request stepped
 
 
 @dataclass
@@ -87,7 +88,7 @@ class DecodeEvictor:
         # Set when a request is added (`follow`) and again after every check of it (`_next_context`).
         self._next_check = np.full(max_reqs + 1, NEVER, dtype=np.int64)
         self._candidates: list[TrackedRequest] = []
-        self._stepped: tuple[list[str], np.ndarray] = ([], np.zeros(0, dtype=np.int64))
+        self._stepped = _NO_STEP  # this step's (request ids, contexts), for plan_ahead
         self._row_writes: list[tuple[TrackedRequest, int, list[int]]] = []
         self.planner = DecodePlanner(runtime)
         config = runtime.config
@@ -101,12 +102,12 @@ class DecodeEvictor:
 
     def note_step(self, input_batch) -> None:
         """Host: each scheduled request's context after this step; those that may be due (evict_every only)."""
-        self._candidates = []
+        self._candidates, self._stepped = [], _NO_STEP
         if self.rt.config.evict_every is None or self.rt.decode_ring is None or not self.rt.decode_ring.in_use:
             return  # nothing followed (e.g. only budget-1.0 requests): no per-step work at all
         n = input_batch.num_reqs
         contexts = np.asarray(input_batch.num_computed_tokens_np[:n]) + np.asarray(input_batch.num_scheduled_tokens[:n])
-        self._stepped = (input_batch.req_ids, contexts)  # for plan_ahead
+        self._stepped = (input_batch.req_ids, contexts)
         reached = contexts >= self._next_check[np.asarray(input_batch.idx_mapping_np[:n])]
         for k in np.flatnonzero(reached).tolist():
             req = self.rt.requests.get(input_batch.req_ids[k])
@@ -117,13 +118,13 @@ class DecodeEvictor:
     def step(self) -> CompressionReport:
         """Evict every request due after this step, in one batch; then plan a few next evictions."""
         candidates, self._candidates = self._candidates, []
+        stepped, self._stepped = self._stepped, _NO_STEP
         due = [req for req in candidates if self._due(req)]
         report = self.evict(due) if due else CompressionReport()
         for req in candidates:  # after the evictions: from their new state
             if self.rt.requests.get(req.req_id) is req:
                 self._next_check[req.index] = self._next_context(req)
-        self.planner.plan_ahead(*self._stepped)
-        self._stepped = ([], self._stepped[1][:0])
+        self.planner.plan_ahead(*stepped)
         return report
 
     def _next_context(self, req: TrackedRequest) -> int:

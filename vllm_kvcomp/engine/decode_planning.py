@@ -5,8 +5,8 @@ in its due step or, usually, in an earlier one (`plan_ahead`): a plan depends
 only on the layout, the budgets and the context, all known `evict_every` tokens
 ahead, and requests evicted together in one round would otherwise all be planned
 in their due step while the GPU waits. `DecodeEvictor` (engine/decode_eviction.py)
-takes the plans when the requests are due, and scores the pages `logical_pages`
-lists.
+takes the plans when the requests are due, and scores the pages
+`logical_page_table` lists.
 """
 
 from __future__ import annotations
