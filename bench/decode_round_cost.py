@@ -18,6 +18,13 @@ the torch ops between the kernels, host-to-device copies, publishing and the rec
 of those torch ops is a launch, which costs the host more than a CPU op; `aten_ops_per_round` counts
 them (torch.profiler) and `kernel_calls_per_round` the stand-ins' calls. `top_own_time` lists the
 functions with the most own time over the rounds (cProfile).
+
+    python -m bench.decode_round_cost --requests 30 --stagger --steps 256 [--no-join]
+
+times every step instead (`host_ms_per_step`, after two intervals), with the requests admitted
+over the first interval, as requests that reach the engine at different steps: they come due at
+different steps, and the rounds are as many as requests unless they join each other's
+(`JOIN_FRACTION`, engine/decode_eviction.py; `--no-join` turns that off).
 """
 
 from __future__ import annotations
@@ -111,13 +118,18 @@ class Harness:
             block_size=bs, num_heads=hkv * group, scale=dim**-0.5, max_reqs=args.requests + 1, width=width,
         )  # fmt: skip
         self.free = list(range(N - 1, 0, -1))
-        self.context = {}
-        for i in range(args.requests):
-            req_id = f"r{i}"
-            blocks = [self.free.pop() for _ in range(cdiv(args.prompt, bs))]
-            self.rt.add_request(req_id, index=i + 1, block_ids=blocks, prompt_len=args.prompt)
-            self.context[req_id] = args.prompt
-        self.req_ids = list(self.context)
+        self.context: dict[str, int] = {}
+        self.req_ids: list[str] = []
+        if not args.stagger:  # else admitted during the first interval (`_steps`)
+            for i in range(args.requests):
+                self.admit(i)
+
+    def admit(self, i: int) -> None:
+        req_id, prompt = f"r{i}", self.args.prompt
+        blocks = [self.free.pop() for _ in range(cdiv(prompt, self.bs))]
+        self.rt.add_request(req_id, index=i + 1, block_ids=blocks, prompt_len=prompt)
+        self.context[req_id] = prompt
+        self.req_ids.append(req_id)
 
     def due_next(self) -> bool:
         """Whether the next step evicts: some request's context reaches its last eviction + evict_every."""
@@ -147,10 +159,45 @@ class Harness:
 
 
 def run(args) -> dict:
-    """`--rounds` rounds timed as they run, then one more under torch.profiler and cProfile."""
-    stand_ins = StandIns()
-    with stand_ins.installed():
-        return _rounds(args, stand_ins)
+    """`--rounds` rounds timed as they run, then one more under torch.profiler and cProfile; or,
+    with `--steps`, that many steps (every round they hold) timed as they run."""
+    from vllm_kvcomp.engine import decode_eviction
+
+    stand_ins, join = StandIns(), decode_eviction.JOIN_FRACTION
+    if args.no_join:  # a request would have to grow by 10 intervals to join a round: never
+        decode_eviction.JOIN_FRACTION = 10.0
+    try:
+        with stand_ins.installed():
+            return _steps(args, stand_ins) if args.steps else _rounds(args, stand_ins)
+    finally:
+        decode_eviction.JOIN_FRACTION = join
+
+
+def _steps(args, stand_ins: StandIns) -> dict:
+    """Host time of `--steps` decode steps after two intervals (every request followed), per step."""
+    harness = Harness(args)
+    for step in range(2 * args.evict_every):  # --stagger: request i admitted at step i * every / requests
+        admitted = len(harness.req_ids)
+        while args.stagger and admitted < args.requests and step >= admitted * args.evict_every // args.requests:
+            harness.admit(admitted)
+            admitted += 1
+        harness.step()
+    rounds, total = [], 0.0
+    for _ in range(args.steps):
+        calls_before = sum(stand_ins.calls.values())
+        report, seconds = harness.step()
+        total += seconds
+        if report and report.evictions:
+            rounds.append({"requests": len(report.evictions), "ms": 1e3 * seconds,
+                           "kernel_calls": sum(stand_ins.calls.values()) - calls_before})  # fmt: skip
+    return {
+        "steps": args.steps,
+        "host_ms_per_step": 1e3 * total / args.steps,
+        "host_ms_in_rounds": sum(r["ms"] for r in rounds),
+        "rounds_per_interval": len(rounds) * args.evict_every / args.steps,
+        "requests_per_round_mean": float(np.mean([r["requests"] for r in rounds])) if rounds else 0.0,
+        "rounds": rounds,
+    }
 
 
 def _rounds(args, stand_ins: StandIns) -> dict:
@@ -198,6 +245,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--evict-every", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=0, help="time this many steps instead of --rounds rounds")
+    parser.add_argument("--stagger", action="store_true", help="admit the requests over an interval (with --steps)")
+    parser.add_argument("--no-join", action="store_true", help="no request joins another's round (JOIN_FRACTION)")
     # Tiny heads by default: copies of the ring's queries and the scores are data-bound on the CPU
     # (tens of ms at the 1B shape), microseconds on the GPU; the host's own work does not depend on them.
     parser.add_argument("--kv-heads", type=int, default=1)

@@ -218,6 +218,13 @@ stage_tput_decode_lifetime() {
     --runs stock,plugin --cases decode_heavy,decode_heavy_prefill --budgets 0.2,1.0 $LIFETIME 2>&1 \
     | tee "$LOGS/tput_decode_lifetime.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
 }
+stage_tput_decode_cohorts() {
+  # decode-heavy at 0.2 only, stock in the same invocation (no prefill probe, no 1.0): a short lease's
+  # check of a change to the decode evictions' rounds (about 5 minutes with both engines' starts)
+  (cd "$WORK" && timeout 480 $PY -m bench.throughput --out "$RESULTS/decode_heavy_02" --work "$WORK/tput" \
+    --runs stock,plugin --cases decode_heavy --budgets 0.2 $LIFETIME 2>&1 \
+    | tee "$LOGS/tput_decode_02.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
+}
 stage_tput_overhead() {
   # budget 1.0's overhead with and without the decode ring: 32 decode-heavy requests; each invocation runs
   # stock, then the plugin (same GPU, same KV memory); without --evict-every the plugin has no ring

@@ -758,3 +758,38 @@ def test_decode_evictions_are_a_named_range_in_a_profile():
         reports = life.run(2)  # the eviction step is one of these
     assert any(r is not None and r.evictions for r in reports)
     assert "kvcomp::decode_evictions" in {event.key for event in prof.key_averages()}
+
+
+def _staggered_life(seed, monkeypatch, join: bool):
+    """Four requests admitted at different steps; returns (decode records, (step, size) of each round)."""
+    from vllm_kvcomp.engine import decode_eviction
+
+    if not join:  # a request would have to grow by 10 intervals to join: never (it is due first)
+        monkeypatch.setattr(decode_eviction, "JOIN_FRACTION", 10.0)
+    runtime, pool = make_runtime("uniform", budget="0.3")
+    evictor, steps, rounds = runtime.decode_evictor, [], []
+    step, evict = evictor.step, evictor.evict
+    monkeypatch.setattr(evictor, "step", lambda: steps.append(1) or step())
+    monkeypatch.setattr(evictor, "evict", lambda reqs: rounds.append((len(steps), len(reqs))) or evict(reqs))
+    life = Life(runtime, pool, seed=seed)
+    for req_id, prompt, run in (("a", 150, 3), ("b", 170, 9), ("c", 130, 14), ("d", 160, 5 * EVERY)):
+        life.prefill({req_id: (prompt, None)})
+        life.run(run)  # every read checked against what each eviction kept, and the memory bound
+    return [r for r in life.records if r.phase == "decode"], rounds
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_requests_admitted_apart_share_rounds(seed, monkeypatch):
+    """Requests of the step that have grown by 3/4 of their interval join a round others are due in:
+    rounds at least a quarter interval apart (at most 4 per interval, however staggered the requests),
+    each request evicted at most a quarter interval early and never late."""
+    decode, rounds = _staggered_life(seed, monkeypatch, join=True)
+    alone, alone_rounds = _staggered_life(seed, monkeypatch, join=False)
+    assert {size for _, size in alone_rounds} == {1} and len(alone_rounds) == len(alone)  # one request per round
+    assert len(rounds) <= 0.6 * len(alone_rounds) and max(size for _, size in rounds) >= 3
+    assert np.diff([step for step, _ in rounds]).min() > EVERY // 4
+    prompts = {"a": 150, "b": 170, "c": 130, "d": 160}
+    for req_id, prompt in prompts.items():
+        contexts = [prompt] + [r.prompt_len for r in decode if r.req_id == req_id]
+        growth = np.diff(contexts)
+        assert len(growth) >= 4 and growth.min() >= EVERY * 3 // 4 and growth.max() <= EVERY, (req_id, growth)

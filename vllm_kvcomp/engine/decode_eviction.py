@@ -5,7 +5,12 @@ grown by `evict_every` tokens since its last eviction, scored by its last
 `decode_window` decode queries (the ring, engine/decode_ring.py). The requests
 due in a step form one batch (`DecodeEvictor.step`, from `end_step`; a step checks
 only the requests whose context reaches a lower bound kept per runner index,
-`_next_check`, so most steps do no Python work per request):
+`_next_check`, so most steps do no Python work per request). Requests of the step
+that have grown by 3/4 of their interval (and a decode window) join the batch
+(`_join_check`): a round has a fixed host cost of about 2 ms (launches, copies),
+and requests admitted at different steps would otherwise come due one at a time.
+Joined requests are evicted early, never late (the memory bound holds), and then
+come due together: a cohort. Each batch:
   1. plan, host only (`DecodePlanner`, engine/decode_planning.py): the prefill
      plan's per-layer budget ratios scaled to the average budget at context S
      (`decode_budgets`), then `plan_reeviction` on the request's `RequestLayout`
@@ -56,6 +61,10 @@ logger = logging.getLogger("vllm.kvcomp")
 
 MAX_DEFERRED = 3  # decode evictions failed in a row before a request is given up
 NEVER = np.iinfo(np.int64).max  # `_next_check` of a request that is not followed
+# Of its evict_every: how far a request must have grown to join another's round. At 3/4, a round takes
+# those due within the next quarter interval (about 4 rounds per interval however staggered the
+# requests), and a request never evicts more than a quarter early (a slower kv_evict_every keeps its pace).
+JOIN_FRACTION = 0.75
 _NO_STEP: tuple[list[str], np.ndarray] = ([], np.zeros(0, dtype=np.int64))  # no request stepped
 
 
@@ -87,7 +96,10 @@ class DecodeEvictor:
         # the requests that reach it (one numpy comparison, not a Python call per running request).
         # Set when a request is added (`follow`) and again after every check of it (`_next_context`).
         self._next_check = np.full(max_reqs + 1, NEVER, dtype=np.int64)
+        # Per runner index: the first context at which it may join a round that others are due in.
+        self._join_check = np.full(max_reqs + 1, NEVER, dtype=np.int64)
         self._candidates: list[TrackedRequest] = []
+        self._joinable = np.zeros(0, dtype=np.int64)  # positions in this step's batch that may join
         self._stepped = _NO_STEP  # this step's (request ids, contexts), for plan_ahead
         self._row_writes: list[tuple[TrackedRequest, int, list[int]]] = []
         self.planner = DecodePlanner(runtime)
@@ -99,6 +111,7 @@ class DecodeEvictor:
     def follow(self, req: TrackedRequest) -> None:
         """A new request at its runner index: checked from its next step on, if it can be evicted."""
         self._next_check[req.index] = 0 if req.evicts_while_decoding else NEVER
+        self._join_check[req.index] = NEVER  # from its first check on (it has no decode state yet)
 
     def note_step(self, input_batch) -> None:
         """Host: each scheduled request's context after this step; those that may be due (evict_every only)."""
@@ -108,7 +121,9 @@ class DecodeEvictor:
         n = input_batch.num_reqs
         contexts = np.asarray(input_batch.num_computed_tokens_np[:n]) + np.asarray(input_batch.num_scheduled_tokens[:n])
         self._stepped = (input_batch.req_ids, contexts)
-        reached = contexts >= self._next_check[np.asarray(input_batch.idx_mapping_np[:n])]
+        indices = np.asarray(input_batch.idx_mapping_np[:n])
+        reached = contexts >= self._next_check[indices]
+        self._joinable = np.flatnonzero(contexts >= self._join_check[indices])
         for k in np.flatnonzero(reached).tolist():
             req = self.rt.requests.get(input_batch.req_ids[k])
             if req is not None and req.evicts_while_decoding:
@@ -119,13 +134,36 @@ class DecodeEvictor:
         """Evict every request due after this step, in one batch; then plan a few next evictions."""
         candidates, self._candidates = self._candidates, []
         stepped, self._stepped = self._stepped, _NO_STEP
+        joinable, self._joinable = self._joinable, np.zeros(0, dtype=np.int64)
         due = [req for req in candidates if self._due(req)]
-        report = self.evict(due) if due else CompressionReport()
-        for req in candidates:  # after the evictions: from their new state
+        joining = self._joining(due, stepped, joinable) if due else []
+        report = self.evict(due + joining) if due else CompressionReport()
+        for req in candidates + joining:  # after the evictions: from their new state
             if self.rt.requests.get(req.req_id) is req:
                 self._next_check[req.index] = self._next_context(req)
+                self._join_check[req.index] = self._join_context(req)
         self.planner.plan_ahead(*stepped)
         return report
+
+    def _joining(self, due: list[TrackedRequest], stepped, joinable: np.ndarray) -> list[TrackedRequest]:
+        """Requests of this step, not due, that join the round of `due` (see the module docstring)."""
+        taken, ring, joining = {id(req) for req in due}, self.rt.decode_ring, []
+        req_ids, contexts = stepped
+        for k in joinable.tolist():
+            req = self.rt.requests.get(req_ids[k])
+            if req is None or id(req) in taken or req.decode is None or req.decode.stopped or ring is None:
+                continue
+            if int(contexts[k]) >= self._join_context(req) and ring.rows_ready(req.req_id, int(contexts[k])):
+                req.seq_len = int(contexts[k])
+                joining.append(req)
+        return joining
+
+    def _join_context(self, req: TrackedRequest) -> int:
+        """The first context at which the request may join a round (NEVER: it is not followed)."""
+        state, every = req.decode, (req.config or self.rt.config).evict_every
+        if state is None or state.stopped or every is None or self.rt.decode_ring is None:
+            return NEVER
+        return state.evicted_at + max(int(every * JOIN_FRACTION), self.rt.decode_ring.window)
 
     def _next_context(self, req: TrackedRequest) -> int:
         """The first context at which `_due(req)` can hold again, given its state now."""
