@@ -245,6 +245,13 @@ stage_step_profile() {
     --case decode_heavy --num-prompts 32 --budgets 1.0,0.2 --output-len 1024 --delay 300 --iterations 256 \
     --kv-cache-memory-bytes 4294967296 2>&1 | tee "$LOGS/step_profile_overhead.log" | grep -E "^\[step_profile\]|Error" | tail -4)
 }
+stage_step_profile_batch() {
+  # the decode step at the plugin's batch (32 running) in stock vLLM too: enough KV (20 GiB) for 32
+  # uncompressed 17k-token requests, stock against the plugin at budget 1.0 (same requests, same lengths)
+  (cd "$WORK" && timeout 540 $PY -m bench.step_profile --out "$RESULTS/step_profile_batch" --work "$WORK/profile" \
+    --case decode_heavy --num-prompts 32 --budgets 1.0 --output-len 1024 --delay 300 --iterations 256 \
+    --kv-cache-memory-bytes 21474836480 2>&1 | tee "$LOGS/step_profile_batch.log" | grep -E "^\[step_profile\]|Error" | tail -4)
+}
 stage_after_tput_long() {
   # hold this job until job A's long-generation run is over: the compile-heavy engine starts of the stages
   # after it share the host's CPUs, which slowed those steps in the 2026-12-01 lease (h200_plan_ahead/README.md)
