@@ -28,3 +28,17 @@ def test_the_host_share_is_taken_once_per_stopped_batch():
     assert timer.host() == []  # taken
     gpu = timer.completed()  # on the CPU the host clock times both: one entry per request as well
     assert len(gpu) == 4 and gpu[0] >= 0
+
+
+def test_waiting_for_the_gpu_is_not_host_work():
+    import time
+
+    timer = EvictionTimer()
+    batch = timer.start(requests=2)
+    with timer.waiting(batch):
+        time.sleep(0.05)  # as a read-back waiting for the step's forward
+    timer.stop(batch)
+    host = timer.host()
+    assert len(host) == 2 and 0 <= host[0] < 0.01  # per request, without the 50 ms wait
+    assert batch.waited >= 0.05
+    assert timer.completed()[0] >= 0.025  # the device's (here the host clock's) time still holds it

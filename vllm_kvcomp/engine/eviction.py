@@ -1,6 +1,7 @@
 """Eviction of a batch of requests whose prompt is complete, with failures contained.
 
-Phase A (score, statistics) only reads the KV pool; phase B (plan, select,
+Phase A (score, and the statistics when a method reads them or TP ranks must
+agree) only reads the KV pool; phase B (plan, select,
 compact, relocate, publish) rewrites it. `Evictor` runs both over the
 runtime's parts (capture buffers, executor, page state) and turns any failure
 into a decision every tensor-parallel rank shares: serve uncompressed while the
@@ -93,8 +94,16 @@ class Evictor:
         no longer what they prefilled); before that, they are served uncompressed.
         """
         timer = self.rt.timer.start(len(reqs))
-        scored, error = self._guarded("score", self._score, reqs, groups)
-        stats = self.rt.executor.agree(scored.local_stats if scored else None, len(reqs), failed=error is not None)
+        # Statistics only when a request's method reads them (zigzag, simlayer), or to agree across
+        # tensor-parallel ranks: else no read-back, so the host never waits for the step's forward.
+        agree = self.rt.executor.tp_size > 1 or any(self._needs_stats(req) for req in reqs)
+        scored, error = self._guarded("score", self._score, reqs, groups, agree)
+        if agree:
+            with self.rt.timer.waiting(timer):  # the read-back waits for the step's forward: not host work
+                local = scored.local_stats if scored else None
+                stats = self.rt.executor.agree(local, len(reqs), failed=error is not None)
+        else:
+            stats = None if error is not None else np.zeros((2, len(reqs), 0), dtype=np.float32)
         if stats is None or scored is None:
             return self._contained(reqs, "score", error, intact=True)
         plans, error = self._guarded("plan", self._plans, reqs, stats)
@@ -110,7 +119,13 @@ class Evictor:
         self.rt.timer.stop(timer)
         return CompressionReport(evictions=self._records(reqs, plans, verify))
 
-    def _score(self, reqs: list[TrackedRequest], groups: list[range]) -> _Scored:
+    def _needs_stats(self, req: TrackedRequest) -> bool:
+        try:
+            return self.rt.policies.policy_for(req.config or self.rt.config).needs_stats
+        except Exception:  # the plan will fail on it too, inside `guarded`: contained there
+            return True
+
+    def _score(self, reqs: list[TrackedRequest], groups: list[range], with_stats: bool = True) -> _Scored:
         if any(req.rows is not None and req.rows.failed for req in reqs):
             raise RuntimeError("window capture failed in the forward pass")
         queries, lse, extents = self.rt.capture_buffers.gather(reqs)
@@ -124,11 +139,12 @@ class Evictor:
         local = []
         for layers in groups:
             out, pages, score_of = scored.score(self.rt.executor, layers)
-            stats = self.rt.executor.local_statistics(out.mass, lens[1], len(reqs))
-            local.append(stats[:, :, score_of])  # a shared layer's statistics are its scoring layer's
+            if with_stats:
+                stats = self.rt.executor.local_statistics(out.mass, lens[1], len(reqs))
+                local.append(stats[:, :, score_of])  # a shared layer's statistics are its scoring layer's
             if len(groups) == 1:  # everything fits: phase B reuses this pass
                 scored.kept = (out.scores, pages, score_of)
-        scored.local_stats = torch.cat(local, dim=2)
+        scored.local_stats = torch.cat(local, dim=2) if local else None
         return scored
 
     def _rewrite(self, reqs, plans, scored: _Scored, progress: _Progress) -> dict[str, Any] | None:
@@ -185,9 +201,10 @@ class Evictor:
         return [self._plan(req, stats[:, r]) for r, req in enumerate(reqs)]
 
     def _plan(self, req: TrackedRequest, stats: np.ndarray) -> EvictionPlan | None:
-        """`planner.plan`, keeping the budgets (decode-time eviction scales them later)."""
+        """`planner.plan`, keeping the budgets (decode-time eviction scales them later). `stats`
+        [2, L], or [2, 0] when no request of the batch needed them (not computed)."""
         config = req.config or self.rt.config
-        layer_stats = LayerStats(mba=stats[0], local_mass=stats[1])
+        layer_stats = LayerStats(mba=stats[0], local_mass=stats[1]) if stats.shape[-1] else None
         policy = self.rt.policies.policy_for(config)
         request = planner.budget_request(config, layer_stats, req.prompt_len, self.rt.num_layers)
         req.budgets = policy.budgets(request)

@@ -122,7 +122,8 @@ class CompressionMetrics:
         )
         self.host_seconds = Histogram(
             "vllm_kvcomp_eviction_host_seconds",
-            "Host time per compressed request: planning and enqueueing its eviction batch's kernels",
+            "Host time per compressed request: planning and enqueueing its eviction batch's kernels "
+            "(not waiting for the GPU)",
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
             registry=r,
         )

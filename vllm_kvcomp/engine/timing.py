@@ -6,7 +6,9 @@ metric costs no device synchronization on the serving path. On CPU (tests) the
 host clock is the device clock.
 
 The host's own share is timed beside it (`host_seconds`: the wall time from
-`start` to `stop`, planning plus enqueueing the kernels). While the host plans,
+`start` to `stop`, planning plus enqueueing the kernels, less the time spent
+inside `waiting`: a read-back that waits for the GPU, such as the prefill's
+statistics, which waits for the step's whole forward). While the host plans,
 the GPU runs out of work and waits, so the GPU time includes the host time;
 the difference is the kernels' time beyond what the host overlapped.
 """
@@ -26,6 +28,7 @@ class _Batch:
     start: torch.cuda.Event | float
     end: torch.cuda.Event | float | None = None
     host_start: float = 0.0
+    waited: float = 0.0  # seconds the host spent waiting for the GPU (`EvictionTimer.waiting`)
 
 
 class EvictionTimer:
@@ -42,8 +45,17 @@ class EvictionTimer:
             return _Batch(requests, event, host_start=now)
         return _Batch(requests, now, host_start=now)
 
+    @contextlib.contextmanager
+    def waiting(self, batch: _Batch):
+        """A read-back that waits for the GPU: its time is not the host's own work."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            batch.waited += time.perf_counter() - start
+
     def stop(self, batch: _Batch) -> None:
-        host = time.perf_counter() - batch.host_start
+        host = time.perf_counter() - batch.host_start - batch.waited
         self._host_seconds.extend([host / batch.requests] * batch.requests)
         if isinstance(batch.start, float):
             batch.end = time.perf_counter()
