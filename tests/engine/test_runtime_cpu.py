@@ -347,26 +347,31 @@ def test_requests_are_chunked_by_their_longest_prompt(monkeypatch):
     assert chunks == [2, 1]
 
 
+def _evict_counting_statistics(zigzag_request: bool, compute_all: bool, monkeypatch):
+    """Two requests evicted in one batch; returns (records, calls of agree / local_statistics)."""
+    from vllm_kvcomp.config import request_config
+
+    runtime, pool = make_runtime("uniform", budget="0.35")
+    calls: list[str] = []
+    agree, local = runtime.executor.agree, runtime.executor.local_statistics
+    monkeypatch.setattr(runtime.executor, "agree", lambda *a, **k: calls.append("agree") or agree(*a, **k))
+    monkeypatch.setattr(runtime.executor, "local_statistics", lambda *a: calls.append("local") or local(*a))
+    if compute_all:  # as before: every batch computes and agrees
+        monkeypatch.setattr(type(runtime.evictor), "_needs_stats", lambda self, req: True)
+    rows, reqs = prepare(runtime, pool, [200, 180], [0, 0], seed=3)
+    if zigzag_request:
+        reqs[1].config = request_config(runtime.config, {"kv_compression": "zigzag"})
+    return runtime._evict(reqs).evictions, calls
+
+
 @pytest.mark.parametrize("zigzag_request", [False, True])
 def test_statistics_are_read_back_only_when_a_method_needs_them(zigzag_request, monkeypatch):
     """Uniform budgets need no statistics: at TP=1 neither computed nor read back (the read-back waits
-    for the step's forward); one zigzag request in the batch brings both back. The kept tokens of
-    the uniform requests are the same either way."""
-    from vllm_kvcomp.config import request_config
-
+    for the step's forward); one zigzag request in the batch brings both back. The kept tokens and
+    freed ids are the same either way."""
     kept = {}
     for compute_all in (False, True):
-        runtime, pool = make_runtime("uniform", budget="0.35")
-        calls = []
-        agree, local = runtime.executor.agree, runtime.executor.local_statistics
-        monkeypatch.setattr(runtime.executor, "agree", lambda *a, **k: calls.append("agree") or agree(*a, **k))
-        monkeypatch.setattr(runtime.executor, "local_statistics", lambda *a: calls.append("local") or local(*a))
-        if compute_all:  # as before: every batch computes and agrees
-            monkeypatch.setattr(type(runtime.evictor), "_needs_stats", lambda self, req: True)
-        rows, reqs = prepare(runtime, pool, [200, 180], [0, 0], seed=3)
-        if zigzag_request:
-            reqs[1].config = request_config(runtime.config, {"kv_compression": "zigzag"})
-        records = runtime._evict(reqs).evictions
+        records, calls = _evict_counting_statistics(zigzag_request, compute_all, monkeypatch)
         assert len(records) == 2 and all(r.freed_block_ids for r in records)
         assert ("agree" in calls) == (compute_all or zigzag_request) and ("local" in calls) == ("agree" in calls)
         kept[compute_all] = [(r.req_id, r.kept_tokens, r.freed_block_ids) for r in records]
