@@ -12,6 +12,7 @@ holds two rounds of evictions). From the worker's trace this reports, per run:
   rest of the window: time the GPU waited for the host. A share near 0 means the steps are
   GPU-bound; a large one, host-bound;
 - `top_kernels`: the kernels with the most time, in ms per step, and launches per step;
+- `batch`: the mean prefill and decode requests per step (vLLM's per-step range names);
 - `host_ranges`: the host's named ranges, the plugin's `kvcomp::` ones among them (engine/timing.py
   `profiled`), and `cuda_runtime`: the CUDA runtime calls (launches, graph replays, copies).
 vLLM's own per-op table (`profiler_out_0.txt`: CPU and CUDA time per op) is copied beside it.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import shutil
 import sys
 from collections import defaultdict
@@ -56,6 +58,28 @@ def _totals(events, category: str, steps: int, top: int) -> list[dict]:
     ]
 
 
+# vLLM's model runner names each step's range by its batch: prefill ("context") and decode requests
+_BATCH_RANGE = re.compile(r"execute_context_(\d+)\(\d+\)_generation_(\d+)\(\d+\)")
+
+
+def batch_sizes(events) -> dict:
+    """Mean prefill and decode requests per profiled step, from vLLM's per-step range names, so that
+    runs are compared at known batch sizes (stock holds fewer requests than the plugin)."""
+    sizes = [
+        (int(m.group(1)), int(m.group(2)))
+        for e in events
+        if e.get("cat") == "user_annotation" and (m := _BATCH_RANGE.fullmatch(str(e.get("name", ""))))
+    ]
+    if not sizes:
+        return {}
+    decode = [d for _, d in sizes]
+    return {
+        "prefill_requests_mean": sum(c for c, _ in sizes) / len(sizes),
+        "decode_requests_mean": sum(decode) / len(decode),
+        "decode_requests_min_max": [min(decode), max(decode)],
+    }
+
+
 def summarize_trace(trace: dict, steps: int, top: int = 15) -> dict:
     """The window, the GPU's busy and idle time, per step, and the top kernels (see the module doc)."""
     kernels = sorted(kernel_intervals(trace))
@@ -76,6 +100,7 @@ def summarize_trace(trace: dict, steps: int, top: int = 15) -> dict:
         "gpu_busy_ms_per_step": busy / 1e3 / steps,
         "gpu_idle_share": 1.0 - busy / window if window else 0.0,
         "kernel_launches_per_step": len(kernels) / steps,
+        "batch": batch_sizes(events),
         "top_kernels": _totals(events, "kernel", steps, top),
         # host side: record_function ranges (the plugin's `kvcomp::begin_step`, `kvcomp::layer_tables`,
         # `kvcomp::end_step`, `kvcomp::decode_evictions`; vLLM's own) and CUDA runtime calls

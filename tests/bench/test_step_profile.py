@@ -33,6 +33,19 @@ def test_busy_time_is_the_union_of_kernel_intervals_and_idle_the_rest():
     ]
     assert got["cuda_runtime"][0]["name"] == "cudaGraphLaunch" and got["cuda_runtime"][0]["calls_per_step"] == 1.0
     assert "error" in step_profile.summarize_trace({"traceEvents": []}, steps=1)
+    assert got["batch"] == {}  # no per-step ranges of vLLM's in this trace
+
+
+def test_batch_sizes_come_from_vllms_per_step_ranges():
+    names = ["execute_context_0(0)_generation_46(46)"] * 3 + ["execute_context_1(1)_generation_44(44)"]
+    events = [{"cat": "user_annotation", "name": n, "dur": 1} for n in names]
+    events += [{"cat": "user_annotation", "name": "kvcomp::end_step", "dur": 1}]
+    events += [{"cat": "cpu_op", "name": "execute_context_9(9)_generation_9(9)", "dur": 1}]  # not a range
+    assert step_profile.batch_sizes(events) == {
+        "prefill_requests_mean": 0.25,
+        "decode_requests_mean": 45.5,
+        "decode_requests_min_max": [44, 46],
+    }
 
 
 def test_profiler_config_is_vllms_torch_profiler_over_a_window(tmp_path):
