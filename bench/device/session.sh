@@ -246,11 +246,15 @@ stage_step_profile() {
     --kv-cache-memory-bytes 4294967296 2>&1 | tee "$LOGS/step_profile_overhead.log" | grep -E "^\[step_profile\]|Error" | tail -4)
 }
 stage_step_profile_batch() {
-  # the decode step at the plugin's batch (32 running) in stock vLLM too: enough KV (20 GiB) for 32
-  # uncompressed 17k-token requests, stock against the plugin at budget 1.0 (same requests, same lengths)
+  # the decode step at the plugin's batch in stock vLLM too, with enough KV for stock to hold it:
+  # decode-heavy, 32 uncompressed 17k-token requests in 20 GiB (stock against the plugin at 1.0); long
+  # generation, 64 requests of up to 2.1k tokens in 5 GiB (stock against the plugin at 1024)
   (cd "$WORK" && timeout 540 $PY -m bench.step_profile --out "$RESULTS/step_profile_batch" --work "$WORK/profile" \
     --case decode_heavy --num-prompts 32 --budgets 1.0 --output-len 1024 --delay 300 --iterations 256 \
     --kv-cache-memory-bytes 21474836480 2>&1 | tee "$LOGS/step_profile_batch.log" | grep -E "^\[step_profile\]|Error" | tail -4)
+  (cd "$WORK" && timeout 420 $PY -m bench.step_profile --out "$RESULTS/step_profile_batch_long" --work "$WORK/profile" \
+    --case long_generation --budgets 1024 --output-len 1024 --delay 600 --iterations 256 \
+    --kv-cache-memory-bytes 5368709120 2>&1 | tee "$LOGS/step_profile_batch_long.log" | grep -E "^\[step_profile\]|Error" | tail -4)
 }
 stage_after_tput_long() {
   # hold this job until job A's long-generation run is over: the compile-heavy engine starts of the stages
