@@ -11,6 +11,7 @@
 # and identity engines beside them use small explicit KV pools (a few GiB), which leaves that much free.
 #   bash bench/device/parallel.sh launch-quality    issue #13's layout (below), from a snapshot in /tmp
 #   bash bench/device/parallel.sh launch-lifetime   issue #12's layout (below), from a snapshot in /tmp
+#   bash bench/device/parallel.sh launch-cohorts    branch decode-cohorts' check (see launch_cohorts)
 #   bash bench/device/parallel.sh stash             copy the carried model parts into /tmp/q (every call)
 # The lifetime layout (issue #12's evidence and the GPU suite, split over the two GPUs):
 #   A  GPU 0      throughput long_generation (stock, 1024, 2048), then kernel_tests runtime_gpu serve engine,
@@ -73,6 +74,17 @@ launch_jobs() {
   tail -n 2 "$JOBS"/*.log
 }
 
+# The decode-cohorts check (docs/LIFETIME-BUDGETS.md, "The fifth run"): decode-heavy 0.2 first, alone on the
+# host; the GPU suite and the batch profiles after it on GPU 0; the self-check, smoke and long-output quality
+# (GGUF parts carried meanwhile, `stash`) on GPU 1 once A's decode-heavy run is over. About 20 minutes.
+launch_cohorts() {
+  $SESSION install
+  job A "CUDA_VISIBLE_DEVICES=0" tput_decode_cohorts kernel_tests runtime_gpu serve engine step_profile_batch
+  job B "CUDA_VISIBLE_DEVICES=1 DECODE_K=1" after_tput_long decode_verify decode_smoke long_output
+  sleep 5
+  tail -n 2 "$JOBS"/*.log
+}
+
 # Carried files (.device/q05, .device/q15, .device/tok-*, the gguf wheel) into /tmp/q/<key>/, each written
 # under a temporary name and renamed, so a job polling for its parts never reads half a file.
 stash() {
@@ -118,8 +130,9 @@ case "${1:-}" in
   launch) launch ;;
   launch-quality) launch_quality ;;
   launch-lifetime) launch_lifetime ;;
+  launch-cohorts) launch_cohorts ;;
   launch-jobs) launch_jobs "${2:-}" "${3:-}" ;;
   stash) stash ;;
   wait) wait_jobs "${2:-500}" ;;
-  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-jobs A-STAGES B-STAGES | stash | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-jobs A-STAGES B-STAGES | stash | wait SECONDS" >&2; exit 2 ;;
 esac

@@ -257,8 +257,9 @@ stage_step_profile_batch() {
     --kv-cache-memory-bytes 5368709120 2>&1 | tee "$LOGS/step_profile_batch_long.log" | grep -E "^\[step_profile\]|Error" | tail -4)
 }
 stage_after_tput_long() {
-  # hold this job until job A's long-generation run is over: the compile-heavy engine starts of the stages
-  # after it share the host's CPUs, which slowed those steps in the 2026-12-01 lease (h200_plan_ahead/README.md)
+  # hold this job until job A's first stage (its long-generation or decode-heavy run) is over: the compile-heavy
+  # engine starts of the stages after it share the host's CPUs, which slowed those steps in the 2026-12-01
+  # lease (h200_plan_ahead/README.md); A's second stage is kernel_tests in both layouts
   WAIT_S=900 wait_for "job A's tput_long" grep -q "^=== kernel_tests" /tmp/kvcomp-jobs/A.log || true
 }
 stage_ring_cost() {
