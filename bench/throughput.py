@@ -194,6 +194,7 @@ def summarize(raw: dict, meta: dict) -> dict:
         entry["preemptions"] = w.get("preemptions")
         entry["stock_preemptions"] = base.get("preemptions") if base else None
         entry["footprint_ratio"] = footprint_ratio(w, base)
+        entry["step_time_ratio"] = step_time_ratio(entry)
         entry["kv_cache_memory_bytes"] = kv_bytes
         entry["model"] = model
         entry.update(amdahl(entry, stock.get((model, kv_bytes, f"{wl['case']}_prefill"))))
@@ -219,6 +220,18 @@ def footprint_ratio(plugin: dict, stock: dict | None) -> float | None:
         return None
     usage, running, stock_usage, stock_running = values
     return (stock_usage / stock_running) / (usage / running)
+
+
+def step_time_ratio(entry: dict) -> float | None:
+    """The plugin's time per step over stock's, each the mean running requests over the output rate
+    (steps of any kind, preemptions and prefill included). The gain factors into the two:
+    ratio_output_tok_s = (mean running / stock's) / step_time_ratio, so a goal on the ratio at a given
+    batch is a goal on the step (docs/LIFETIME-BUDGETS.md)."""
+    values = [entry.get(k) for k in ("mean_running", "output_tok_s", "stock_mean_running", "stock_output_tok_s")]
+    if not all(values):
+        return None
+    running, rate, stock_running, stock_rate = values
+    return (running / rate) / (stock_running / stock_rate)
 
 
 def setup(raw: dict, invocation: int | None) -> dict:

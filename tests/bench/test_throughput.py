@@ -90,6 +90,10 @@ def test_summary_ratios_are_against_stock_of_the_same_case(tmp_path):
     # stock held 0.9 / 6 of the pool per running request, the plugin 0.9 / 30: five times less
     assert by_budget[0.2]["footprint_ratio"] == pytest.approx(5.0)
     assert by_budget[1.0]["footprint_ratio"] is None  # not sampled: no ratio made up
+    # 30 running at 2,500 tok/s against 6 at 1,000: each step takes 2x stock's, and 5x the batch / 2 = 2.5x
+    assert by_budget[0.2]["step_time_ratio"] == pytest.approx(2.0)
+    assert by_budget[0.2]["ratio_output_tok_s"] == pytest.approx((30.0 / 6.0) / by_budget[0.2]["step_time_ratio"])
+    assert by_budget[1.0]["step_time_ratio"] is None  # running not sampled
     assert by_budget[0.2]["stock_tpot_p99"] == 0.02
     for key in (
         "case",
