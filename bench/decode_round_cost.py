@@ -184,12 +184,10 @@ def _steps(args, stand_ins: StandIns) -> dict:
         harness.step()
     rounds, total = [], 0.0
     for _ in range(args.steps):
-        calls_before = sum(stand_ins.calls.values())
-        report, seconds = harness.step()
-        total += seconds
-        if report and report.evictions:
-            rounds.append({"requests": len(report.evictions), "ms": 1e3 * seconds,
-                           "kernel_calls": sum(stand_ins.calls.values()) - calls_before})  # fmt: skip
+        record = _timed_step(harness, stand_ins)
+        total += record["ms"] / 1e3
+        if record["requests"]:
+            rounds.append(record)
     return {
         "steps": args.steps,
         "host_ms_per_step": 1e3 * total / args.steps,
@@ -198,6 +196,14 @@ def _steps(args, stand_ins: StandIns) -> dict:
         "requests_per_round_mean": float(np.mean([r["requests"] for r in rounds])) if rounds else 0.0,
         "rounds": rounds,
     }
+
+
+def _timed_step(harness: Harness, stand_ins: StandIns) -> dict:
+    """One step: the requests it evicted, its host ms (end_step) and the stand-ins' calls in it."""
+    calls_before = sum(stand_ins.calls.values())
+    report, seconds = harness.step()
+    requests = len(report.evictions) if report else 0
+    return {"requests": requests, "ms": 1e3 * seconds, "kernel_calls": sum(stand_ins.calls.values()) - calls_before}
 
 
 def _rounds(args, stand_ins: StandIns) -> dict:
@@ -209,11 +215,8 @@ def _rounds(args, stand_ins: StandIns) -> dict:
         if not harness.due_next():
             other_steps.append(harness.step()[1])
             continue
-        calls_before = sum(stand_ins.calls.values())
         if len(rounds) < args.rounds:
-            report, seconds = harness.step()
-            rounds.append({"requests": len(report.evictions) if report else 0, "ms": 1e3 * seconds,
-                           "kernel_calls": sum(stand_ins.calls.values()) - calls_before})  # fmt: skip
+            rounds.append(_timed_step(harness, stand_ins))
             continue
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             profile.enable()

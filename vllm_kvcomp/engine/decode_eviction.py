@@ -99,8 +99,8 @@ class DecodeEvictor:
         # Per runner index: the first context at which it may join a round that others are due in.
         self._join_check = np.full(max_reqs + 1, NEVER, dtype=np.int64)
         self._candidates: list[TrackedRequest] = []
-        self._joinable = np.zeros(0, dtype=np.int64)  # positions in this step's batch that may join
         self._stepped = _NO_STEP  # this step's (request ids, contexts), for plan_ahead
+        self._stepped_indices = np.zeros(0, dtype=np.int64)  # and their runner indices, for joining
         self._row_writes: list[tuple[TrackedRequest, int, list[int]]] = []
         self.planner = DecodePlanner(runtime)
         config = runtime.config
@@ -115,15 +115,14 @@ class DecodeEvictor:
 
     def note_step(self, input_batch) -> None:
         """Host: each scheduled request's context after this step; those that may be due (evict_every only)."""
-        self._candidates, self._stepped = [], _NO_STEP
+        self._candidates, self._stepped, self._stepped_indices = [], _NO_STEP, _NO_STEP[1]
         if self.rt.config.evict_every is None or self.rt.decode_ring is None or not self.rt.decode_ring.in_use:
             return  # nothing followed (e.g. only budget-1.0 requests): no per-step work at all
         n = input_batch.num_reqs
         contexts = np.asarray(input_batch.num_computed_tokens_np[:n]) + np.asarray(input_batch.num_scheduled_tokens[:n])
         self._stepped = (input_batch.req_ids, contexts)
-        indices = np.asarray(input_batch.idx_mapping_np[:n])
+        self._stepped_indices = indices = np.asarray(input_batch.idx_mapping_np[:n])
         reached = contexts >= self._next_check[indices]
-        self._joinable = np.flatnonzero(contexts >= self._join_check[indices])
         for k in np.flatnonzero(reached).tolist():
             req = self.rt.requests.get(input_batch.req_ids[k])
             if req is not None and req.evicts_while_decoding:
@@ -134,9 +133,8 @@ class DecodeEvictor:
         """Evict every request due after this step, in one batch; then plan a few next evictions."""
         candidates, self._candidates = self._candidates, []
         stepped, self._stepped = self._stepped, _NO_STEP
-        joinable, self._joinable = self._joinable, np.zeros(0, dtype=np.int64)
         due = [req for req in candidates if self._due(req)]
-        joining = self._joining(due, stepped, joinable) if due else []
+        joining = self._joining(due, *stepped) if due else []  # only in a step that has a round
         report = self.evict(due + joining) if due else CompressionReport()
         for req in candidates + joining:  # after the evictions: from their new state
             if self.rt.requests.get(req.req_id) is req:
@@ -145,16 +143,17 @@ class DecodeEvictor:
         self.planner.plan_ahead(*stepped)
         return report
 
-    def _joining(self, due: list[TrackedRequest], stepped, joinable: np.ndarray) -> list[TrackedRequest]:
+    def _joining(self, due: list[TrackedRequest], req_ids: list[str], contexts: np.ndarray) -> list[TrackedRequest]:
         """Requests of this step, not due, that join the round of `due` (see the module docstring)."""
         taken, ring, joining = {id(req) for req in due}, self.rt.decode_ring, []
-        req_ids, contexts = stepped
-        for k in joinable.tolist():
-            req = self.rt.requests.get(req_ids[k])
-            if req is None or id(req) in taken or req.decode is None or req.decode.stopped or ring is None:
+        assert ring is not None  # a request is due: note_step found the ring in use
+        for k in np.flatnonzero(contexts >= self._join_check[self._stepped_indices]).tolist():
+            req, context = self.rt.requests.get(req_ids[k]), int(contexts[k])
+            # `_join_context` is NEVER for a request without decode state or stopped
+            if req is None or id(req) in taken or context < self._join_context(req):
                 continue
-            if int(contexts[k]) >= self._join_context(req) and ring.rows_ready(req.req_id, int(contexts[k])):
-                req.seq_len = int(contexts[k])
+            if ring.rows_ready(req.req_id, context):
+                req.seq_len = context
                 joining.append(req)
         return joining
 
