@@ -12,6 +12,7 @@
 #   bash bench/device/parallel.sh launch-quality    issue #13's layout (below), from a snapshot in /tmp
 #   bash bench/device/parallel.sh launch-lifetime   issue #12's layout (below), from a snapshot in /tmp
 #   bash bench/device/parallel.sh launch-cohorts    branch decode-cohorts' check (see launch_cohorts)
+#   bash bench/device/parallel.sh launch-single     the same check on a one-GPU lease (see launch_single)
 #   bash bench/device/parallel.sh stash             copy the carried model parts into /tmp/q (every call)
 # The lifetime layout (issue #12's evidence and the GPU suite, split over the two GPUs):
 #   A  GPU 0      throughput long_generation (stock, 1024, 2048), then kernel_tests runtime_gpu serve engine,
@@ -85,6 +86,17 @@ launch_cohorts() {
   tail -n 2 "$JOBS"/*.log
 }
 
+# The same check on a one-GPU lease (nvidia-h200), in the order that decides the merge: the GPU suite, the
+# self-check in both modes, the smoke, long-output quality on both models (GGUF parts carried meanwhile,
+# `stash`), then the batch profiles. About 23 minutes; decode-heavy's rerun is left out.
+launch_single() {
+  $SESSION install
+  job A "CUDA_VISIBLE_DEVICES=0 DECODE_K=1" kernel_tests runtime_gpu serve engine decode_verify decode_smoke \
+    long_output step_profile_batch
+  sleep 5
+  tail -n 2 "$JOBS"/*.log
+}
+
 # Carried files (.device/q05, .device/q15, .device/tok-*, the gguf wheel) into /tmp/q/<key>/, each written
 # under a temporary name and renamed, so a job polling for its parts never reads half a file.
 stash() {
@@ -131,8 +143,9 @@ case "${1:-}" in
   launch-quality) launch_quality ;;
   launch-lifetime) launch_lifetime ;;
   launch-cohorts) launch_cohorts ;;
+  launch-single) launch_single ;;
   launch-jobs) launch_jobs "${2:-}" "${3:-}" ;;
   stash) stash ;;
   wait) wait_jobs "${2:-500}" ;;
-  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-jobs A-STAGES B-STAGES | stash | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-single | launch-jobs A-STAGES B-STAGES | stash | wait SECONDS" >&2; exit 2 ;;
 esac
