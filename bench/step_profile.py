@@ -49,8 +49,9 @@ def _totals(events, category: str, steps: int, top: int) -> list[dict]:
     per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in events:
         if e.get("cat") == category:
-            per_name[str(e.get("name", ""))][0] += float(e.get("dur", 0.0))
-            per_name[str(e.get("name", ""))][1] += 1
+            totals = per_name[str(e.get("name", ""))]
+            totals[0] += float(e.get("dur", 0.0))
+            totals[1] += 1
     ranked = sorted(per_name.items(), key=lambda kv: kv[1][0], reverse=True)[:top]
     return [
         {"name": name[:120], "ms_per_step": total / 1e3 / steps, "calls_per_step": count / steps}

@@ -98,13 +98,13 @@ class Evictor:
         # tensor-parallel ranks: else no read-back, so the host never waits for the step's forward.
         agree = self.rt.executor.tp_size > 1 or any(self._needs_stats(req) for req in reqs)
         scored, error = self._guarded("score", self._score, reqs, groups, agree)
+        stats, failed = None, error is not None
         if agree:
             with self.rt.timer.waiting(timer):  # the read-back waits for the step's forward: not host work
                 local = scored.local_stats if scored else None
-                stats = self.rt.executor.agree(local, len(reqs), failed=error is not None)
-        else:
-            stats = None if error is not None else np.zeros((2, len(reqs), 0), dtype=np.float32)
-        if stats is None or scored is None:
+                stats = self.rt.executor.agree(local, len(reqs), failed=failed)
+            failed = stats is None  # this rank's failure or another's
+        if failed or scored is None:
             return self._contained(reqs, "score", error, intact=True)
         plans, error = self._guarded("plan", self._plans, reqs, stats)
         # Planning runs on the host from the shared statistics; a rank that failed there must
@@ -197,14 +197,14 @@ class Evictor:
         )
         return CompressionReport(failures=records)
 
-    def _plans(self, reqs: list[TrackedRequest], stats: np.ndarray) -> list[EvictionPlan | None]:
-        return [self._plan(req, stats[:, r]) for r, req in enumerate(reqs)]
+    def _plans(self, reqs: list[TrackedRequest], stats: np.ndarray | None) -> list[EvictionPlan | None]:
+        return [self._plan(req, None if stats is None else stats[:, r]) for r, req in enumerate(reqs)]
 
-    def _plan(self, req: TrackedRequest, stats: np.ndarray) -> EvictionPlan | None:
+    def _plan(self, req: TrackedRequest, stats: np.ndarray | None) -> EvictionPlan | None:
         """`planner.plan`, keeping the budgets (decode-time eviction scales them later). `stats`
-        [2, L], or [2, 0] when no request of the batch needed them (not computed)."""
+        [2, L], or None when no request of the batch needed them (not computed)."""
         config = req.config or self.rt.config
-        layer_stats = LayerStats(mba=stats[0], local_mass=stats[1]) if stats.shape[-1] else None
+        layer_stats = LayerStats(mba=stats[0], local_mass=stats[1]) if stats is not None else None
         policy = self.rt.policies.policy_for(config)
         request = planner.budget_request(config, layer_stats, req.prompt_len, self.rt.num_layers)
         req.budgets = policy.budgets(request)
