@@ -80,9 +80,6 @@ OVERRIDDEN: dict[str, str] = {
         "FlashAttentionImpl.forward(self, layer, query, key, value, kv_cache, attn_metadata, "
         "output, output_scale=None, output_block_scale=None)"
     ),
-    "vllm.v1.attention.backends.flash_attn:FlashAttentionMetadataBuilder.__init__": (
-        "FlashAttentionMetadataBuilder.__init__(self, kv_cache_spec, layer_names, vllm_config, device)"
-    ),
     "vllm.v1.attention.backends.flash_attn:FlashAttentionMetadataBuilder.build": (
         "FlashAttentionMetadataBuilder.build(self, common_prefix_len, common_attn_metadata, fast_build=False)"
     ),
@@ -351,8 +348,8 @@ ATTRIBUTES: dict[str, list[str]] = {
         "max_seq_len",
         "num_actual_tokens",
         "query_start_loc",
+        "scheduler_metadata",
     ],
-    "vllm.v1.attention.backends.flash_attn:FlashAttentionMetadataBuilder": ["aot_schedule"],
     "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator": ["single_type_managers"],
     "vllm.v1.core.kv_cache_manager:KVCacheManager": ["coordinator"],
     "vllm.v1.core.kv_cache_utils:KVCacheBlock": ["block_id"],

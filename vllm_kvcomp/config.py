@@ -80,16 +80,13 @@ class CompressionConfig(_Section):
     # every layer of the group keeps the tokens those scores rank first (within its own
     # budget). 1: every layer scored (the default); k: about 1/k of the scoring work.
     layer_share: int = Field(1, ge=1, le=64)
-    # Lifetime budgets (issue #12, docs/LIFETIME-BUDGETS.md; first GPU checks passed, evidence to
-    # come): evict again every `evict_every` generated tokens (a multiple of the KV block size,
-    # >= decode_window), scored by the last `decode_window` decode queries of each request.
-    # None: one eviction after the prefill only (today's behaviour).
+    # Lifetime budgets (docs/LIFETIME-BUDGETS.md): evict again every `evict_every` generated tokens (a multiple of
+    # the block size, >= decode_window), scored by the last `decode_window` decode queries. None: after prefill only.
     evict_every: int | None = Field(None, ge=16, le=1 << 20)
     decode_window: int = Field(16, ge=1, le=256)
     # Transient GPU memory of one eviction pass (reserved in vLLM's memory profile, engine/memory.py).
     eviction_workspace_mb: int = Field(256, ge=16, le=1 << 20)
-    # The plugin's metrics are on vLLM's /metrics; `metrics_port` also serves them
-    # from the engine process on metrics_host:metrics_port (None: off).
+    # The plugin's metrics are on vLLM's /metrics; `metrics_port` also serves them from the engine (None: off).
     metrics_port: int | None = Field(None, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"
     # What a request may change through SamplingParams.extra_args / vllm_xargs
@@ -202,6 +199,13 @@ class CompressionConfig(_Section):
         """Whether decode-time eviction can ever free a block: a method, `evict_every`, and a token
         budget or a fraction below 1 (a fraction of 1 keeps the whole context at every step)."""
         return self.enabled and self.evict_every is not None and (self.is_absolute_budget or self.budget < 1)
+
+    @property
+    def decode_ring_needed(self) -> bool:
+        """Whether some request can evict while decoding: by this config, or by its own kv_* keys (a token
+        budget always evicts) unless the server denies them. If not, the server has no decode-query ring."""
+        requests_may = self.request_overrides != "deny"
+        return self.enabled and self.evict_every is not None and (self.evicts_while_decoding or requests_may)
 
     def should_compress(self, prompt_len: int) -> bool:
         if not self.enabled or prompt_len < self.min_prompt_len:

@@ -14,6 +14,7 @@
 #   bash bench/device/parallel.sh launch-cohorts    branch decode-cohorts' check (see launch_cohorts)
 #   bash bench/device/parallel.sh launch-single     the same check on a one-GPU lease (see launch_single)
 #   bash bench/device/parallel.sh stash             copy the carried model parts into /tmp/q (every call)
+#   bash bench/device/parallel.sh pieces            the same for 18 MB pieces (see pieces(); the 2026-12-01 lease)
 # The lifetime layout (issue #12's evidence and the GPU suite, split over the two GPUs):
 #   A  GPU 0      throughput long_generation (stock, 1024, 2048), then kernel_tests runtime_gpu serve engine,
 #                 then the 8B shape's long generation (4k output; about 6 minutes, so about 22 in all)
@@ -115,6 +116,32 @@ stash() {
   for key in qwen05 qwen15; do echo "$key: $(ls /tmp/q/$key | grep -c part) parts, tok $(ls /tmp/q/$key/tok | wc -l)"; done
 }
 
+# GGUF files in pieces small enough to ride beside the working tree (about 11 MB, so a 58 MiB part no
+# longer fits a 64 MiB call). Here: `split` each model's parts into 18 MB pieces under .device/split/<key>/
+# (gguf.partNNN, a `count` file, the tokenizer in tok/), then carry three pieces per call and run
+# `bash /tmp/src/bench/device/parallel.sh pieces` in each. A model's pieces move to /tmp/q/<key> (the
+# layout `hf_model` waits for) only once all of them and its tokenizer are here: the tokenizer last,
+# because the waiting job counts parts and looks for it.
+pieces() {
+  local key stage n want
+  for key in qwen05 qwen15; do
+    stage=/tmp/stage/$key
+    mkdir -p "$stage"
+    [ -d ".device/split/$key" ] && cp -rn ".device/split/$key/." "$stage/" 2>/dev/null
+    n=$(ls "$stage" | grep -c part)
+    want=$(cat "$stage/count" 2>/dev/null)
+    if [ -n "$want" ] && [ "$n" = "$want" ] && [ -f "$stage/tok/tokenizer.json" ] && [ ! -f "/tmp/q/$key/tok/tokenizer.json" ]; then
+      mkdir -p "/tmp/q/$key"
+      mv "$stage"/gguf.part* "/tmp/q/$key/"
+      rm -rf "/tmp/q/$key/tok.tmp" && cp -r "$stage/tok" "/tmp/q/$key/tok.tmp"
+      rm -rf "/tmp/q/$key/tok" && mv "/tmp/q/$key/tok.tmp" "/tmp/q/$key/tok"
+      echo "$key: complete"
+    fi
+    echo "$key: $n/${want:-?} pieces staged"
+  done
+  rm -rf .device/split
+}
+
 job() {
   local name=$1 env=$2
   shift 2
@@ -146,6 +173,7 @@ case "${1:-}" in
   launch-single) launch_single ;;
   launch-jobs) launch_jobs "${2:-}" "${3:-}" ;;
   stash) stash ;;
+  pieces) pieces ;;
   wait) wait_jobs "${2:-500}" ;;
-  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-single | launch-jobs A-STAGES B-STAGES | stash | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-single | launch-jobs A-STAGES B-STAGES | stash | pieces | wait SECONDS" >&2; exit 2 ;;
 esac

@@ -68,6 +68,13 @@ stage_runtime_gpu() {
 stage_kernel_bench() {
   timeout 240 $PY bench/kernels_bench.py --out "$RESULTS" 2>&1 | tee "$LOGS/kernels_bench.log" | tail -25
 }
+stage_kernel_bench_decode() {
+  # score_gather at the decode-time shape (decode_window 16 queries, not the prefill's 32): issue #12's
+  # 80%-of-copy-bandwidth goal is for this case ("it now runs often"); --tune prints every config's time
+  mkdir -p "$RESULTS/kernels_decode"
+  timeout 300 $PY bench/kernels_bench.py --window 16 --tune --out "$RESULTS/kernels_decode" 2>&1 \
+    | tee "$LOGS/kernels_bench_decode.log" | tail -25
+}
 stage_kernels() { stage_kernel_tests; stage_kernel_bench; }
 
 stage_engine() {

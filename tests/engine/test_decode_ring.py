@@ -16,6 +16,7 @@ from test_runtime_cpu import HQ, D, L, make_runtime
 from vllm_kvcomp.kernels import record_queries_
 
 from vllm_kvcomp.engine import attention
+from vllm_kvcomp.engine.decode_eviction import NEVER
 from vllm_kvcomp.engine.decode_ring import DecodeRing
 
 W, SLOTS, MAX_TOKENS = 4, 5, 32
@@ -199,6 +200,35 @@ def test_runtime_tracks_enabled_requests_and_plans_every_step():
     assert ring.slot_of("a") is None and ring.free_slots[-1] == 0
 
 
+@pytest.mark.parametrize(
+    "budget, overrides, ring",
+    [
+        ("1.0", "deny", False),  # no request can lower its budget: no ring, no ring writes, no LSE
+        ("1.0", "allow", True),  # a request may ask for kv_budget 0.2 or 2048 tokens
+        ("1.0", "budget", True),
+        ("0.3", "deny", True),  # the server's own budget evicts while decoding
+    ],
+)
+def test_the_ring_exists_only_when_some_request_can_evict_while_decoding(budget, overrides, ring):
+    from vllm_kvcomp.engine.memory import plugin_memory
+
+    runtime, _ = make_runtime("uniform", budget=budget, evict_every=32, decode_window=W, request_overrides=overrides)
+    assert (runtime.decode_ring is not None) is ring
+    runtime.add_request("a", index=1, block_ids=[1, 2], prompt_len=20)
+    runtime.begin_step(decode_batch({"a": (1, 20)}))
+    assert runtime.decode_evictor._next_check[1] == (0 if ring and budget != "1.0" else NEVER)
+    # the GPU memory reserved for the plugin during vLLM's profile agrees (engine/memory.py)
+    model = SimpleNamespace(
+        get_num_layers=lambda _: L, get_num_attention_heads=lambda _: HQ, get_head_size=lambda: D,
+        dtype=torch.bfloat16, max_model_len=64,
+    )  # fmt: skip
+    vllm_config = SimpleNamespace(
+        model_config=model, parallel_config=None, cache_config=SimpleNamespace(block_size=4),
+        scheduler_config=SimpleNamespace(max_num_seqs=6, max_num_batched_tokens=MAX_TOKENS),
+    )  # fmt: skip
+    assert (plugin_memory(vllm_config, runtime.config).ring_bytes > 0) is ring
+
+
 def test_without_evict_every_there_is_no_ring():
     runtime, _ = make_runtime("uniform")
     assert runtime.decode_ring is None
@@ -235,14 +265,17 @@ def _forward(monkeypatch, ring, num_actual_tokens, T):
     layer = SimpleNamespace(layer_name="l1", _q_scale=one, _k_scale=one, _v_scale=one)
     metadata = SimpleNamespace(
         num_actual_tokens=num_actual_tokens, query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32),
-        max_query_len=1, layer_seq_lens=[None] * L, max_seq_len=64, layer_block_tables=[None] * L,
-        max_num_splits=0, capture=None,
+        max_query_len=1, max_seq_len=64,
+        layer_seq_lens=[torch.full((2,), 10 + i, dtype=torch.int32) for i in range(L)],
+        layer_block_tables=[torch.full((2, 4), i, dtype=torch.int32) for i in range(L)],
+        max_num_splits=0, capture=None, scheduler_metadata=torch.tensor([0, 7], dtype=torch.int32),
     )  # fmt: skip
     query = (torch.arange(T, dtype=torch.float32) + 1).view(T, 1, 1).expand(T, HQ, D).to(torch.bfloat16)
     kv_cache = torch.zeros(4, 2, 16, 2, D, dtype=torch.bfloat16)
     output = torch.zeros(T, HQ, D, dtype=torch.bfloat16)
     impl.forward(layer, query, None, None, kv_cache, metadata, output)
     (call,) = fa.calls
+    assert call["seqused_k"] is metadata.layer_seq_lens[1] and call["block_table"] is metadata.layer_block_tables[1]
     return call, output
 
 
@@ -250,6 +283,13 @@ def test_attention_without_the_ring_asks_no_lse(monkeypatch):
     call, output = _forward(monkeypatch, ring=None, num_actual_tokens=2, T=4)
     assert call["return_softmax_lse"] is False and call["q"].shape[0] == 2
     assert (output[:2, 0, 0] == torch.tensor([1.0, 2.0])).all() and (output[2:] == 0).all()
+
+
+def test_attention_passes_vllms_ahead_of_time_schedule_to_every_layer(monkeypatch):
+    # FA3's schedule from the batch's lengths serves each layer's own shorter length (engine/attention.py)
+    call, _ = _forward(monkeypatch, ring=None, num_actual_tokens=2, T=4)
+    assert call["scheduler_metadata"].tolist() == [0, 7]
+    assert call["seqused_k"].tolist() == [11, 11] and (call["block_table"] == 1).all()  # its layer's, not the batch's
 
 
 def test_attention_records_decode_rows_of_the_tokens_it_saw(monkeypatch):

@@ -2,7 +2,7 @@
 
 * Persistent buffers, allocated when the KV pool is bound: per-layer page tables
   and lengths, the window-query capture buffers, the per-request layouts, and,
-  only with `evict_every` set, the decode-query ring (engine/decode_ring.py).
+  only when some request can evict while decoding, the decode-query ring (engine/decode_ring.py).
 * The eviction workspace, transient: fp32 temporaries of one eviction pass (the
   window sums per query head, then scores, mass and the sorts of the statistics
   and of the selection per KV head). It is bounded by `eviction_workspace_mb`:
@@ -42,7 +42,7 @@ class PluginMemory:
     capture_slots: int
     window: int
     workspace_bytes: int
-    ring_slots: int = 0  # decode-ring slots (0: evict_every unset, no ring)
+    ring_slots: int = 0  # decode-ring slots (0: no ring, CompressionConfig.decode_ring_needed)
     decode_window: int = 0
     max_num_tokens: int = 0  # the ring's per-token row index
 
@@ -73,7 +73,7 @@ def plugin_memory(vllm_config, config) -> PluginMemory:
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     block_size = vllm_config.cache_config.block_size
     scheduler = vllm_config.scheduler_config
-    ring_on = config.evict_every is not None
+    ring_on = config.decode_ring_needed  # as CompressionRuntime._decode_ring
     return PluginMemory(
         num_layers=model.get_num_layers(parallel),
         num_heads=model.get_num_attention_heads(parallel),

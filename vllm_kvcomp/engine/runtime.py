@@ -163,8 +163,9 @@ class CompressionRuntime:
     def _decode_ring(
         self, num_layers: int, num_heads: int, pool: torch.Tensor, max_reqs: int, max_num_tokens: int
     ) -> DecodeRing | None:
-        """The decode-query ring, only when decode-time eviction is on (one slot per running request)."""
-        if self.config.evict_every is None:
+        """The decode-query ring (one slot per running request), only when some request can evict while
+        decoding: a budget-1.0 server that denies per-request settings needs none."""
+        if not self.config.decode_ring_needed:
             return None
         ring = DecodeRing(
             num_layers=num_layers,
