@@ -263,6 +263,21 @@ stage_step_profile_batch() {
     --case long_generation --budgets 1024 --output-len 1024 --delay 600 --iterations 256 \
     --kv-cache-memory-bytes 5368709120 2>&1 | tee "$LOGS/step_profile_batch_long.log" | grep -E "^\[step_profile\]|Error" | tail -4)
 }
+stage_tput_same_batch() {
+  # the step at the same batch on both sides, without a profiler: bench.throughput's step_time_ratio (the
+  # plugin's time per step over stock's) when stock holds as many requests as the plugin. Long generation:
+  # 64 x (1k, 1k) in 5 GiB (both run all 64), plugin at 1024. Decode-heavy: 32 x (16k, 1k) in 20 GiB (stock
+  # holds all 32 uncompressed), plugin at 0.2. If the plugin's step is about stock's there, the 1B goals
+  # are bounded by how vLLM's own step grows with the batch (docs/LIFETIME-BUDGETS.md, "After the sixth run").
+  (cd "$WORK" && timeout 480 $PY -m bench.throughput --out "$RESULTS/same_batch_long" --work "$WORK/tput" \
+    --runs stock,plugin --cases long_generation --output-len 1024 --budgets 1024 \
+    --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_long.log" \
+    | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
+  (cd "$WORK" && timeout 600 $PY -m bench.throughput --out "$RESULTS/same_batch_decode" --work "$WORK/tput" \
+    --runs stock,plugin --cases decode_heavy --num-prompts 32 --budgets 0.2 \
+    --kv-cache-memory-bytes 21474836480 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_decode.log" \
+    | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
+}
 stage_after_tput_long() {
   # hold this job until job A's first stage (its long-generation or decode-heavy run) is over: the compile-heavy
   # engine starts of the stages after it share the host's CPUs, which slowed those steps in the 2026-12-01
