@@ -118,10 +118,22 @@ stash() {
 
 # GGUF files in pieces small enough to ride beside the working tree (about 11 MB, so a 58 MiB part no
 # longer fits a 64 MiB call). Here: `split` each model's parts into 18 MB pieces under .device/split/<key>/
-# (gguf.partNNN, a `count` file, the tokenizer in tok/), then carry three pieces per call and run
+# (gguf.partNNN, a `count` file, the tokenizer in tok/; `parallel.sh split`, run here), then carry three
+# pieces per call and run
 # `bash /tmp/src/bench/device/parallel.sh pieces` in each. A model's pieces move to /tmp/q/<key> (the
 # layout `hf_model` waits for) only once all of them and its tokenizer are here: the tokenizer last,
 # because the waiting job counts parts and looks for it.
+split_local() {  # here, not on the device: .device/split/<key>/ from .device/q05, .device/q15 and .device/tok-<key>
+  local key src
+  for key in qwen05 qwen15; do
+    src=.device/q${key#qwen}
+    rm -rf ".device/split/$key" && mkdir -p ".device/split/$key/tok"
+    cat "$src"/gguf.part?? | split -b 18000000 -d -a 3 - ".device/split/$key/gguf.part"
+    cp .device/tok-"$key"/* ".device/split/$key/tok/"
+    ls ".device/split/$key" | grep -c part > ".device/split/$key/count"
+    echo "$key: $(cat ".device/split/$key/count") pieces"
+  done
+}
 pieces() {
   local key stage n want
   for key in qwen05 qwen15; do
@@ -174,6 +186,7 @@ case "${1:-}" in
   launch-jobs) launch_jobs "${2:-}" "${3:-}" ;;
   stash) stash ;;
   pieces) pieces ;;
+  split) split_local ;;
   wait) wait_jobs "${2:-500}" ;;
-  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-single | launch-jobs A-STAGES B-STAGES | stash | pieces | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-single | launch-jobs A-STAGES B-STAGES | stash | pieces | split | wait SECONDS" >&2; exit 2 ;;
 esac
