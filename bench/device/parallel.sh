@@ -13,6 +13,7 @@
 #   bash bench/device/parallel.sh launch-lifetime   issue #12's layout (below), from a snapshot in /tmp
 #   bash bench/device/parallel.sh launch-cohorts    branch decode-cohorts' check (see launch_cohorts)
 #   bash bench/device/parallel.sh launch-single     the same check on a one-GPU lease (see launch_single)
+#   bash bench/device/parallel.sh launch-shared A B T   checks A and B together on one GPU, then timed T alone
 #   bash bench/device/parallel.sh stash             copy the carried model parts into /tmp/q (every call)
 #   bash bench/device/parallel.sh pieces            the same for 18 MB pieces (see pieces(); the 2026-12-01 lease)
 # The lifetime layout (issue #12's evidence and the GPU suite, split over the two GPUs):
@@ -94,6 +95,22 @@ launch_single() {
   $SESSION install
   job A "CUDA_VISIBLE_DEVICES=0 DECODE_K=1" kernel_tests runtime_gpu serve engine decode_verify decode_smoke \
     long_output step_profile_batch
+  sleep 5
+  tail -n 2 "$JOBS"/*.log
+}
+
+# launch-shared "CHECKS A" "CHECKS B" "TIMED": on a one-GPU lease, two lists of correctness stages run at once
+# on GPU 0 (the suite's engines start with vLLM's default gpu_memory_utilization 0.9, so the other job must
+# hold under 10% of the GPU: the decode self-check's tiny engine and the kernel tests do), then the timed
+# stages alone once both are done (stage after_checks), so that nothing shares the GPU or the CPUs with them
+launch_shared() {
+  $SESSION install
+  # shellcheck disable=SC2086  # each argument is a list of stages
+  job A "CUDA_VISIBLE_DEVICES=0 DECODE_K=1" $1
+  # shellcheck disable=SC2086
+  job B "CUDA_VISIBLE_DEVICES=0 DECODE_K=1" $2
+  # shellcheck disable=SC2086
+  job T "CUDA_VISIBLE_DEVICES=0 DECODE_K=1" after_checks $3
   sleep 5
   tail -n 2 "$JOBS"/*.log
 }
@@ -184,9 +201,10 @@ case "${1:-}" in
   launch-cohorts) launch_cohorts ;;
   launch-single) launch_single ;;
   launch-jobs) launch_jobs "${2:-}" "${3:-}" ;;
+  launch-shared) launch_shared "${2:-}" "${3:-}" "${4:-}" ;;
   stash) stash ;;
   pieces) pieces ;;
   split) split_local ;;
   wait) wait_jobs "${2:-500}" ;;
-  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-single | launch-jobs A-STAGES B-STAGES | stash | pieces | split | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-single | launch-jobs A-STAGES B-STAGES | launch-shared A B TIMED | stash | pieces | split | wait SECONDS" >&2; exit 2 ;;
 esac
