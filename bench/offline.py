@@ -30,6 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+try:  # run as a module (python -m bench.offline)
+    from bench import thread_cpu
+except ImportError:  # or as a script under python -P (run_in_subprocess): its folder is not on sys.path
+    sys.path.append(str(Path(__file__).resolve().parent))
+    import thread_cpu  # type: ignore[no-redef]
+
 
 def current_commit() -> str | None:
     """The commit measured: $KVCOMP_COMMIT (the device has no reliable .git), else git."""
@@ -230,9 +236,11 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
 
     sampler = threading.Thread(target=sample_running, daemon=True)
     sampler.start()
+    threads_before = thread_cpu.snapshot()
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
+    cpu = thread_cpu.busiest(threads_before, thread_cpu.snapshot(), elapsed)
     stop.set()
     sampler.join()
 
@@ -264,6 +272,7 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
         "preemptions": preemptions[0] - preemptions_before,
         "ttft_s": _percentiles(ttft),
         "tpot_s": _percentiles(tpot),
+        "cpu": cpu,  # the busiest threads of this process and the engine's (bench/thread_cpu.py)
     }
     if plugin:
         result["plugin_metrics"] = _counter_delta(scrape_plugin_metrics(metrics_port), before)

@@ -278,6 +278,14 @@ stage_tput_same_batch() {
     --kv-cache-memory-bytes 21474836480 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_decode.log" \
     | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
 }
+stage_tput_same_batch_cpu() {
+  # long generation at the same batch (64 x (1k, 1k) in 5 GiB), the plugin at 1024 and at 1.0 on one
+  # engine, with each run's CPU seconds per thread (bench/thread_cpu.py): which thread holds the step
+  (cd "$WORK" && timeout 420 $PY -m bench.throughput --out "$RESULTS/same_batch_cpu" --work "$WORK/tput" \
+    --runs stock,plugin --cases long_generation --output-len 1024 --budgets 1024,1.0 \
+    --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_cpu.log" \
+    | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
+}
 stage_after_tput_long() {
   # hold this job until job A's first stage (its long-generation or decode-heavy run) is over: the compile-heavy
   # engine starts of the stages after it share the host's CPUs, which slowed those steps in the 2026-12-01

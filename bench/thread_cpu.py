@@ -1,0 +1,66 @@
+"""CPU seconds per thread of this process's descendants over a run (Linux /proc, no profiler).
+
+A decode step that is host-bound shows as a thread near 100% of the run's wall time; a thread
+that spins beside it (busy-waits) shows too. `bench.offline` records the busiest threads of the
+engine processes for each workload (`cpu` in its result): what a profiler's per-op times cannot
+say, since a slowed host makes every op slower.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat(path: Path) -> tuple[str, int, int] | None:
+    """(comm, parent pid, utime + stime ticks) of a /proc/<pid>[/task/<tid>]/stat file."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    comm = text[text.index("(") + 1 : text.rindex(")")]
+    fields = text[text.rindex(")") + 2 :].split()
+    return comm, int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def descendants(root: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(entry / "stat")) is not None:
+            parents.setdefault(stat[1], []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found.extend(children)
+        todo.extend(children)
+    return found
+
+
+def snapshot(root: int | None = None) -> dict[tuple[int, int], tuple[str, str, int]]:
+    """(pid, tid) -> (process comm, thread comm, CPU ticks) for root and its descendants."""
+    root = os.getpid() if root is None else root
+    threads = {}
+    for pid in [root, *descendants(root)]:
+        process = _stat(Path(f"/proc/{pid}/stat"))
+        if process is None:
+            continue
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            if (stat := _stat(task / "stat")) is not None:
+                threads[(pid, int(task.name))] = (process[0], stat[0], stat[2])
+    return threads
+
+
+def busiest(before: dict, after: dict, wall_s: float, top: int = 8) -> dict:
+    """The threads that used the most CPU between two snapshots, and each process's total."""
+    rows, processes = [], {}
+    for key, (process, thread, ticks) in after.items():
+        seconds = (ticks - before.get(key, (process, thread, 0))[2]) / TICKS
+        if seconds <= 0:
+            continue
+        rows.append({"pid": key[0], "process": process, "thread": thread, "cpu_s": seconds})
+        name = f"{key[0]}:{process}"
+        processes[name] = processes.get(name, 0.0) + seconds
+    rows.sort(key=lambda row: -row["cpu_s"])
+    return {"wall_s": wall_s, "threads": rows[:top], "processes": processes}
