@@ -219,6 +219,16 @@ stage_tput_long_8b() {
     --kv-cache-memory-bytes 10737418240 $LIFETIME 2>&1 \
     | tee "$LOGS/tput_long_8b.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
 }
+stage_tput_long_8b_16k() {
+  # the 8B shape with the 16k output tokens, 32 requests so that stock takes about 9 minutes
+  # (64 would take about 17): 10 GiB of KV keeps stock at about 8 running (1k + 8k tokens of 128 KiB
+  # each on average), and all 32 fit at once at 1024 (at most 74 blocks each) and at 2048 (138).
+  # About 15 minutes with the three engine starts: a lease of its own
+  (cd "$WORK" && timeout 1500 $PY -m bench.throughput --out "$RESULTS/long_generation_8b_16k" --work "$WORK/tput" \
+    --shape llama-8b --runs stock,plugin --cases long_generation --num-prompts 32 --budgets 1024,2048 \
+    --kv-cache-memory-bytes 10737418240 $LIFETIME 2>&1 \
+    | tee "$LOGS/tput_long_8b_16k.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -30)
+}
 stage_tput_decode_lifetime() {
   # 16k-token prompts, 1k output: stock (+ its 1-token prefill probe) and budgets 0.2 / 1.0 held for life
   (cd "$WORK" && timeout 2400 $PY -m bench.throughput --out "$RESULTS/decode_heavy" --work "$WORK/tput" \
