@@ -53,22 +53,38 @@ def label(case: str, budget: float | None) -> str:
 
 
 def plan_workloads(
-    cases: list[str], budgets: list[float] | None, num_prompts: dict[str, int], output_len: dict[str, int] | None = None
+    cases: list[str],
+    budgets: list[float] | None,
+    num_prompts: dict[str, int],
+    output_len: dict[str, int] | None = None,
+    repeats: int = 1,
 ) -> list[dict]:
-    """Workloads of one process; budgets None = stock. Budget 1.0 returns its tokens."""
+    """Workloads of one process; budgets None = stock. Budget 1.0 returns its tokens.
+
+    `repeats` > 1 runs the whole list that many times on the same engine, each pass tagged
+    `<case>#<k>` so that pass k of the plugin is compared with pass k of stock: the rows' spread is
+    the run-to-run noise a small ratio (budget 1.0's overhead) must be read against."""
     workloads = []
-    for case in cases:
-        if budgets is not None and case in STOCK_ONLY:
-            continue
-        shape = {**CASES[case], "num_prompts": num_prompts.get(case, CASES[case]["num_prompts"])}
-        shape["output_len"] = (output_len or {}).get(case, shape["output_len"])
-        for budget in budgets if budgets is not None else [None]:
-            workload = {**shape, "seed": 1, "label": label(case, budget), "case": case, "budget": budget}
-            if budget is not None:
-                workload["extra_args"] = {"kv_budget": budget}
-            workload["return_tokens"] = budget is None or budget == 1.0
-            workloads.append(workload)
+    for k in range(1, repeats + 1):
+        for case in cases:
+            if budgets is not None and case in STOCK_ONLY:
+                continue
+            shape = {**CASES[case], "num_prompts": num_prompts.get(case, CASES[case]["num_prompts"])}
+            shape["output_len"] = (output_len or {}).get(case, shape["output_len"])
+            tag = _tagged(case, k if repeats > 1 else None)
+            for budget in budgets if budgets is not None else [None]:
+                workload = {**shape, "seed": 1, "label": label(tag, budget), "case": tag, "budget": budget}
+                if repeats > 1:
+                    workload.update(base_case=case, repeat=k)
+                if budget is not None:
+                    workload["extra_args"] = {"kv_budget": budget}
+                workload["return_tokens"] = budget is None or budget == 1.0
+                workloads.append(workload)
     return workloads
+
+
+def _tagged(case: str, repeat: int | None) -> str:
+    return case if repeat is None else f"{case}#{repeat}"
 
 
 def start_invocation(raw: dict, command: str, runs: list[str], **setup) -> int:
@@ -197,7 +213,9 @@ def summarize(raw: dict, meta: dict) -> dict:
         entry["step_time_ratio"] = step_time_ratio(entry)
         entry["kv_cache_memory_bytes"] = kv_bytes
         entry["model"] = model
-        entry.update(amdahl(entry, stock.get((model, kv_bytes, f"{wl['case']}_prefill"))))
+        entry["base_case"], entry["repeat"] = wl.get("base_case", wl["case"]), wl.get("repeat")
+        probe = _tagged(f"{entry['base_case']}_prefill", entry["repeat"])
+        entry.update(amdahl(entry, stock.get((model, kv_bytes, probe))))
         # "same run" holds only when stock and plugin were measured by one invocation
         entry["same_invocation"] = bool(base) and w.get("invocation") == base.get("invocation")
         if base and "token_digests" in w and "token_digests" in base:
@@ -317,6 +335,7 @@ def markdown(summary: dict) -> str:
             f"| {fmt(c['eviction_ms_mean'], '.1f')}{host(c.get('eviction_host_ms_mean'))} "
             f"| {c.get('invocation')} ({c.get('stock_invocation')}) |"
         )
+    lines += repeat_lines(summary["cases"])
     identical = [c for c in summary["cases"] if "identical_to_stock" in c]
     if identical:
         lines += [
@@ -325,6 +344,25 @@ def markdown(summary: dict) -> str:
             + ", ".join(f"{c['case']} {c['identical_to_stock']:.0%} of requests" for c in identical),
         ]
     return "\n".join(lines) + "\n"
+
+
+def repeat_lines(cases: list[dict]) -> list[str]:
+    """Each repeated case's ratios side by side (pass k of the plugin against pass k of stock)."""
+    groups: dict[tuple, list[float]] = {}
+    for c in cases:
+        if c.get("repeat") is not None and c.get("ratio_output_tok_s") is not None:
+            key = (c["base_case"], c["budget"], c.get("kv_cache_memory_bytes"), c.get("invocation"))
+            groups.setdefault(key, []).append(c["ratio_output_tok_s"])
+    if not groups:
+        return []
+    lines = ["", "Repeated passes on the same engines (ratio of pass k against stock's pass k):"]
+    for (case, budget, _, invocation), ratios in groups.items():
+        lines.append(
+            f"- {case} @ {budget:g} (invocation {invocation}): "
+            + ", ".join(f"{r:.3f}" for r in ratios)
+            + f"; mean {sum(ratios) / len(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}"
+        )
+    return lines
 
 
 def main(argv=None) -> int:
@@ -345,6 +383,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-prompts", type=csv(int), default=None, help="per case, in --cases order")
     parser.add_argument("--output-len", type=csv(int), default=None, help="per case, in --cases order")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=4 << 30)
+    parser.add_argument("--repeats", type=int, default=1, help="run every workload this many times per engine")
     parser.add_argument("--runs", type=csv(str), default=["stock", "plugin"])
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per engine process")
     parser.add_argument("--out", default="bench/results")
@@ -386,14 +425,14 @@ def main(argv=None) -> int:
     for run in args.runs:
         spec = {**base_spec, "name": f"throughput_{run}", "return_tokens": False}
         if run == "stock":
-            spec["workloads"] = plan_workloads(args.cases, None, num_prompts, output_len)
+            spec["workloads"] = plan_workloads(args.cases, None, num_prompts, output_len, args.repeats)
         elif run == "plugin":
             # Fixed server budget: requests override it, and the same engine config
             # (hence vLLM's compile cache) serves every invocation.
             spec["compression"] = {"method": args.method, "budget": 0.2}
             if args.evict_every is not None:
                 spec["compression"]["evict_every"] = args.evict_every
-            spec["workloads"] = plan_workloads(args.cases, args.budgets, num_prompts, output_len)
+            spec["workloads"] = plan_workloads(args.cases, args.budgets, num_prompts, output_len, args.repeats)
         else:
             parser.error(f"unknown run {run!r}; choose stock or plugin")
         print(f"[throughput] {run}: {len(spec['workloads'])} workloads", flush=True)

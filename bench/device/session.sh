@@ -252,6 +252,14 @@ stage_tput_overhead() {
     --runs stock,plugin --cases decode_heavy --num-prompts 32 --budgets 1.0 --method "${METHOD:-uniform}" 2>&1 \
     | tee "$LOGS/tput_overhead_no_ring.log" | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
 }
+stage_tput_overhead_repeat() {
+  # budget 1.0's overhead as three passes on each engine (pass k of the plugin against pass k of stock,
+  # bench.throughput --repeats): the spread between passes is what a 1% claim must be read against.
+  # 32 decode-heavy requests in 4 GiB, with the ring (--evict-every), about 4 minutes
+  (cd "$WORK" && timeout 540 $PY -m bench.throughput --out "$RESULTS/overhead_repeat" --work "$WORK/tput" \
+    --runs stock,plugin --cases decode_heavy --num-prompts 32 --budgets 1.0 --repeats 3 $LIFETIME 2>&1 \
+    | tee "$LOGS/tput_overhead_repeat.log" | grep -E "^\[throughput\]|^- decode|Error|error" | tail -12)
+}
 stage_step_profile() {
   # where a decode step's time goes (GPU busy vs idle, top kernels), stock against the plugin, under vLLM's
   # torch profiler: long generation at budget 1024 (64 running), decode-heavy at 1.0 (overhead) and 0.2 (~30 running)

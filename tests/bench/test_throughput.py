@@ -343,3 +343,37 @@ def test_amdahl_bound_from_the_prefill_probe():
     assert case["share_of_amdahl_bound"] == pytest.approx(1.8 / (100 / 52))
     assert (case["preemptions"], case["stock_preemptions"]) == (0.0, 3.0)
     assert "amdahl_bound" not in throughput.amdahl({"stock_elapsed_s": None}, probe)
+
+
+def test_repeated_passes_compare_pass_k_of_the_plugin_with_pass_k_of_stock():
+    stock_plan = throughput.plan_workloads(["decode_heavy"], None, {"decode_heavy": 32}, repeats=3)
+    plugin_plan = throughput.plan_workloads(["decode_heavy"], [1.0], {"decode_heavy": 32}, repeats=3)
+    assert [w["label"] for w in stock_plan] == [f"decode_heavy#{k}@stock" for k in (1, 2, 3)]
+    assert [w["label"] for w in plugin_plan] == [f"decode_heavy#{k}@1" for k in (1, 2, 3)]
+    assert {w["num_prompts"] for w in plugin_plan} == {32} and [w["repeat"] for w in plugin_plan] == [1, 2, 3]
+    assert make_prompts(plugin_plan[2]) == make_prompts(stock_plan[0])  # every pass the same prompts
+    stock_rates, plugin_rates = [1000.0, 1010.0, 990.0], [970.0, 1000.0, 999.0]
+    raw = {
+        "stock": {
+            "workloads": [
+                _measured(w["label"], w["case"], None, rate, 7) for w, rate in zip(stock_plan, stock_rates, strict=True)
+            ]
+        },
+        "plugin": {
+            "compression": {"method": "uniform"},
+            "workloads": [
+                _measured(w["label"], w["case"], 1.0, rate, 7, {"plugin_metrics": {}})
+                for w, rate in zip(plugin_plan, plugin_rates, strict=True)
+            ],
+        },
+    }
+    for run in ("stock", "plugin"):  # the plan's own tags, as bench.offline returns them
+        for w, planned in zip(raw[run]["workloads"], stock_plan if run == "stock" else plugin_plan, strict=True):
+            w["workload"].update(base_case=planned["base_case"], repeat=planned["repeat"])
+    meta = {"device": "H200", "date": "d", "command": "c", "model": "m", "kv_cache_memory_bytes": 4 << 30}
+    summary = throughput.summarize(raw, meta)
+    ratios = [c["ratio_output_tok_s"] for c in summary["cases"]]
+    assert ratios == pytest.approx([p / s for p, s in zip(plugin_rates, stock_rates, strict=True)])
+    assert [c["base_case"] for c in summary["cases"]] == ["decode_heavy"] * 3
+    text = throughput.markdown(summary)
+    assert "- decode_heavy @ 1 (invocation None): 0.970, 0.990, 1.009; mean 0.990, range 0.970-1.009" in text
