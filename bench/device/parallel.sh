@@ -14,6 +14,7 @@
 #   bash bench/device/parallel.sh launch-cohorts    branch decode-cohorts' check (see launch_cohorts)
 #   bash bench/device/parallel.sh launch-single     the same check on a one-GPU lease (see launch_single)
 #   bash bench/device/parallel.sh launch-shared A B T   checks A and B together on one GPU, then timed T alone
+#   bash bench/device/parallel.sh launch-timed-first T A B   timed T alone first, then checks A and B together
 #   bash bench/device/parallel.sh stash             copy the carried model parts into /tmp/q (every call)
 #   bash bench/device/parallel.sh pieces            the same for 18 MB pieces (see pieces(); the 2026-12-01 lease)
 # The lifetime layout (issue #12's evidence and the GPU suite, split over the two GPUs):
@@ -115,6 +116,22 @@ launch_shared() {
   tail -n 2 "$JOBS"/*.log
 }
 
+# launch-timed-first "TIMED" "CHECKS A" "CHECKS B": the same on a fresh machine's terms: the timed stages
+# run first, alone (nothing ran on the host before them), then A and B share GPU 0 (stage after_timed).
+# In the 2026-12-01 lease the timed stages that ran after the suite's engines measured the plugin's
+# process 1.6x slower op for op; a fresh machine did not (bench/results/lifetime/h200_same_batch_cpu/).
+launch_timed_first() {
+  $SESSION install
+  # shellcheck disable=SC2086  # each argument is a list of stages
+  job T "CUDA_VISIBLE_DEVICES=0 DECODE_K=1" $1
+  # shellcheck disable=SC2086
+  job A "CUDA_VISIBLE_DEVICES=0 DECODE_K=1" after_timed $2
+  # shellcheck disable=SC2086
+  job B "CUDA_VISIBLE_DEVICES=0 DECODE_K=1" after_timed $3
+  sleep 5
+  tail -n 2 "$JOBS"/*.log
+}
+
 # Carried files (.device/q05, .device/q15, .device/tok-*, the gguf wheel) into /tmp/q/<key>/, each written
 # under a temporary name and renamed, so a job polling for its parts never reads half a file.
 stash() {
@@ -202,9 +219,10 @@ case "${1:-}" in
   launch-single) launch_single ;;
   launch-jobs) launch_jobs "${2:-}" "${3:-}" ;;
   launch-shared) launch_shared "${2:-}" "${3:-}" "${4:-}" ;;
+  launch-timed-first) launch_timed_first "${2:-}" "${3:-}" "${4:-}" ;;
   stash) stash ;;
   pieces) pieces ;;
   split) split_local ;;
   wait) wait_jobs "${2:-500}" ;;
-  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-single | launch-jobs A-STAGES B-STAGES | launch-shared A B TIMED | stash | pieces | split | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-single | launch-jobs A-STAGES B-STAGES | launch-shared A B TIMED | launch-timed-first TIMED A B | stash | pieces | split | wait SECONDS" >&2; exit 2 ;;
 esac

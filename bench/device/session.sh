@@ -314,6 +314,10 @@ stage_after_checks() {
   # launch-shared's timed job: hold until jobs A and B (correctness stages, sharing the GPU) are done
   WAIT_S=1500 wait_for "jobs A and B" sh -c 'grep -q "^=== done" /tmp/kvcomp-jobs/A.log && grep -q "^=== done" /tmp/kvcomp-jobs/B.log' || true
 }
+stage_after_timed() {
+  # launch-timed-first's correctness jobs: hold until job T (the timed stages, alone on the host) is done
+  WAIT_S=2400 wait_for "job T" grep -q "^=== done" /tmp/kvcomp-jobs/T.log || true
+}
 stage_ring_cost() {
   # the ring's writes per decode step inside a CUDA graph, against graph nodes that do nothing
   (cd "$WORK" && timeout 120 $PY -m bench.ring_cost --out "$RESULTS/ring_cost.json" 2>&1 | tee "$LOGS/ring_cost.log" | tail -5)
