@@ -48,7 +48,7 @@ stage_smoke() {
 
 stage_kernel_tests() {
   # every kernel test on CUDA (the references are compared on the GPU), not only the gpu-marked ones
-  timeout 400 $PY -m pytest tests/kernels tests/engine/test_page_tables.py -q -p no:cacheprovider 2>&1 | tee "$LOGS/kernels_gpu_tests.log" | tail -8
+  timeout 400 $PY -m pytest tests/kernels tests/engine/test_page_tables.py tests/engine/test_staging.py -q -p no:cacheprovider 2>&1 | tee "$LOGS/kernels_gpu_tests.log" | tail -8
 }
 stage_long_prompt() {
   # a 128k-token prompt at the 8B layer shape, evicted within the default workspace

@@ -48,10 +48,10 @@ import torch
 
 from vllm_kvcomp.engine.decode_planning import DecodePlanner, decode_state, logical_page_table
 from vllm_kvcomp.engine.eviction import guarded, workspace_chunks
-from vllm_kvcomp.engine.executor import to_device
 from vllm_kvcomp.engine.records import CompressionReport, EvictionRecord, SkipRecord
 from vllm_kvcomp.engine.reeviction import ReevictionPlan
 from vllm_kvcomp.engine.requests import DecodeState, TrackedRequest
+from vllm_kvcomp.engine.staging import to_device
 from vllm_kvcomp.engine.timing import profiled
 
 if TYPE_CHECKING:

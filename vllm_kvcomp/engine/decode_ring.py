@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from vllm_kvcomp.engine.requests import TrackedRequest
+from vllm_kvcomp.engine.staging import copy_into, to_device
 
 FREE = -1  # no slot (runner index not tracked, ring row never written)
 
@@ -158,12 +159,9 @@ class DecodeRing:
         record_queries_(self.queries[layer], self.lse[layer], self.dst, query, lse)
 
     def _copy_dst(self, plan: np.ndarray) -> None:
-        src = torch.from_numpy(plan)
-        if self.dst.is_cuda:
-            # A fresh pinned copy (caching host allocator): the async copy never reads
-            # memory the host rewrites next step, and the stream is not synchronized.
-            src = src.pin_memory()
-        self.dst[: len(plan)].copy_(src, non_blocking=True)
+        # A fresh pinned copy each step (engine/staging.py): the async copy never reads memory the
+        # host rewrites next step, and the stream is not synchronized.
+        copy_into(self.dst, plan)
 
     # ------------------------------------------------------------ readers
     def rows_ready(self, req_id: str, position: int) -> bool:
@@ -189,5 +187,4 @@ class DecodeRing:
         return queries, self.lse[:, slot_t, rows_t] if exact else None
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        src = torch.from_numpy(np.ascontiguousarray(array))
-        return src.pin_memory().to(self.device, non_blocking=True) if self.queries.is_cuda else src
+        return to_device(array, self.queries.device)

@@ -18,6 +18,7 @@ import torch
 from vllm_kvcomp.config import CompressionConfig
 from vllm_kvcomp.engine.layout import EvictionPlan
 from vllm_kvcomp.engine.reeviction import ReevictionPlan
+from vllm_kvcomp.engine.staging import to_device
 from vllm_kvcomp.scoring import head_statistics, selection_scores, stats_for_policy
 
 # Optional rewrite of the selection scores [rows, H, S] before top-k (a test oracle hook).
@@ -35,15 +36,6 @@ class PoolGeometry:
     head_size: int
     num_heads: int  # query heads of this rank
     scale: float
-
-
-def to_device(array: np.ndarray, device) -> torch.Tensor:
-    """A host array on `device` without synchronizing it: a pinned staging copy on CUDA,
-    kept alive by the caching host allocator until the copy ran."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if torch.device(device).type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _domain_pages(plan: EvictionPlan | ReevictionPlan) -> np.ndarray:

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vllm_kvcomp.engine.executor import to_device
 from vllm_kvcomp.engine.layout import EvictionPlan
 from vllm_kvcomp.engine.page_tables import RequestLayouts, build_layer_page_tables
 from vllm_kvcomp.engine.reeviction import ReevictionPlan
+from vllm_kvcomp.engine.staging import to_device
 
 
 class LayerPageState:
