@@ -181,10 +181,7 @@ class DecodeRing:
         # The oldest wanted position p - W sits at ring row (p - W) % W == p % W.
         start = np.asarray(positions, dtype=np.int64).reshape(-1, 1)
         ring_rows = (start + np.arange(self.window)) % self.window
-        slot_t, rows_t = self._to_device(slot_idx), self._to_device(ring_rows)
+        slot_t, rows_t = to_device(slot_idx, self.device), to_device(ring_rows, self.device)
         queries = self.queries[:, slot_t, rows_t]
         exact = all(pos - self.window >= self._exact_from[s] for s, pos in zip(slot_idx[:, 0], positions))
         return queries, self.lse[:, slot_t, rows_t] if exact else None
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return to_device(array, self.queries.device)
