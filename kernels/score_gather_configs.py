@@ -33,11 +33,14 @@ __all__ = [
     "prune_window_sum",
 ]
 
-# (BT keys per tile, TPP tiles per program, num_warps, num_stages); the first is the H100-tuned default.
+# (BT keys per tile, TPP tiles per program, num_warps, num_stages). The first is the default (serving
+# never tunes): the fastest on the H200 at both shapes measured with --tune, 0.422 against 0.442 ms at
+# the prefill's 32 window queries (bench/results/kernels_h200_tune/) and 0.298 against 0.351 ms at the
+# decode ring's 16 (bench/results/lifetime/h200_aot_suite/); the second was the H100-tuned default.
 WINDOW_SUM_CONFIGS = [
     triton.Config({"BT": bt, "TPP": tpp}, num_warps=nw, num_stages=ns)
     for bt, tpp, nw, ns in [
-        (64, 16, 8, 4), (64, 16, 4, 3), (64, 8, 4, 2), (64, 8, 4, 3), (64, 8, 4, 4),
+        (64, 16, 4, 3), (64, 16, 8, 4), (64, 8, 4, 2), (64, 8, 4, 3), (64, 8, 4, 4),
         (64, 8, 8, 3), (64, 4, 4, 3), (32, 16, 4, 3), (32, 16, 4, 5), (128, 4, 8, 3),
     ]
 ]  # fmt: skip
