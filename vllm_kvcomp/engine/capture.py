@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from vllm_kvcomp.engine.requests import TrackedRequest, WindowRows
+from vllm_kvcomp.engine.staging import to_device
 
 logger = logging.getLogger("vllm.kvcomp")
 
@@ -155,5 +156,4 @@ class WindowCapture:
         return queries, lse, extents
 
     def _to_device(self, parts: list[np.ndarray]) -> torch.Tensor:
-        flat = np.concatenate(parts).astype(np.int64)
-        return torch.from_numpy(flat).to(self.device, non_blocking=True)
+        return to_device(np.concatenate(parts).astype(np.int64), self.device)
