@@ -146,8 +146,6 @@ def report_launch_configs(tuned):
             continue  # not launched
         chosen[name] = str(kernel.best_config)
         print(f"\n{name}: {kernel.best_config}", flush=True)
-        for key, config in getattr(kernel, "cache", {}).items():  # one entry per autotune key (pooling path)
-            print(f"  key {key}: {config}", flush=True)
         timings = getattr(kernel, "configs_timings", None) or {}
         if tuned and timings:
             print("| config | median ms | p20 ms | p80 ms |")
@@ -239,14 +237,11 @@ def main():
         q, kv, pt, S, scale, args.pool, compute_dtype=torch.float32, return_lse=True
     )
     kw = dict(scale=scale, pool_kernel=args.pool, pool_type="max", square=False, max_seq_len=S)
-    # (the separate pass first: with --tune the timings printed are then those of serving's window_sum)
-    out3 = score_gather(q, wl, kv, pt, sl, window_lse=lse, separate_pool=True, **kw)
     out1 = score_gather(q, wl, kv, pt, sl, window_lse=lse, **kw)
     out2 = score_gather(q, wl, kv, pt, sl, window_lse=None, **kw)
     errs = {
         "score_gather": (rel(out1.scores, ref_scores), rel(out1.mass, ref_mass)),
         "score_gather_two_pass": (rel(out2.scores, ref_scores), rel(out2.mass, ref_mass)),
-        "score_gather_separate_pool": (rel(out3.scores, ref_scores), rel(out3.mass, ref_mass)),
     }
     for k, (es, em) in errs.items():
         print(f"check {k}: rel err scores {es:.2e}, mass {em:.2e}", flush=True)
@@ -266,12 +261,8 @@ def main():
     t_torch = median_ms(lambda: torch_scores(q, kv, pt, S, scale, args.pool), warmup=5, rep=100)
     print(f"torch scores (bf16 matmul): {t_torch:.3f} ms", flush=True)
     shape = f"R={R} S={S} Hkv={Hkv} Hq={Hq} D={D} W={W} block={bs} bf16 pool={args.pool} max"
-    # the pooling at the end of each window-sum program (serving's path), the LSE pass added, and the
-    # former separate pooling pass over the scratch
-    variants = (("score_gather", lse, False), ("score_gather_two_pass", None, False))
-    for name, lse_arg, separate in (*variants, ("score_gather_separate_pool", lse, True)):
-        run = functools.partial(score_gather, q, wl, kv, pt, sl, window_lse=lse_arg, separate_pool=separate, **kw)
-        ms = median_ms(run)
+    for name, lse_arg in (("score_gather", lse), ("score_gather_two_pass", None)):
+        ms = median_ms(functools.partial(score_gather, q, wl, kv, pt, sl, window_lse=lse_arg, **kw))
         gbps = key_bytes / ms / 1e6
         results.append(
             dict(

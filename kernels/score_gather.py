@@ -25,14 +25,7 @@ import triton
 from .common import interpreting
 from .reference import ScoreOutput, score_gather_reference
 from .score_gather_configs import LSE_CONFIGS, LSE_SPLIT, WINDOW_SUM_CONFIGS, fit_dot_launch
-from .score_gather_kernels import (
-    LN2,
-    LOG2E,
-    lse_partial_kernel,
-    pool_bands_kernel,
-    pool_gqa_kernel,
-    window_sum_kernel,
-)
+from .score_gather_kernels import LN2, LOG2E, lse_partial_kernel, pool_gqa_kernel, window_sum_kernel
 
 __all__ = ["score_gather", "ScoreOutput"]
 
@@ -161,34 +154,14 @@ def _given_lse(window_lse: torch.Tensor, shp: _Shapes) -> tuple:
     return (lse, sr, shp.G * sh, sh, sw)
 
 
-def _window_sums(shp: _Shapes, til: _Tiling, args: tuple, meta: dict, esize: int) -> int:
-    """Launch window_sum; returns the keys per program (chunk) of the config that ran last."""
+def _window_sums(shp: _Shapes, til: _Tiling, args: tuple, meta: dict, esize: int) -> None:
     S, Hkv, R = shp.S, shp.Hkv, shp.R
     if til.explicit:
         BT, TPP = til.explicit[:2]
         launch = _fixed_launch(WINDOW_SUM_CONFIGS[0], til, BT, esize)
         window_sum_kernel.fn[(triton.cdiv(S, BT * TPP), Hkv, R)](*args, **meta, BT=BT, TPP=TPP, **launch)
-        return BT * TPP
-    chunk = {}
-
-    def grid(cfg):  # autotune calls it for every run, the last one with the config it keeps
-        chunk["keys"] = cfg["BT"] * cfg["TPP"]
-        return (triton.cdiv(S, chunk["keys"]), Hkv, R)
-
-    window_sum_kernel[grid](*args, **meta)
-    return chunk["keys"]
-
-
-def _pool(shp: _Shapes, til: _Tiling, a, seq_lens, scores, chunk: int, pool: tuple, separate: bool) -> None:
-    """Scores left to a pass of its own: every position (``separate``), or the chunk boundaries' bands."""
-    K, AVG = pool
-    if separate:
-        grid = lambda cfg: (triton.cdiv(shp.S, cfg["BT"]), shp.Hkv, shp.R)  # noqa: E731
-        pool_gqa_kernel[grid](a, seq_lens, scores, shp.S, G=shp.G, BG=til.BG, K=K, AVG=AVG)
-    elif K > 1:  # launched even with no boundary below S, so that warm-up compiles it
-        BB = triton.next_power_of_2(K - 1)
-        grid = (max(triton.cdiv(shp.S, chunk) - 1, 1), shp.Hkv, shp.R)
-        pool_bands_kernel[grid](a, seq_lens, scores, shp.S, chunk, G=shp.G, BG=til.BG, BB=BB, K=K, AVG=AVG)
+    else:
+        window_sum_kernel[lambda cfg: (triton.cdiv(S, cfg["BT"] * cfg["TPP"]), Hkv, R)](*args, **meta)
 
 
 def score_gather(
@@ -208,7 +181,6 @@ def score_gather(
     tiles_per_program: int | None = None,
     validate: bool = False,
     out: ScoreOutput | tuple[torch.Tensor, torch.Tensor] | None = None,
-    separate_pool: bool = False,
 ) -> ScoreOutput:
     """SnapKV window scores of R requests read from the paged KV cache.
 
@@ -236,8 +208,6 @@ def score_gather(
         validate: check the index preconditions on the host (syncs).
         out: optional preallocated ``(scores, mass)``, each contiguous fp32
             ``[R, Hkv, S]``; every element is overwritten.
-        separate_pool: pool in a pass of its own over the scratch (the former
-            path, kept for the benchmark), not at the end of the window-sum pass.
 
     Returns:
         ``ScoreOutput(scores [R, Hkv, S] fp32, mass [R, Hkv, S] fp32)``; every
@@ -277,9 +247,9 @@ def score_gather(
     else:
         lse_args = _given_lse(window_lse, shp)
     a = torch.empty((shp.R, shp.Hq, shp.S), dtype=torch.float32, device=dev)
-    pool = (int(pool_kernel), pool_type == "avg")
-    ws_args = (*head, *lse_args, a, mass, scores, shp.S, scale_log2e)
-    ws_meta = dict(meta, BG=til.BG, SQUARE=bool(square), POOL=not separate_pool, K=pool[0], AVG=pool[1])
-    chunk = _window_sums(shp, til, ws_args, ws_meta, esize)
-    _pool(shp, til, a, seq_lens, scores, chunk, pool, separate_pool)
+    ws_args = (*head, *lse_args, a, mass, shp.S, scale_log2e)
+    _window_sums(shp, til, ws_args, dict(meta, BG=til.BG, SQUARE=bool(square)), esize)
+    pool_gqa_kernel[lambda cfg: (triton.cdiv(shp.S, cfg["BT"]), shp.Hkv, shp.R)](
+        a, seq_lens, scores, shp.S, G=shp.G, BG=til.BG, K=int(pool_kernel), AVG=(pool_type == "avg")
+    )
     return ScoreOutput(scores, mass)

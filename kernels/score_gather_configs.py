@@ -69,10 +69,9 @@ _INTERPRETER_POOL = triton.Config({"BT": 64})
 # a served model: group size G, window rows BW, head dim D, block size PAGE, SQUARE, the pooling
 # (K, AVG); autotune appends the dtypes of the tensor arguments itself. Never sequence lengths or
 # batch sizes (S, NS and the grid are not in it), which would tune again for every new shape. What
-# the pruning reads (BM = BG * BW, BD, the cache's element size) is a function of the key. window_sum's
-# key holds the pooling too: with POOL it pools its chunk at the end (the bands kernel is not tuned).
+# the pruning reads (BM = BG * BW, BD, the cache's element size) is a function of the key.
 LSE_KEY = ["G", "BW", "D", "PAGE"]
-WINDOW_SUM_KEY = [*LSE_KEY, "SQUARE", "POOL", "K", "AVG"]
+WINDOW_SUM_KEY = [*LSE_KEY, "SQUARE"]
 POOL_KEY = ["G", "K", "AVG"]
 SMEM_LIMIT = 200 * 1024  # bytes of shared memory the dot kernels may plan for
 

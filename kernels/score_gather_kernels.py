@@ -10,19 +10,15 @@
    the per-head window sums reduce along the fast axis). The page ids of the
    whole chunk are loaded before the tile loop so that the pipeliner can keep
    key tiles in flight. It writes the unpooled per-query-head window sums to
-   an fp32 scratch ``[R, Hq, S]`` and the mass ``[R, Hkv, S]`` directly. With
-   ``POOL`` it then pools its own chunk (``_pool_chunk``): after a barrier the
-   sums it just wrote are read back from L2, not HBM, and every position whose
-   pooling window lies inside the chunk gets its score.
-3. ``pool_bands_kernel`` (with ``POOL``): the positions around each chunk boundary.
-   ``pool_gqa_kernel`` (without ``POOL``): pooling, GQA sum, ``-inf`` beyond
-   each length, as a pass of its own over every position.
+   an fp32 scratch ``[R, Hq, S]`` and the mass ``[R, Hkv, S]`` directly.
+3. ``pool_gqa_kernel``: pooling (halo read from the scratch), GQA sum, ``-inf``
+   beyond each length.
 
 KV heads are never repeated: the GQA group shares the key tile (in shared memory).
 On CPU, under ``TRITON_INTERPRET=1``, ``tl.dot`` operands are upcast to fp32
 (the interpreter multiplies bf16 storage as integers).
 
-The kernels but the bands are ``@triton.autotune`` d over the configs of
+The three kernels are ``@triton.autotune`` d over the configs of
 ``score_gather_configs`` (keys, candidates, pruning: see there). Callers that
 fix the tiling launch the jitted kernel (``kernel.fn``) directly. Kernel
 signatures keep their arguments grouped (pointer with its strides): ``# fmt: skip``.
@@ -46,7 +42,7 @@ from .score_gather_configs import (
     prune_window_sum,
 )
 
-__all__ = ["LN2", "LOG2E", "lse_partial_kernel", "pool_bands_kernel", "pool_gqa_kernel", "window_sum_kernel"]
+__all__ = ["LN2", "LOG2E", "lse_partial_kernel", "pool_gqa_kernel", "window_sum_kernel"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -113,48 +109,6 @@ def _dot_t(a, b, DOT_F32: tl.constexpr):
         return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)))
     else:
         return tl.dot(a, tl.trans(b))
-
-
-@triton.jit
-def _pooled_scores(rows, t, L, jv, BG: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, AVG: tl.constexpr):
-    """Scores of positions ``t`` ([BT]): each query head's window sums (``rows``, [BG, 1] pointers into
-    the scratch; ``jv`` marks the group's real heads) pooled over ``K`` positions, summed over the group;
-    ``-inf`` at ``t >= L``."""
-    HALF: tl.constexpr = K // 2
-    if AVG:
-        acc = tl.zeros([BG, BT], tl.float32)
-    else:
-        acc = tl.full([BG, BT], float("-inf"), tl.float32)
-    for o in tl.static_range(K):
-        ts = t + (o - HALF)
-        m = jv[:, None] & ((ts >= 0) & (ts < L))[None, :]
-        if AVG:
-            acc += tl.load(rows + ts[None, :], mask=m, other=0.0)
-        else:
-            acc = tl.maximum(acc, tl.load(rows + ts[None, :], mask=m, other=float("-inf")))
-    if AVG:
-        acc = acc * (1.0 / K)
-    score = tl.sum(tl.where(jv[:, None], acc, 0.0), axis=0)
-    return tl.where(t < L, score, float("-inf"))
-
-
-@triton.jit
-def _pool_chunk(
-    rows, scores_row, chunk_start, L, S, jv,
-    BG: tl.constexpr, BT: tl.constexpr, TPP: tl.constexpr, K: tl.constexpr, AVG: tl.constexpr,
-):  # fmt: skip
-    """Scores of the chunk's positions whose pooling window lies in the chunk (or is cut by 0 or L), read
-    from the window sums this program has just stored. The ``K // 2`` positions on each side of a chunk
-    boundary below L need the next program's sums too: pool_bands_kernel scores them."""
-    HALF: tl.constexpr = K // 2
-    chunk_end = chunk_start + BT * TPP
-    lo = chunk_start + HALF * (chunk_start > 0).to(tl.int32)
-    hi = chunk_end - HALF * (chunk_end < L).to(tl.int32)
-    tl.debug_barrier()  # every thread's stores of the chunk's sums are visible to the whole program
-    for tt in range(TPP):
-        t = chunk_start + tt * BT + tl.arange(0, BT)
-        score = _pooled_scores(rows, t, L, jv, BG, BT, K, AVG)
-        tl.store(scores_row + t, score, mask=(t >= lo) & (t < hi) & (t < S))
 
 
 # --------------------------------------------------------------------------- #
@@ -228,12 +182,10 @@ def window_sum_kernel(
     lse_ptr, stride_lr, stride_lg, stride_lj, stride_li,  # natural-log LSE, addressed (r, g, j, i)
     a_ptr,  # scratch [R, Hq, S] fp32
     mass_ptr,  # [R, Hkv, S] fp32
-    scores_ptr,  # [R, Hkv, S] fp32, written only with POOL
     S, scale_log2e,
     G: tl.constexpr, BG: tl.constexpr, BW: tl.constexpr, BM: tl.constexpr,
     D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, TPP: tl.constexpr,
     PAGE: tl.constexpr, SQUARE: tl.constexpr, DOT_F32: tl.constexpr,
-    POOL: tl.constexpr, K: tl.constexpr, AVG: tl.constexpr,
 ):  # fmt: skip
     """Logits are computed transposed, [BT keys, BM query rows] = K @ Q^T, so that
     the per-head window sums reduce along the fast (in-thread / in-quad) axis."""
@@ -246,11 +198,8 @@ def window_sum_kernel(
     wl = tl.load(wl_ptr + r)
     r64 = r.to(tl.int64)
     mass_row = mass_ptr + (r64 * Hkv + g) * S
-    scores_row = scores_ptr + (r64 * Hkv + g) * S
     jj = tl.arange(0, BG)
-    a_heads = (r64 * Hq + g * G + jj).to(tl.int64) * S
-    a_rows = a_ptr + a_heads[:, None]  # [BG, 1]
-    a_cols = a_ptr + a_heads[None, :]  # [1, BG]
+    a_cols = a_ptr + (r64 * Hq + g * G + jj).to(tl.int64)[None, :] * S  # [1, BG]
     chunk_start = chunk * (BT * TPP)
     if chunk_start < L:
         q, i, row_valid = _load_group_queries(
@@ -285,14 +234,10 @@ def window_sum_kernel(
                 ah = ph
             tl.store(mass_row + t, mass, mask=t < S)
             tl.store(a_cols + t[:, None], ah, mask=(t[:, None] < L) & (jj[None, :] < G))
-        if POOL:
-            _pool_chunk(a_rows, scores_row, chunk_start, L, S, jj < G, BG, BT, TPP, K, AVG)
     else:
         for tt in range(TPP):
             t = chunk_start + tt * BT + tl.arange(0, BT)
             tl.store(mass_row + t, tl.zeros([BT], tl.float32), mask=t < S)
-            if POOL:
-                tl.store(scores_row + t, tl.full([BT], float("-inf"), tl.float32), mask=t < S)
 
 
 # --------------------------------------------------------------------------- #
@@ -319,31 +264,23 @@ def pool_gqa_kernel(
     L = tl.load(sl_ptr + r)
     t = tile * BT + tl.arange(0, BT)
     jj = tl.arange(0, BG)
+    jv = jj < G
     rows = a_ptr + (r64 * Hq + g * G + jj).to(tl.int64)[:, None] * S  # [BG, 1]
-    score = _pooled_scores(rows, t, L, jj < G, BG, BT, K, AVG)
+    HALF: tl.constexpr = K // 2
+    if AVG:
+        acc = tl.zeros([BG, BT], tl.float32)
+    else:
+        acc = tl.full([BG, BT], float("-inf"), tl.float32)
+    for o in tl.static_range(K):
+        ts = t + (o - HALF)
+        m = jv[:, None] & ((ts >= 0) & (ts < L))[None, :]
+        if AVG:
+            acc += tl.load(rows + ts[None, :], mask=m, other=0.0)
+        else:
+            acc = tl.maximum(acc, tl.load(rows + ts[None, :], mask=m, other=float("-inf")))
+    if AVG:
+        acc = acc * (1.0 / K)
+    acc = tl.where(jv[:, None], acc, 0.0)
+    score = tl.sum(acc, axis=0)
+    score = tl.where(t < L, score, float("-inf"))
     tl.store(scores_ptr + (r64 * Hkv + g) * S + t, score, mask=t < S)
-
-
-@triton.jit(do_not_specialize=["S", "CH"])  # vary per batch / config: one compiled variant for all
-def pool_bands_kernel(
-    a_ptr, sl_ptr, scores_ptr,
-    S, CH,
-    G: tl.constexpr, BG: tl.constexpr, BB: tl.constexpr, K: tl.constexpr, AVG: tl.constexpr,
-):  # fmt: skip
-    """Scores of the ``2 * (K // 2)`` positions around chunk boundary ``(band + 1) * CH`` (``BB`` >= that,
-    a power of two), where ``window_sum_kernel`` (``POOL``, chunks of ``CH`` keys) left them."""
-    band = tl.program_id(0)
-    g = tl.program_id(1)
-    r = tl.program_id(2)
-    Hkv = tl.num_programs(1)
-    r64 = r.to(tl.int64)
-    L = tl.load(sl_ptr + r)
-    boundary = (band + 1) * CH
-    if boundary < L:
-        HALF: tl.constexpr = K // 2
-        o = tl.arange(0, BB)
-        t = boundary - HALF + o
-        jj = tl.arange(0, BG)
-        rows = a_ptr + (r64 * Hkv * G + g * G + jj).to(tl.int64)[:, None] * S  # [BG, 1]
-        score = _pooled_scores(rows, t, L, jj < G, BG, BB, K, AVG)
-        tl.store(scores_ptr + (r64 * Hkv + g) * S + t, score, mask=(o < 2 * HALF) & (t >= 0) & (t < S))

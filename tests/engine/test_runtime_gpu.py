@@ -28,7 +28,7 @@ def compiled_variants() -> int:
     kernels = [
         score_gather_kernels.lse_partial_kernel,
         score_gather_kernels.window_sum_kernel,
-        score_gather_kernels.pool_bands_kernel,
+        score_gather_kernels.pool_gqa_kernel,
         compaction._compact_kernel,
         compaction._copy_pages_kernel,
         page_tables._layer_page_tables_kernel,

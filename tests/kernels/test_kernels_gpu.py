@@ -75,10 +75,6 @@ def test_score_gather_large(dtype, block_size):
             assert not torch.isnan(got.scores).any() and not torch.isnan(got.mass).any()
             e_s, e_m = _rel(got.scores, expect.scores), _rel(got.mass, expect.mass)
             assert e_s < tol and e_m < tol, (pool_type, given is None, e_s, e_m)
-            # pooled at the end of each window-sum program (and in the boundary bands) against the separate
-            # pass, element by element: a missing barrier or a band off by one shows here, not in the norm
-            sep = score_gather(q, wl, kv, pt, sl, window_lse=given, separate_pool=True, **kw)
-            torch.testing.assert_close(got.scores, sep.scores, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("block_size", [16, 32])

@@ -111,27 +111,6 @@ def test_tiling_knobs_agree(device, block_t, tiles_per_program, pool):
     _check(out, expect, torch.bfloat16, f"block_t={block_t} tpp={tiles_per_program}")
 
 
-@pytest.mark.parametrize("pool", [(21, "max", False), (15, "avg", True), (3, "max", False)])
-def test_pooling_around_chunk_boundaries(device, pool):
-    """Scores are pooled at the end of each window-sum program, and the positions whose window crosses a
-    chunk boundary by the bands kernel: windows wider than a chunk (16 keys), lengths at, one past and one
-    short of a boundary, and outputs longer than every sequence. The separate pooling pass agrees."""
-    seq_lens = [16, 17, 47, 100, 1]
-    win = [5, 5, 8, 8, 1]
-    q, wl, kv, pt, sl = score_inputs(
-        seq_lens, win, Hkv=2, G=3, D=16, block_size=16, dtype=torch.bfloat16, device=device, seed=pool[0]
-    )
-    S = max(seq_lens) + 20
-    kw = dict(scale=0.3, pool_kernel=pool[0], pool_type=pool[1], square=pool[2], max_seq_len=S)
-    fixed = dict(block_t=16, tiles_per_program=1, window_lse=None)
-    out = score_gather(q, wl, kv, pt, sl, out=_poisoned(len(seq_lens), 2, S, device), **fixed, **kw)
-    _check(out, score_gather_reference(q, wl, kv, pt, sl, **kw), torch.bfloat16, f"pool {pool}")
-    sep = score_gather(q, wl, kv, pt, sl, out=_poisoned(len(seq_lens), 2, S, device), separate_pool=True, **fixed, **kw)
-    torch.testing.assert_close(sep.scores, out.scores, rtol=1e-6, atol=0)
-    for r, L in enumerate(seq_lens):
-        assert torch.all(out.scores[r, :, L:] == float("-inf")) and torch.all(torch.isfinite(out.scores[r, :, :L]))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_two_pass_agrees_with_given_lse(device, dtype):
     seq_lens = [57, 130, 17]

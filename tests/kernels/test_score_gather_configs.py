@@ -61,23 +61,19 @@ def test_interpreter_pruning_leaves_one_config(name, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's single config")
 def test_interpreter_autotune_times_nothing(device):
-    """End to end: each kernel's autotune saw one config, and a new batch / length reuses its choice.
-    window_sum has one entry per pooling path (at the end of its programs, or the separate pass)."""
+    """End to end: each kernel's autotune saw one config, and a new batch / length reuses its choice."""
     for kernel, _, _ in KERNELS.values():
         kernel.cache.clear()
     shapes = dict(Hkv=1, G=2, D=16, block_size=16, dtype=torch.float16, device=device)
     q, wl, kv, pt, sl = score_inputs([9, 20], [3, 4], **shapes, seed=1)
-    kw = dict(scale=0.25, pool_kernel=3, pool_type="max", square=False, window_lse=None)
-    entries = {"window_sum": 2, "lse_partial": 1, "pool": 1}
-    for separate in (False, True):
-        score_gather(q, wl, kv, pt, sl, separate_pool=separate, **kw)
-    for name, (kernel, _, _) in KERNELS.items():
-        assert len(kernel.configs_timings) == 1 and len(kernel.cache) == entries[name]
+    kw = dict(scale=0.25, pool_kernel=3, pool_type="max", square=False)
+    score_gather(q, wl, kv, pt, sl, window_lse=None, **kw)
+    for kernel, _, _ in KERNELS.values():
+        assert len(kernel.configs_timings) == 1 and len(kernel.cache) == 1
     # other batch size and lengths, same model shapes: no new autotune entry
     q, wl, kv, pt, sl = score_inputs([40, 5, 33], [4, 4, 1], **shapes, seed=2)
-    for separate in (False, True):
-        score_gather(q, wl, kv, pt, sl, separate_pool=separate, **kw)
-    assert all(len(kernel.cache) == entries[name] for name, (kernel, _, _) in KERNELS.items())
+    score_gather(q, wl, kv, pt, sl, window_lse=None, **kw)
+    assert all(len(kernel.cache) == 1 for kernel, _, _ in KERNELS.values())
 
 
 def test_fit_dot_launch():
