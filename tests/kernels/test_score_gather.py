@@ -111,6 +111,24 @@ def test_tiling_knobs_agree(device, block_t, tiles_per_program, pool):
     _check(out, expect, torch.bfloat16, f"block_t={block_t} tpp={tiles_per_program}")
 
 
+@pytest.mark.parametrize("pool", [(21, "max", False), (15, "avg", True), (3, "max", False)])
+def test_pooling_windows_wider_than_a_program(device, pool):
+    """Pooling windows wider than a window-sum program's keys (16), lengths at, one past and one short of
+    a program's end, a one-token sequence, and outputs longer than every sequence."""
+    seq_lens = [16, 17, 47, 100, 1]
+    win = [5, 5, 8, 8, 1]
+    q, wl, kv, pt, sl = score_inputs(
+        seq_lens, win, Hkv=2, G=3, D=16, block_size=16, dtype=torch.bfloat16, device=device, seed=pool[0]
+    )
+    S = max(seq_lens) + 20
+    kw = dict(scale=0.3, pool_kernel=pool[0], pool_type=pool[1], square=pool[2], max_seq_len=S)
+    poisoned = _poisoned(len(seq_lens), 2, S, device)
+    out = score_gather(q, wl, kv, pt, sl, block_t=16, tiles_per_program=1, window_lse=None, out=poisoned, **kw)
+    _check(out, score_gather_reference(q, wl, kv, pt, sl, **kw), torch.bfloat16, f"pool {pool}")
+    for r, L in enumerate(seq_lens):
+        assert torch.all(out.scores[r, :, L:] == float("-inf")) and torch.all(torch.isfinite(out.scores[r, :, :L]))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_two_pass_agrees_with_given_lse(device, dtype):
     seq_lens = [57, 130, 17]
