@@ -236,11 +236,14 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
 
     sampler = threading.Thread(target=sample_running, daemon=True)
     sampler.start()
-    threads_before = thread_cpu.snapshot()
+    threads_before, host_before = thread_cpu.snapshot(), thread_cpu.host_snapshot()
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
-    cpu = thread_cpu.busiest(threads_before, thread_cpu.snapshot(), elapsed)
+    threads_after = thread_cpu.snapshot()
+    cpu = thread_cpu.busiest(threads_before, threads_after, elapsed)
+    run_pids = {pid for pid, _ in threads_after}
+    cpu["host"] = thread_cpu.host_usage(host_before, thread_cpu.host_snapshot(), elapsed, exclude=run_pids)
     stop.set()
     sampler.join()
 
@@ -272,7 +275,7 @@ def run_workload(llm, workload: dict, *, plugin: bool, metrics_port: int | None,
         "preemptions": preemptions[0] - preemptions_before,
         "ttft_s": _percentiles(ttft),
         "tpot_s": _percentiles(tpot),
-        "cpu": cpu,  # the busiest threads of this process and the engine's (bench/thread_cpu.py)
+        "cpu": cpu,  # the busiest threads of this process and the engine's, and the host (bench/thread_cpu.py)
     }
     if plugin:
         result["plugin_metrics"] = _counter_delta(scrape_plugin_metrics(metrics_port), before)

@@ -3,7 +3,9 @@
 A decode step that is host-bound shows as a thread near 100% of the run's wall time; a thread
 that spins beside it (busy-waits) shows too. `bench.offline` records the busiest threads of the
 engine processes for each workload (`cpu` in its result): what a profiler's per-op times cannot
-say, since a slowed host makes every op slower.
+say, since a slowed host makes every op slower. `host_snapshot` / `host_usage` add the whole host over
+the same window (`cpu["host"]`): its busy cores and the busiest processes outside the run, so that a
+process left running beside a timed run (another job, an engine that did not exit) shows by name.
 """
 
 from __future__ import annotations
@@ -64,3 +66,28 @@ def busiest(before: dict, after: dict, wall_s: float, top: int = 8) -> dict:
         processes[name] = processes.get(name, 0.0) + seconds
     rows.sort(key=lambda row: -row["cpu_s"])
     return {"wall_s": wall_s, "threads": rows[:top], "processes": processes}
+
+
+def host_snapshot() -> tuple[int, dict[int, tuple[str, int]]]:
+    """(busy CPU ticks of the whole host, from /proc/stat; pid -> (comm, CPU ticks) of every process)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+    processes = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(entry / "stat")) is not None:
+            processes[int(entry.name)] = (stat[0], stat[2])
+    return busy, processes
+
+
+def host_usage(before: tuple, after: tuple, wall_s: float, exclude, top: int = 5) -> dict:
+    """The host's busy cores between two `host_snapshot`s and the processes outside `exclude` (pids)
+    that used the most CPU meanwhile (a process that started in the window counts from zero)."""
+    excluded = set(exclude)
+    others = []
+    for pid, (comm, ticks) in after[1].items():
+        seconds = (ticks - before[1].get(pid, (comm, 0))[1]) / TICKS
+        if pid not in excluded and seconds > 0:
+            others.append({"pid": pid, "process": comm, "cpu_s": seconds})
+    others.sort(key=lambda row: -row["cpu_s"])
+    busy_cores = (after[0] - before[0]) / TICKS / wall_s if wall_s > 0 else 0.0
+    return {"busy_cores": busy_cores, "other_processes": others[:top]}

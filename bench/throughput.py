@@ -440,9 +440,12 @@ def main(argv=None) -> int:
         for w in result["workloads"]:
             if "tokens" in w:
                 w["token_digests"] = token_digests(w.pop("tokens"))
+            host = w.get("cpu", {}).get("host", {})
+            others = ", ".join(f"{o['process']} {o['cpu_s']:.1f} s" for o in host.get("other_processes", [])[:2])
             print(
                 f"[throughput] {run} {w['workload']['label']}: {w['output_tok_s']:.0f} tok/s, "
-                f"max running {w['max_running']:.0f}, {w['elapsed_s']:.1f} s",
+                f"max running {w['max_running']:.0f}, {w['elapsed_s']:.1f} s; "
+                f"host busy {host.get('busy_cores', float('nan')):.1f} cores (outside the run: {others or 'none'})",
                 flush=True,
             )
         _merge(raw, run, result, invocation)

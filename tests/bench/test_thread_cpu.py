@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bench.thread_cpu import busiest, snapshot
+from bench.thread_cpu import busiest, host_snapshot, host_usage, snapshot
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -44,3 +44,21 @@ def test_a_child_process_counts_with_its_own_pid():
     report = busiest(before, after, wall_s=0.6)
     assert any(row["pid"] == child.pid and row["cpu_s"] >= 0.2 for row in report["threads"])
     assert any(name.startswith(f"{child.pid}:") for name in report["processes"])
+
+
+def test_a_process_outside_the_run_shows_in_the_host_view():
+    """A spinning process that is not the run's (here: excluded by pid) is named; the host's busy cores
+    count it; excluding nothing, this process's own sleep adds nothing."""
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 0.9: pass"])
+    try:
+        time.sleep(0.1)  # the interpreter has started
+        before = host_snapshot()
+        time.sleep(0.6)
+        after = host_snapshot()
+    finally:
+        child.wait()
+    report = host_usage(before, after, wall_s=0.6, exclude=set())
+    assert report["busy_cores"] >= 0.3
+    assert any(row["pid"] == child.pid and row["cpu_s"] >= 0.2 for row in report["other_processes"])
+    left_out = host_usage(before, after, wall_s=0.6, exclude={child.pid})
+    assert all(row["pid"] != child.pid for row in left_out["other_processes"])
