@@ -15,6 +15,7 @@
 #   bash bench/device/parallel.sh launch-single     the same check on a one-GPU lease (see launch_single)
 #   bash bench/device/parallel.sh launch-shared A B T   checks A and B together on one GPU, then timed T alone
 #   bash bench/device/parallel.sh launch-timed-first T A B   timed T alone first, then checks A and B together
+#   bash bench/device/parallel.sh launch-ab "STAGES" DIR...   the stages once per snapshot, one after another
 #   bash bench/device/parallel.sh stash             copy the carried model parts into /tmp/q (every call)
 #   bash bench/device/parallel.sh pieces            the same for 18 MB pieces (see pieces(); the 2026-12-01 lease)
 # The lifetime layout (issue #12's evidence and the GPU suite, split over the two GPUs):
@@ -132,6 +133,27 @@ launch_timed_first() {
   tail -n 2 "$JOBS"/*.log
 }
 
+# launch-ab "STAGES" DIR...: the stages once per snapshot directory (each with its COMMIT file), one after
+# the other on this host, as one background job X: commits compared on one host, each against the stock
+# run of its own invocation. Naming a directory twice (base head base head) measures the spread between
+# passes. Each pass installs into its own KVC and packs into /tmp/kvcomp-pack-ab<i>-<commit>. To change
+# only the plugin, build the base snapshot from HEAD's tree with vllm_kvcomp/ and kernels/ of the base
+# commit (docs/BENCHMARKS.md), so that both passes run the same bench code.
+launch_ab() {
+  local stages=$1 i=0 dir script=""
+  shift
+  for dir in "$@"; do
+    i=$((i + 1))
+    script+="cd $dir && C=\$(cat COMMIT) && echo \"=== ab $i \$C \$(date +%T)\" && KVCOMP_COMMIT=\$C "
+    script+="WORK=/tmp/kvcomp-work-ab$i PACK=/tmp/kvcomp-pack-ab$i-\$C KVC=/tmp/kvc-ab$i TOOLS=/tmp/kvtools-ab$i "
+    script+="OUT=/tmp/kvcomp-out-ab$i bash bench/device/session.sh install $stages 2>&1 | grep -v '^=== done'; "
+  done
+  script+="echo \"=== done \$(date +%T)\""
+  setsid nohup bash -c "$script" > "$JOBS/X.log" 2>&1 < /dev/null &
+  sleep 5
+  tail -n 2 "$JOBS"/X.log
+}
+
 # Carried files (.device/q05, .device/q15, .device/tok-*, the gguf wheel) into /tmp/q/<key>/, each written
 # under a temporary name and renamed, so a job polling for its parts never reads half a file.
 stash() {
@@ -220,9 +242,10 @@ case "${1:-}" in
   launch-jobs) launch_jobs "${2:-}" "${3:-}" ;;
   launch-shared) launch_shared "${2:-}" "${3:-}" "${4:-}" ;;
   launch-timed-first) launch_timed_first "${2:-}" "${3:-}" "${4:-}" ;;
+  launch-ab) shift && launch_ab "$@" ;;
   stash) stash ;;
   pieces) pieces ;;
   split) split_local ;;
   wait) wait_jobs "${2:-500}" ;;
-  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-single | launch-jobs A-STAGES B-STAGES | launch-shared A B TIMED | launch-timed-first TIMED A B | stash | pieces | split | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 launch | launch-quality | launch-lifetime | launch-cohorts | launch-single | launch-jobs A-STAGES B-STAGES | launch-shared A B TIMED | launch-timed-first TIMED A B | launch-ab STAGES DIR... | stash | pieces | split | wait SECONDS" >&2; exit 2 ;;
 esac
