@@ -304,6 +304,17 @@ stage_tput_same_batch_cpu() {
     --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_cpu.log" \
     | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
 }
+stage_tput_same_batch_gc() {
+  # tput_same_batch_cpu with vLLM's GC debugger (VLLM_GC_DEBUG=1: every collection of the engine process
+  # logged with its pause): the engine's GC pauses of stock and of the plugin, summed per generation
+  # (bench/gc_debug.py). A diagnostic run: the logging itself costs time, on both sides
+  (cd "$WORK" && VLLM_GC_DEBUG=1 timeout 420 $PY -m bench.throughput --out "$RESULTS/same_batch_gc" --work "$WORK/tput_gc" \
+    --runs stock,plugin --cases long_generation --output-len 1024 --budgets 1024,1.0 \
+    --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_gc.log" \
+    | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
+  cp "$WORK"/tput_gc/logs/*.log "$LOGS/" 2>/dev/null || true
+  (cd "$WORK" && $PY -m bench.gc_debug "$WORK"/tput_gc/logs/throughput_*.log > "$RESULTS/same_batch_gc/gc.json" && cat "$RESULTS/same_batch_gc/gc.json")
+}
 stage_after_tput_long() {
   # hold this job until job A's first stage (its long-generation or decode-heavy run) is over: the compile-heavy
   # engine starts of the stages after it share the host's CPUs, which slowed those steps in the 2026-12-01
