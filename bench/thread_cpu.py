@@ -16,15 +16,15 @@ from pathlib import Path
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _stat(path: Path) -> tuple[str, int, int] | None:
-    """(comm, parent pid, utime + stime ticks) of a /proc/<pid>[/task/<tid>]/stat file."""
+def _stat(path: Path) -> tuple[str, int, int, int] | None:
+    """(comm, parent pid, utime + stime ticks, CPU it last ran on) of a /proc/<pid>[/task/<tid>]/stat file."""
     try:
         text = path.read_text()
     except OSError:
         return None
     comm = text[text.index("(") + 1 : text.rindex(")")]
     fields = text[text.rindex(")") + 2 :].split()
-    return comm, int(fields[1]), int(fields[11]) + int(fields[12])
+    return comm, int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[36])
 
 
 def descendants(root: int) -> list[int]:
@@ -40,8 +40,8 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def snapshot(root: int | None = None) -> dict[tuple[int, int], tuple[str, str, int]]:
-    """(pid, tid) -> (process comm, thread comm, CPU ticks) for root and its descendants."""
+def snapshot(root: int | None = None) -> dict[tuple[int, int], tuple[str, str, int, int]]:
+    """(pid, tid) -> (process comm, thread comm, CPU ticks, CPU it last ran on) for root and its descendants."""
     root = os.getpid() if root is None else root
     threads = {}
     for pid in [root, *descendants(root)]:
@@ -50,18 +50,20 @@ def snapshot(root: int | None = None) -> dict[tuple[int, int], tuple[str, str, i
             continue
         for task in Path(f"/proc/{pid}/task").glob("*"):
             if (stat := _stat(task / "stat")) is not None:
-                threads[(pid, int(task.name))] = (process[0], stat[0], stat[2])
+                threads[(pid, int(task.name))] = (process[0], stat[0], stat[2], stat[3])
     return threads
 
 
 def busiest(before: dict, after: dict, wall_s: float, top: int = 8) -> dict:
-    """The threads that used the most CPU between two snapshots, and each process's total."""
+    """The threads that used the most CPU between two snapshots, and each process's total. `last_cpu`:
+    the core a thread ran on last (two busy threads on one core, or on two of its hyperthreads, slow
+    each other down)."""
     rows, processes = [], {}
-    for key, (process, thread, ticks) in after.items():
-        seconds = (ticks - before.get(key, (process, thread, 0))[2]) / TICKS
+    for key, (process, thread, ticks, last_cpu) in after.items():
+        seconds = (ticks - before.get(key, (process, thread, 0, 0))[2]) / TICKS
         if seconds <= 0:
             continue
-        rows.append({"pid": key[0], "process": process, "thread": thread, "cpu_s": seconds})
+        rows.append({"pid": key[0], "process": process, "thread": thread, "cpu_s": seconds, "last_cpu": last_cpu})
         name = f"{key[0]}:{process}"
         processes[name] = processes.get(name, 0.0) + seconds
     rows.sort(key=lambda row: -row["cpu_s"])
@@ -90,4 +92,4 @@ def host_usage(before: tuple, after: tuple, wall_s: float, exclude, top: int = 5
             others.append({"pid": pid, "process": comm, "cpu_s": seconds})
     others.sort(key=lambda row: -row["cpu_s"])
     busy_cores = (after[0] - before[0]) / TICKS / wall_s if wall_s > 0 else 0.0
-    return {"busy_cores": busy_cores, "other_processes": others[:top]}
+    return {"busy_cores": busy_cores, "cores": os.cpu_count(), "other_processes": others[:top]}

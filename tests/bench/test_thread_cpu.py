@@ -1,5 +1,6 @@
 """bench.thread_cpu: CPU seconds per thread of a process and its children, from /proc."""
 
+import os
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ def test_a_spinning_thread_is_the_busiest_and_an_idle_one_is_left_out():
     report = busiest(before, after, wall_s=0.6)
     assert report["threads"][0]["cpu_s"] >= 0.2  # 0.6 s of wall time, shared with this thread at most
     assert report["wall_s"] == 0.6
+    assert 0 <= report["threads"][0]["last_cpu"] < os.cpu_count()
     total = sum(report["processes"].values())
     assert total == pytest.approx(sum(row["cpu_s"] for row in report["threads"]), abs=0.05)
 
