@@ -27,11 +27,19 @@ def _stat(path: Path) -> tuple[str, int, int, int] | None:
     return comm, int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[36])
 
 
-def descendants(root: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
+def _processes() -> dict[int, tuple[str, int, int, int]]:
+    """pid -> `_stat` of every process on the host."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (stat := _stat(entry / "stat")) is not None:
-            parents.setdefault(stat[1], []).append(int(entry.name))
+            found[int(entry.name)] = stat
+    return found
+
+
+def descendants(root: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for pid, stat in _processes().items():
+        parents.setdefault(stat[1], []).append(pid)
     found, todo = [], [root]
     while todo:
         children = parents.get(todo.pop(), [])
@@ -74,11 +82,7 @@ def host_snapshot() -> tuple[int, dict[int, tuple[str, int]]]:
     """(busy CPU ticks of the whole host, from /proc/stat; pid -> (comm, CPU ticks) of every process)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
-    processes = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _stat(entry / "stat")) is not None:
-            processes[int(entry.name)] = (stat[0], stat[2])
-    return busy, processes
+    return busy, {pid: (stat[0], stat[2]) for pid, stat in _processes().items()}
 
 
 def host_usage(before: tuple, after: tuple, wall_s: float, exclude, top: int = 5) -> dict:

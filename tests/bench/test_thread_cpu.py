@@ -49,8 +49,8 @@ def test_a_child_process_counts_with_its_own_pid():
 
 
 def test_a_process_outside_the_run_shows_in_the_host_view():
-    """A spinning process that is not the run's (here: excluded by pid) is named; the host's busy cores
-    count it; excluding nothing, this process's own sleep adds nothing."""
+    """A spinning process outside the run is named and the host's busy cores count it; once its pid is
+    excluded (a process of the run), it is not listed."""
     child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 0.9: pass"])
     try:
         time.sleep(0.1)  # the interpreter has started
