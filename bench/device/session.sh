@@ -296,22 +296,23 @@ stage_tput_same_batch() {
     --kv-cache-memory-bytes 21474836480 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_decode.log" \
     | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
 }
-stage_tput_same_batch_cpu() {
-  # long generation at the same batch (64 x (1k, 1k) in 5 GiB), the plugin at 1024 and at 1.0 on one
-  # engine, with each run's CPU seconds per thread (bench/thread_cpu.py): which thread holds the step
-  (cd "$WORK" && timeout 420 $PY -m bench.throughput --out "$RESULTS/same_batch_cpu" --work "$WORK/tput" \
+same_batch_long() {
+  # $1 results folder, $2 work folder, $3 log name: long generation at the same batch (64 x (1k, 1k) in
+  # 5 GiB, both sides at 64 running), the plugin at 1024 and at 1.0 on one engine
+  (cd "$WORK" && timeout 420 $PY -m bench.throughput --out "$RESULTS/$1" --work "$WORK/$2" \
     --runs stock,plugin --cases long_generation --output-len 1024 --budgets 1024,1.0 \
-    --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_cpu.log" \
+    --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/$3.log" \
     | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
 }
+stage_tput_same_batch_cpu() {
+  # with each run's CPU seconds per thread and the whole host's (bench/thread_cpu.py): which thread holds the step
+  same_batch_long same_batch_cpu tput tput_same_batch_cpu
+}
 stage_tput_same_batch_gc() {
-  # tput_same_batch_cpu with vLLM's GC debugger (VLLM_GC_DEBUG=1: every collection of the engine process
-  # logged with its pause): the engine's GC pauses of stock and of the plugin, summed per generation
+  # the same under vLLM's GC debugger (VLLM_GC_DEBUG=1: every collection of the engine process logged with
+  # its pause): the engine's GC pauses of stock and of the plugin, summed per generation
   # (bench/gc_debug.py). A diagnostic run: the logging itself costs time, on both sides
-  (cd "$WORK" && VLLM_GC_DEBUG=1 timeout 420 $PY -m bench.throughput --out "$RESULTS/same_batch_gc" --work "$WORK/tput_gc" \
-    --runs stock,plugin --cases long_generation --output-len 1024 --budgets 1024,1.0 \
-    --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_gc.log" \
-    | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
+  VLLM_GC_DEBUG=1 same_batch_long same_batch_gc tput_gc tput_same_batch_gc
   cp "$WORK"/tput_gc/logs/*.log "$LOGS/" 2>/dev/null || true
   (cd "$WORK" && $PY -m bench.gc_debug "$WORK"/tput_gc/logs/throughput_*.log > "$RESULTS/same_batch_gc/gc.json" && cat "$RESULTS/same_batch_gc/gc.json")
 }
