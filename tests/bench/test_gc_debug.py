@@ -20,7 +20,24 @@ def test_pauses_are_summed_per_generation():
     assert report["generations"]["0"] == {"collections": 2, "total_ms": 1.0, "max_ms": 0.75, "max_objects": 700}
     assert report["generations"]["2"]["collections"] == 1 and report["generations"]["2"]["max_objects"] == 9000
     assert report["total_ms"] == 2.5 and "1" not in report["generations"]
+    assert report["at_shutdown"] == {"total_ms": 0.0, "generations": {}}
+
+
+def test_collections_after_the_shutdown_signal_are_summed_apart():
+    teardown = "\n".join(
+        [
+            "(EngineCore pid=12) INFO 12-02 14:00:09 [core.py:1214] [shutdown] EngineCore: trigger received signal=SIGTERM",
+            "(EngineCore pid=12) "
+            + PREFIX
+            + "GC took 712.000ms to complete. Collected 41 objects (out of 965576) in GC generation 2.",
+        ]
+    )
+    report = summarize(LOG + "\n" + teardown)
+    assert report["total_ms"] == 2.5 and report["generations"]["2"]["collections"] == 1
+    assert report["at_shutdown"]["total_ms"] == 712.0
+    assert report["at_shutdown"]["generations"]["2"]["max_objects"] == 965576
 
 
 def test_a_log_without_the_debugger_has_nothing():
-    assert summarize("INFO nothing here\n") == {"total_ms": 0.0, "generations": {}}
+    empty = {"total_ms": 0.0, "generations": {}}
+    assert summarize("INFO nothing here\n") == {**empty, "at_shutdown": empty}
