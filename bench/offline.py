@@ -1,6 +1,7 @@
 """Run one engine configuration on one workload, in a fresh process, and report.
 
     python bench/offline.py SPEC.json RESULT.json     (or python -m bench.offline, from a checkout)
+    python bench/offline.py --serve SPEC.json FD      (workloads one at a time from stdin: bench/paired.py)
 
 SPEC (json): {"model", "compression": {...} | null, "kv_cache_memory_bytes",
 "max_model_len", "max_num_seqs", "workload": {"num_prompts", "prompt_len",
@@ -291,12 +292,8 @@ def chosen_logprobs(completion) -> list[float]:
     return [float(step[token].logprob) for token, step in zip(completion.token_ids, completion.logprobs or [])]
 
 
-def run(spec: dict, result_path: Path | None = None) -> dict:
-    """One engine, one or more workloads (`spec["workloads"]`, or one `spec["workload"]`).
-
-    With `result_path`, the result so far is written after every workload, so a
-    run cut short by a time limit keeps what it measured.
-    """
+def start_engine(spec: dict) -> tuple:
+    """`spec`'s engine, warm: (llm, the result's header, plugin on?, the plugin's metrics port)."""
     for key, value in (spec.get("env") or {}).items():
         os.environ[key] = str(value)
     from vllm import SamplingParams
@@ -308,12 +305,10 @@ def run(spec: dict, result_path: Path | None = None) -> dict:
     llm.generate([{"prompt_token_ids": list(range(3, 67))}], SamplingParams(max_tokens=4), use_tqdm=False)
 
     compression = spec.get("compression") or {}
-    plugin = compression.get("method", "none") != "none"
-    port = compression.get("metrics_port")  # None: read vLLM's registry in this process
     import torch
     import vllm
 
-    result: dict = {
+    header: dict = {
         "name": spec.get("name"),
         "compression": spec.get("compression"),
         "startup_s": startup_s,
@@ -321,6 +316,17 @@ def run(spec: dict, result_path: Path | None = None) -> dict:
         "vllm": vllm.__version__,
         "torch": torch.__version__,
     }
+    # port None: read vLLM's registry in this process
+    return llm, header, compression.get("method", "none") != "none", compression.get("metrics_port")
+
+
+def run(spec: dict, result_path: Path | None = None) -> dict:
+    """One engine, one or more workloads (`spec["workloads"]`, or one `spec["workload"]`).
+
+    With `result_path`, the result so far is written after every workload, so a
+    run cut short by a time limit keeps what it measured.
+    """
+    llm, result, plugin, port = start_engine(spec)
     single = "workloads" not in spec
     workloads = [spec["workload"]] if single else spec["workloads"]
     result["workloads"] = []
@@ -340,6 +346,26 @@ def run(spec: dict, result_path: Path | None = None) -> dict:
         del flat["workloads"]
         return flat
     return result
+
+
+def serve(spec: dict, commands, results) -> None:
+    """`spec`'s engine, driven a workload at a time (bench/paired.py): one JSON line on `results` once the
+    engine is warm (the result's header), then for each JSON workload line read from `commands`, its
+    result as one line; "stop" or the end of `commands` shuts the engine down."""
+    llm, header, plugin, port = start_engine(spec)
+    _send(results, header)
+    for line in commands:
+        if line.strip() == "stop":
+            break
+        workload = json.loads(line)
+        want_tokens = workload.get("return_tokens", spec.get("return_tokens", False))
+        _send(results, run_workload(llm, workload, plugin=plugin, metrics_port=port, return_tokens=want_tokens))
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _send(stream, message: dict) -> None:
+    stream.write(json.dumps(message) + "\n")
+    stream.flush()
 
 
 def run_in_subprocess(spec: dict, workdir: str | Path, timeout: float = 900, partial_ok: bool = False) -> dict:
@@ -380,6 +406,10 @@ def run_in_subprocess(spec: dict, workdir: str | Path, timeout: float = 900, par
 
 
 def main() -> None:
+    if sys.argv[1] == "--serve":  # SPEC.json RESULTS_FD: bench/paired.py's engine process
+        with open(int(sys.argv[3]), "w") as results:
+            serve(json.loads(Path(sys.argv[2]).read_text()), sys.stdin, results)
+        return
     spec = json.loads(Path(sys.argv[1]).read_text())
     result_path = Path(sys.argv[2])
     result = run(spec, result_path if "workloads" in spec else None)

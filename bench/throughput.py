@@ -33,7 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench import offline
+from bench import offline, paired
 from evaluation.plots import plot_throughput
 from evaluation.random_model import SHAPES, make_random_model
 
@@ -384,8 +384,13 @@ def main(argv=None) -> int:
     parser.add_argument("--output-len", type=csv(int), default=None, help="per case, in --cases order")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=4 << 30)
     parser.add_argument("--repeats", type=int, default=1, help="run every workload this many times per engine")
+    parser.add_argument(
+        "--paired", action="store_true", help="both engines up at once, pass k of each back to back (bench/paired.py)"
+    )
     parser.add_argument("--runs", type=csv(str), default=["stock", "plugin"])
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per engine process")
+    parser.add_argument(
+        "--timeout", type=float, default=3600, help="seconds per engine process (with --paired: both together)"
+    )
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--work", default="/tmp/kvcomp-throughput")
     parser.add_argument(
@@ -401,6 +406,11 @@ def main(argv=None) -> int:
     for budget in args.budgets:
         if not (0 < budget <= 1 or (budget > 1 and budget == int(budget))):
             parser.error(f"--budgets are fractions in (0, 1] or whole token counts, got {budget}")
+    for run in args.runs:
+        if run not in ("stock", "plugin"):
+            parser.error(f"unknown run {run!r}; choose stock or plugin")
+    if args.paired and (sorted(args.runs) != ["plugin", "stock"] or args.repeats < 2):
+        parser.error("--paired alternates passes of stock and the plugin: give --runs stock,plugin, --repeats 2+")
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -422,37 +432,52 @@ def main(argv=None) -> int:
     invocation = start_invocation(
         raw, command, args.runs, model=model_text, kv_cache_memory_bytes=args.kv_cache_memory_bytes
     )
-    for run in args.runs:
-        spec = {**base_spec, "name": f"throughput_{run}", "return_tokens": False}
-        if run == "stock":
-            spec["workloads"] = plan_workloads(args.cases, None, num_prompts, output_len, args.repeats)
-        elif run == "plugin":
-            # Fixed server budget: requests override it, and the same engine config
-            # (hence vLLM's compile cache) serves every invocation.
-            spec["compression"] = {"method": args.method, "budget": 0.2}
-            if args.evict_every is not None:
-                spec["compression"]["evict_every"] = args.evict_every
-            spec["workloads"] = plan_workloads(args.cases, args.budgets, num_prompts, output_len, args.repeats)
-        else:
-            parser.error(f"unknown run {run!r}; choose stock or plugin")
-        print(f"[throughput] {run}: {len(spec['workloads'])} workloads", flush=True)
-        result = offline.run_in_subprocess(spec, work / "logs", timeout=args.timeout, partial_ok=True)
-        for w in result["workloads"]:
-            if "tokens" in w:
-                w["token_digests"] = token_digests(w.pop("tokens"))
-            host = w.get("cpu", {}).get("host", {})
-            others = ", ".join(f"{o['process']} {o['cpu_s']:.1f} s" for o in host.get("other_processes", [])[:2])
-            print(
-                f"[throughput] {run} {w['workload']['label']}: {w['output_tok_s']:.0f} tok/s, "
-                f"max running {w['max_running']:.0f}, {w['elapsed_s']:.1f} s; "
-                f"host busy {host.get('busy_cores', float('nan')):.1f} cores (outside the run: {others or 'none'})",
-                flush=True,
-            )
-        _merge(raw, run, result, invocation)
-        raw_path.write_text(json.dumps(raw, indent=1))
+    specs = {run: run_spec(run, args, base_spec, num_prompts, output_len) for run in args.runs}
+    if args.paired:  # both engines up, passes alternated (bench/paired.py)
+        print(f"[throughput] stock and plugin side by side, {args.repeats} passes in ABBA order", flush=True)
+        results = paired.alternate(specs, work / "logs", timeout=args.timeout, partial_ok=True)
+        for run, result in results.items():
+            record(raw, raw_path, run, result, invocation)
+    else:
+        for run, spec in specs.items():
+            print(f"[throughput] {run}: {len(spec['workloads'])} workloads", flush=True)
+            result = offline.run_in_subprocess(spec, work / "logs", timeout=args.timeout, partial_ok=True)
+            record(raw, raw_path, run, result, invocation)
 
     write_summary(raw, out, command=command, model=model_text, kv_cache_memory_bytes=args.kv_cache_memory_bytes)
     return 0
+
+
+def run_spec(run: str, args, base_spec: dict, num_prompts: dict, output_len: dict) -> dict:
+    """The `bench.offline` spec of one run ("stock" or "plugin") of this invocation."""
+    spec = {**base_spec, "name": f"throughput_{run}", "return_tokens": False}
+    if run == "stock":
+        spec["workloads"] = plan_workloads(args.cases, None, num_prompts, output_len, args.repeats)
+        return spec
+    # Fixed server budget: requests override it, and the same engine config
+    # (hence vLLM's compile cache) serves every invocation.
+    spec["compression"] = {"method": args.method, "budget": 0.2}
+    if args.evict_every is not None:
+        spec["compression"]["evict_every"] = args.evict_every
+    spec["workloads"] = plan_workloads(args.cases, args.budgets, num_prompts, output_len, args.repeats)
+    return spec
+
+
+def record(raw: dict, raw_path: Path, run: str, result: dict, invocation: int) -> None:
+    """One run's result: printed a line per workload, merged into the raw results and written."""
+    for w in result["workloads"]:
+        if "tokens" in w:
+            w["token_digests"] = token_digests(w.pop("tokens"))
+        host = w.get("cpu", {}).get("host", {})
+        others = ", ".join(f"{o['process']} {o['cpu_s']:.1f} s" for o in host.get("other_processes", [])[:2])
+        print(
+            f"[throughput] {run} {w['workload']['label']}: {w['output_tok_s']:.0f} tok/s, "
+            f"max running {w['max_running']:.0f}, {w['elapsed_s']:.1f} s; "
+            f"host busy {host.get('busy_cores', float('nan')):.1f} cores (outside the run: {others or 'none'})",
+            flush=True,
+        )
+    _merge(raw, run, result, invocation)
+    raw_path.write_text(json.dumps(raw, indent=1))
 
 
 def write_summary(raw: dict, out: Path, **setup) -> None:

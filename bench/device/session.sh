@@ -316,6 +316,20 @@ stage_tput_same_batch_gc() {
   cp "$WORK"/tput_gc/logs/*.log "$LOGS/" 2>/dev/null || true
   (cd "$WORK" && $PY -m bench.gc_debug "$WORK"/tput_gc/logs/throughput_*.log > "$RESULTS/same_batch_gc/gc.json" && cat "$RESULTS/same_batch_gc/gc.json")
 }
+stage_tput_paired() {
+  # the same two comparisons with both engines up and their passes alternated (bench.throughput --paired,
+  # bench/paired.py): pass k's ratio compares runs seconds apart, not minutes (the host drifts by more
+  # than these effects: bench/results/lifetime/h200_same_batch_ab/). The same batch (64 x (1k, 1k) in
+  # 5 GiB, 1024 and 1.0; 6 passes, about 3 minutes), then budget 1.0's overhead (decode-heavy, 32 in
+  # 4 GiB; 4 passes, about 5 minutes)
+  (cd "$WORK" && timeout 420 $PY -m bench.throughput --out "$RESULTS/same_batch_paired" --work "$WORK/tput" \
+    --runs stock,plugin --cases long_generation --output-len 1024 --budgets 1024,1.0 --repeats 6 --paired \
+    --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_paired.log" \
+    | grep -E "^\[throughput\]|^- |Error|error" | tail -12)
+  (cd "$WORK" && timeout 540 $PY -m bench.throughput --out "$RESULTS/overhead_paired" --work "$WORK/tput" \
+    --runs stock,plugin --cases decode_heavy --num-prompts 32 --budgets 1.0 --repeats 4 --paired $LIFETIME 2>&1 \
+    | tee "$LOGS/tput_overhead_paired.log" | grep -E "^\[throughput\]|^- |Error|error" | tail -12)
+}
 stage_after_tput_long() {
   # hold this job until job A's first stage (its long-generation or decode-heavy run) is over: the compile-heavy
   # engine starts of the stages after it share the host's CPUs, which slowed those steps in the 2026-12-01

@@ -26,7 +26,7 @@ def test_pauses_are_summed_per_generation():
 def test_collections_after_the_shutdown_signal_are_summed_apart():
     teardown = "\n".join(
         [
-            "(EngineCore pid=12) INFO 12-02 14:00:09 [core.py:1214] [shutdown] EngineCore: trigger received signal=SIGTERM",
+            "(EngineCore pid=12) INFO 12-02 14:00:09 [core.py:1214] [shutdown] EngineCore: trigger received",
             "(EngineCore pid=12) "
             + PREFIX
             + "GC took 712.000ms to complete. Collected 41 objects (out of 965576) in GC generation 2.",

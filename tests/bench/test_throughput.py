@@ -377,3 +377,40 @@ def test_repeated_passes_compare_pass_k_of_the_plugin_with_pass_k_of_stock():
     assert [c["base_case"] for c in summary["cases"]] == ["decode_heavy"] * 3
     text = throughput.markdown(summary)
     assert "- decode_heavy @ 1 (invocation None): 0.970, 0.990, 1.009; mean 0.990, range 0.970-1.009" in text
+
+
+def test_paired_runs_both_engines_through_bench_paired_and_compares_pass_by_pass(monkeypatch, tmp_path):
+    """--paired hands both runs' specs to bench.paired.alternate at once (never one engine process
+    after the other) and summarizes pass k against pass k as --repeats does."""
+    calls = []
+
+    def fake_alternate(specs, workdir, timeout, partial_ok=False):
+        calls.append((list(specs), timeout, partial_ok))
+        rates = {"stock": [1000.0, 900.0], "plugin": [990.0, 882.0]}
+        return {
+            run: {
+                "device": "FakeGPU",
+                "compression": spec.get("compression"),
+                "workloads": [
+                    {**_measured(w["label"], w["case"], w["budget"], rate, 64), "workload": w}
+                    for w, rate in zip(spec["workloads"], rates[run], strict=True)
+                ],
+            }
+            for run, spec in specs.items()
+        }
+
+    monkeypatch.setattr(throughput.paired, "alternate", fake_alternate)
+    monkeypatch.setattr(throughput.offline, "run_in_subprocess", lambda *a, **k: pytest.fail("not one after the other"))
+    monkeypatch.setattr(throughput, "plot_throughput", lambda *a, **k: None)
+    argv = ["--model", "m", "--cases", "decode_heavy", "--budgets", "1.0", "--out", str(tmp_path), "--timeout", "500"]
+    assert throughput.main([*argv, "--repeats", "2", "--paired"]) == 0
+    assert calls == [(["stock", "plugin"], 500.0, True)]
+    text = (tmp_path / "throughput.md").read_text()
+    assert "- decode_heavy @ 1 (invocation 0): 0.990, 0.980; mean 0.985, range 0.980-0.990" in text
+    assert "--paired" in json.loads((tmp_path / "throughput.json").read_text())["invocations"][0]["command"]
+
+
+@pytest.mark.parametrize("extra", [["--repeats", "1"], ["--repeats", "3", "--runs", "plugin"], ["--runs", "stock,gpu"]])
+def test_paired_needs_both_runs_and_two_passes(extra, tmp_path):
+    with pytest.raises(SystemExit):
+        throughput.main(["--model", "m", "--out", str(tmp_path), "--paired", *extra])
