@@ -124,8 +124,9 @@ class CompressedAttentionManager(FullAttentionManager):
             self._reserved[request_id] = new
         self.growth_reserve += new - old
 
-    def _live_tokens(self, request_id: str, num_tokens: int) -> int:
-        return num_tokens - self.evicted_blocks.get(request_id, 0) * self.block_size
+    def _evicted_tokens(self, request_id: str) -> int:
+        # Called for every running request every step (allocate_slots): one lookup per call.
+        return self.evicted_blocks.get(request_id, 0) * self.block_size
 
     def get_num_blocks_to_allocate(
         self,
@@ -136,12 +137,13 @@ class CompressedAttentionManager(FullAttentionManager):
         num_tokens_main_model: int,
         apply_admission_cap: bool = False,
     ) -> int:
+        evicted = self._evicted_tokens(request_id)
         need = super().get_num_blocks_to_allocate(
             request_id,
-            self._live_tokens(request_id, num_tokens),
+            num_tokens - evicted,
             new_computed_blocks,
             total_computed_tokens,
-            self._live_tokens(request_id, num_tokens_main_model),
+            num_tokens_main_model - evicted,
             apply_admission_cap,
         )
         # vLLM's admission gate (KVCacheManager.allocate_slots with full_sequence_must_fit, the
@@ -161,11 +163,8 @@ class CompressedAttentionManager(FullAttentionManager):
         return need + self.growth_reserve
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int) -> list[KVCacheBlock]:
-        blocks = super().allocate_new_blocks(
-            request_id,
-            self._live_tokens(request_id, num_tokens),
-            self._live_tokens(request_id, num_tokens_main_model),
-        )
+        evicted = self._evicted_tokens(request_id)
+        blocks = super().allocate_new_blocks(request_id, num_tokens - evicted, num_tokens_main_model - evicted)
         if blocks:
             self._update_reserve(request_id)
         return blocks
