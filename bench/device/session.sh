@@ -287,20 +287,17 @@ stage_tput_same_batch() {
   # 64 x (1k, 1k) in 5 GiB (both run all 64), plugin at 1024. Decode-heavy: 32 x (16k, 1k) in 20 GiB (stock
   # holds all 32 uncompressed), plugin at 0.2. If the plugin's step is about stock's there, the 1B goals
   # are bounded by how vLLM's own step grows with the batch (docs/LIFETIME-BUDGETS.md, "After the sixth run").
-  (cd "$WORK" && timeout 480 $PY -m bench.throughput --out "$RESULTS/same_batch_long" --work "$WORK/tput" \
-    --runs stock,plugin --cases long_generation --output-len 1024 --budgets 1024 \
-    --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_long.log" \
-    | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
+  same_batch_long same_batch_long tput tput_same_batch_long 1024
   (cd "$WORK" && timeout 600 $PY -m bench.throughput --out "$RESULTS/same_batch_decode" --work "$WORK/tput" \
     --runs stock,plugin --cases decode_heavy --num-prompts 32 --budgets 0.2 \
     --kv-cache-memory-bytes 21474836480 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_decode.log" \
     | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
 }
 same_batch_long() {
-  # $1 results folder, $2 work folder, $3 log name: long generation at the same batch (64 x (1k, 1k) in
-  # 5 GiB, both sides at 64 running), the plugin at 1024 and at 1.0 on one engine
+  # $1 results folder, $2 work folder, $3 log name, $4 the plugin's budgets (default 1024,1.0): long
+  # generation at the same batch (64 x (1k, 1k) in 5 GiB, both sides at 64 running), budgets on one engine
   (cd "$WORK" && timeout 420 $PY -m bench.throughput --out "$RESULTS/$1" --work "$WORK/$2" \
-    --runs stock,plugin --cases long_generation --output-len 1024 --budgets 1024,1.0 \
+    --runs stock,plugin --cases long_generation --output-len 1024 --budgets "${4:-1024,1.0}" \
     --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/$3.log" \
     | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
 }
