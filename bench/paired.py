@@ -3,10 +3,11 @@
 The host's speed drifts by more than the effects measured here: on one idle H200 host, stock's same-batch
 run read 14,699-18,618 tok/s over four invocations 4 minutes apart, and stock's three passes on one
 engine spanned 14% (bench/results/lifetime/h200_same_batch_ab/). Run one after the other, each engine
-meets another host. Here both engines start first (on the same GPU: an idle engine waits on its input
-queue and uses neither the GPU nor a core), then pass k runs stock's workloads and the plugin's back to
-back, stock first in odd passes and the plugin first in even ones (ABBA), so that a drift that is linear
-over two passes cancels in their mean, and pass k's ratio compares two runs seconds apart.
+meets another host. Here both engines start first (on the same GPU; an idle engine blocks on its input
+queue, and each workload's host view, `cpu.host`, would name it if it used a core meanwhile), then
+pass k runs stock's workloads and the plugin's back to back, stock first in odd passes and the plugin
+first in even ones (ABBA), so that a drift that is linear over two passes cancels in their mean, and
+pass k's ratio compares two runs seconds apart.
 
 Each engine lives in its own process (`bench/offline.py --serve`), driven a workload at a time: a JSON
 workload line on its stdin, its result as a JSON line on a pipe of its own (vLLM's logs keep stdout).
