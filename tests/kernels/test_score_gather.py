@@ -188,8 +188,10 @@ def test_rejects_bad_arguments(device):
 @pytest.mark.parametrize("pool", [(7, "max", False), (5, "avg", True), (1, "max", False)])
 def test_fp16_scratch_matches_the_rounded_reference(device, pool):
     """The window sums kept in an fp16 scratch: the kernel against the reference that rounds them the
-    same way before pooling (odd lengths, a one-token sequence, poisoned outputs), closer to it than to
-    the unrounded reference; the rounding is real, and the mass never passes through the scratch."""
+    same way before pooling (odd lengths, a one-token sequence, poisoned outputs); the rounding is real
+    (the output differs from the fp32 scratch's), and the mass never passes through the scratch. Under
+    the interpreter (fp32 dots, errors near 1e-7) the output is also closer to the rounded reference
+    than to the unrounded one; on a GPU the dots' own error (TOL) is of the rounding's size."""
     seq_lens = [1, 45, 130, 70]
     win = [1, 9, 9, 5]
     q, wl, kv, pt, sl = score_inputs(
@@ -202,8 +204,11 @@ def test_fp16_scratch_matches_the_rounded_reference(device, pool):
     rounded = score_gather_reference(q, wl, kv, pt, sl, scratch_dtype=torch.float16, **kw)
     exact = score_gather_reference(q, wl, kv, pt, sl, **kw)
     _check(out, rounded, torch.bfloat16, "fp16 scratch")
-    assert rel_err(out.scores, rounded.scores) < rel_err(out.scores, exact.scores) / 4
+    fp32 = score_gather(q, wl, kv, pt, sl, window_lse=None, **kw)
+    assert not torch.equal(out.scores, fp32.scores)
     assert not torch.equal(rounded.scores, exact.scores) and torch.equal(rounded.mass, exact.mass)
+    if torch.device(device).type == "cpu":
+        assert rel_err(out.scores, rounded.scores) < rel_err(out.scores, exact.scores) / 4
     for r, L in enumerate(seq_lens):
         assert torch.all(out.scores[r, :, L:] == float("-inf")) and torch.all(torch.isfinite(out.scores[r, :, :L]))
 
