@@ -30,6 +30,8 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -355,12 +357,18 @@ def repeat_lines(cases: list[dict]) -> list[str]:
             groups.setdefault(key, []).append(c["ratio_output_tok_s"])
     if not groups:
         return []
-    lines = ["", "Repeated passes on the same engines (ratio of pass k against stock's pass k):"]
+    lines = [
+        "",
+        "Repeated passes on the same engines (ratio of pass k against stock's pass k; the standard error "
+        "of the mean, sd / sqrt(passes), says how small an overhead the passes can resolve):",
+    ]
     for (case, budget, _, invocation), ratios in groups.items():
+        sem = statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1 else float("nan")
         lines.append(
             f"- {case} @ {budget:g} (invocation {invocation}): "
             + ", ".join(f"{r:.3f}" for r in ratios)
-            + f"; mean {sum(ratios) / len(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}"
+            + f"; mean {statistics.fmean(ratios):.3f} (standard error {sem:.3f}), "
+            + f"range {min(ratios):.3f}-{max(ratios):.3f}"
         )
     return lines
 

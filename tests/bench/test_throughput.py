@@ -376,7 +376,9 @@ def test_repeated_passes_compare_pass_k_of_the_plugin_with_pass_k_of_stock():
     assert ratios == pytest.approx([p / s for p, s in zip(plugin_rates, stock_rates, strict=True)])
     assert [c["base_case"] for c in summary["cases"]] == ["decode_heavy"] * 3
     text = throughput.markdown(summary)
-    assert "- decode_heavy @ 1 (invocation None): 0.970, 0.990, 1.009; mean 0.990, range 0.970-1.009" in text
+    # sd of (0.97, 0.990099, 1.009091) is 0.0195: standard error 0.0195 / sqrt(3) = 0.011
+    expected = "- decode_heavy @ 1 (invocation None): 0.970, 0.990, 1.009; mean 0.990 (standard error 0.011), "
+    assert expected + "range 0.970-1.009" in text
 
 
 def test_paired_runs_both_engines_through_bench_paired_and_compares_pass_by_pass(monkeypatch, tmp_path):
@@ -406,7 +408,7 @@ def test_paired_runs_both_engines_through_bench_paired_and_compares_pass_by_pass
     assert throughput.main([*argv, "--repeats", "2", "--paired"]) == 0
     assert calls == [(["stock", "plugin"], 500.0, True)]
     text = (tmp_path / "throughput.md").read_text()
-    assert "- decode_heavy @ 1 (invocation 0): 0.990, 0.980; mean 0.985, range 0.980-0.990" in text
+    assert "- decode_heavy @ 1 (invocation 0): 0.990, 0.980; mean 0.985 (standard error 0.005), range 0.980" in text
     assert "--paired" in json.loads((tmp_path / "throughput.json").read_text())["invocations"][0]["command"]
 
 
