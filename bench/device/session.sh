@@ -256,9 +256,7 @@ stage_tput_overhead_repeat() {
   # budget 1.0's overhead as three passes on each engine (pass k of the plugin against pass k of stock,
   # bench.throughput --repeats): the spread between passes is what a 1% claim must be read against.
   # 32 decode-heavy requests in 4 GiB, with the ring (--evict-every), about 4 minutes
-  (cd "$WORK" && timeout 540 $PY -m bench.throughput --out "$RESULTS/overhead_repeat" --work "$WORK/tput" \
-    --runs stock,plugin --cases decode_heavy --num-prompts 32 --budgets 1.0 --repeats 3 $LIFETIME 2>&1 \
-    | tee "$LOGS/tput_overhead_repeat.log" | grep -E "^\[throughput\]|^- decode|Error|error" | tail -12)
+  overhead_passes overhead_repeat tput_overhead_repeat --repeats 3
 }
 stage_step_profile() {
   # where a decode step's time goes (GPU busy vs idle, top kernels), stock against the plugin, under vLLM's
@@ -294,12 +292,20 @@ stage_tput_same_batch() {
     | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
 }
 same_batch_long() {
-  # $1 results folder, $2 work folder, $3 log name, $4 the plugin's budgets (default 1024,1.0): long
-  # generation at the same batch (64 x (1k, 1k) in 5 GiB, both sides at 64 running), budgets on one engine
+  # $1 results folder, $2 work folder, $3 log name, $4 the plugin's budgets (default 1024,1.0), then any
+  # more bench.throughput flags: long generation at the same batch (64 x (1k, 1k) in 5 GiB, both sides at
+  # 64 running), budgets on one engine
   (cd "$WORK" && timeout 420 $PY -m bench.throughput --out "$RESULTS/$1" --work "$WORK/$2" \
-    --runs stock,plugin --cases long_generation --output-len 1024 --budgets "${4:-1024,1.0}" \
+    --runs stock,plugin --cases long_generation --output-len 1024 --budgets "${4:-1024,1.0}" "${@:5}" \
     --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/$3.log" \
-    | grep -E "^\[throughput\]|^\||Error|error" | tail -8)
+    | grep -E "^\[throughput\]|^\||^- |Error|error" | tail -12)
+}
+overhead_passes() {
+  # $1 results folder, $2 log name, then bench.throughput flags (--repeats N, --paired): budget 1.0's
+  # overhead in repeated passes, 32 decode-heavy requests in 4 GiB with the ring (--evict-every)
+  (cd "$WORK" && timeout 540 $PY -m bench.throughput --out "$RESULTS/$1" --work "$WORK/tput" \
+    --runs stock,plugin --cases decode_heavy --num-prompts 32 --budgets 1.0 "${@:3}" $LIFETIME 2>&1 \
+    | tee "$LOGS/$2.log" | grep -E "^\[throughput\]|^- |Error|error" | tail -12)
 }
 stage_tput_same_batch_cpu() {
   # with each run's CPU seconds per thread and the whole host's (bench/thread_cpu.py): which thread holds the step
@@ -319,13 +325,8 @@ stage_tput_paired() {
   # than these effects: bench/results/lifetime/h200_same_batch_ab/). The same batch (64 x (1k, 1k) in
   # 5 GiB, 1024 and 1.0; 6 passes, about 3 minutes), then budget 1.0's overhead (decode-heavy, 32 in
   # 4 GiB; 4 passes, about 5 minutes)
-  (cd "$WORK" && timeout 420 $PY -m bench.throughput --out "$RESULTS/same_batch_paired" --work "$WORK/tput" \
-    --runs stock,plugin --cases long_generation --output-len 1024 --budgets 1024,1.0 --repeats 6 --paired \
-    --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/tput_same_batch_paired.log" \
-    | grep -E "^\[throughput\]|^- |Error|error" | tail -12)
-  (cd "$WORK" && timeout 540 $PY -m bench.throughput --out "$RESULTS/overhead_paired" --work "$WORK/tput" \
-    --runs stock,plugin --cases decode_heavy --num-prompts 32 --budgets 1.0 --repeats 4 --paired $LIFETIME 2>&1 \
-    | tee "$LOGS/tput_overhead_paired.log" | grep -E "^\[throughput\]|^- |Error|error" | tail -12)
+  same_batch_long same_batch_paired tput tput_same_batch_paired 1024,1.0 --repeats 6 --paired
+  overhead_passes overhead_paired tput_overhead_paired --repeats 4 --paired
 }
 stage_after_tput_long() {
   # hold this job until job A's first stage (its long-generation or decode-heavy run) is over: the compile-heavy
