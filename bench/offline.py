@@ -333,8 +333,7 @@ def run(spec: dict, result_path: Path | None = None) -> dict:
     if spec.get("profile"):  # the window starts `delay` steps into the first workload
         llm.start_profile()
     for workload in workloads:
-        want_tokens = workload.get("return_tokens", spec.get("return_tokens", False))
-        measured = run_workload(llm, workload, plugin=plugin, metrics_port=port, return_tokens=want_tokens)
+        measured = measure(llm, spec, workload, plugin, port)
         result["workloads"].append(measured)
         if result_path is not None:
             Path(result_path).write_text(json.dumps(result))
@@ -357,10 +356,14 @@ def serve(spec: dict, commands, results) -> None:
     for line in commands:
         if line.strip() == "stop":
             break
-        workload = json.loads(line)
-        want_tokens = workload.get("return_tokens", spec.get("return_tokens", False))
-        _send(results, run_workload(llm, workload, plugin=plugin, metrics_port=port, return_tokens=want_tokens))
+        _send(results, measure(llm, spec, json.loads(line), plugin, port))
     llm.llm_engine.engine_core.shutdown()
+
+
+def measure(llm, spec: dict, workload: dict, plugin: bool, port: int | None) -> dict:
+    """`run_workload` with the tokens returned if the workload (or else the spec) asks for them."""
+    want_tokens = workload.get("return_tokens", spec.get("return_tokens", False))
+    return run_workload(llm, workload, plugin=plugin, metrics_port=port, return_tokens=want_tokens)
 
 
 def _send(stream, message: dict) -> None:

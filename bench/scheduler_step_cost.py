@@ -79,10 +79,9 @@ def make_scheduler(config_bytes: bytes, num_blocks: int, plugin: bool):
     spec_cls = CompressedAttentionSpec if plugin else FullAttentionSpec
     spec = spec_cls(block_size=BS, num_kv_heads=8, head_size=64, dtype=torch.bfloat16)
     names = [f"model.layers.{i}.self_attn.attn" for i in range(16)]
-    blocks = config.cache_config.num_gpu_blocks
     kv = KVCacheConfig(
-        num_blocks=blocks,
-        kv_cache_tensors=[KVCacheTensor(size=spec.page_size_bytes * blocks, shared_by=[n]) for n in names],
+        num_blocks=num_blocks,
+        kv_cache_tensors=[KVCacheTensor(size=spec.page_size_bytes * num_blocks, shared_by=[n]) for n in names],
         kv_cache_groups=[KVCacheGroupSpec(names, spec)],
     )
     cls = AsyncCompressionScheduler if plugin else AsyncScheduler
