@@ -138,13 +138,6 @@ AUTOTUNED = {
 }
 
 
-def kept_overlap(a: torch.Tensor, b: torch.Tensor, S: int) -> float:
-    """The share of kept positions two selections [R, Hkv, keep] (each position once per row) agree on."""
-    mask_a = torch.zeros(*a.shape[:2], S, dtype=torch.bool, device=a.device).scatter_(2, a.long(), True)
-    mask_b = torch.zeros_like(mask_a).scatter_(2, b.long(), True)
-    return float((mask_a & mask_b).sum() / mask_a.sum())
-
-
 def report_launch_configs(tuned):
     """The config each autotuned score_gather kernel runs with; with --tune, every candidate's time."""
     chosen = {}
@@ -246,13 +239,9 @@ def main():
     kw = dict(scale=scale, pool_kernel=args.pool, pool_type="max", square=False, max_seq_len=S)
     out1 = score_gather(q, wl, kv, pt, sl, window_lse=lse, **kw)
     out2 = score_gather(q, wl, kv, pt, sl, window_lse=None, **kw)
-    # the window sums in an fp16 scratch (half its bytes; serving keeps fp32): its error and, below, its
-    # time and how many kept tokens it changes at --budget
-    out3 = score_gather(q, wl, kv, pt, sl, window_lse=lse, scratch_dtype=torch.float16, **kw)
     errs = {
         "score_gather": (rel(out1.scores, ref_scores), rel(out1.mass, ref_mass)),
         "score_gather_two_pass": (rel(out2.scores, ref_scores), rel(out2.mass, ref_mass)),
-        "score_gather_fp16_scratch": (rel(out3.scores, ref_scores), rel(out3.mass, ref_mass)),
     }
     for k, (es, em) in errs.items():
         print(f"check {k}: rel err scores {es:.2e}, mass {em:.2e}", flush=True)
@@ -272,14 +261,8 @@ def main():
     t_torch = median_ms(lambda: torch_scores(q, kv, pt, S, scale, args.pool), warmup=5, rep=100)
     print(f"torch scores (bf16 matmul): {t_torch:.3f} ms", flush=True)
     shape = f"R={R} S={S} Hkv={Hkv} Hq={Hq} D={D} W={W} block={bs} bf16 pool={args.pool} max"
-    variants = (
-        ("score_gather", lse, torch.float32),
-        ("score_gather_two_pass", None, torch.float32),
-        ("score_gather_fp16_scratch", lse, torch.float16),
-    )
-    for name, lse_arg, scratch in variants:
-        call = functools.partial(score_gather, q, wl, kv, pt, sl, window_lse=lse_arg, scratch_dtype=scratch, **kw)
-        ms = median_ms(call)
+    for name, lse_arg in (("score_gather", lse), ("score_gather_two_pass", None)):
+        ms = median_ms(functools.partial(score_gather, q, wl, kv, pt, sl, window_lse=lse_arg, **kw))
         gbps = key_bytes / ms / 1e6
         results.append(
             dict(
@@ -304,10 +287,6 @@ def main():
     sel_ms = median_ms(
         lambda: select_keep_indices(out1.scores, sl, kc, args.sinks, args.recent, max_keep=keep, validate=False)
     )
-    keep_fp16 = select_keep_indices(out3.scores, sl, kc, args.sinks, args.recent, max_keep=keep)
-    kept_same = kept_overlap(keep_idx[:, :, :keep], keep_fp16[:, :, :keep], S)
-    next(r for r in results if r["name"] == "score_gather_fp16_scratch")["kept_overlap_with_fp32"] = kept_same
-    print(f"fp16 scratch: {kept_same:.4%} of the tokens kept at budget {args.budget} are the fp32 path's", flush=True)
     a = kv.clone()
     b = kv.clone()
     compact_kv_(a, pt, keep_idx, kc, seq_lens=sl, validate=True)

@@ -136,7 +136,6 @@ def window_scores_reference(
     pool_kernel: int,
     pool_type: str,
     square: bool,
-    scratch_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SnapKV-style observation-window scores of one request.
 
@@ -150,8 +149,6 @@ def window_scores_reference(
     * ``scores[g] = sum_{h in group g} pool(a_h)`` (max or avg, odd kernel,
       centred, valid positions only; avg divides by the kernel size);
     * ``mass[g] = sum_{h in group g} sum_i probs[h, i]`` (unpooled, unsquared).
-
-    ``scratch_dtype``: ``a_h`` rounded to it before pooling, as the kernel's scratch stores it (fp16).
     """
     if pool_type not in ("max", "avg"):
         raise ValueError(f"pool_type must be 'max' or 'avg', got {pool_type!r}")
@@ -162,8 +159,6 @@ def window_scores_reference(
     probs = torch.softmax(logits, dim=-1)  # [Hq, W, P]; non-causal entries are exactly 0
     mass_h = probs.sum(dim=1)  # [Hq, P]
     a = (probs * probs).sum(dim=1) if square else mass_h
-    if scratch_dtype != torch.float32:  # (fp32 scratch: the float64 reference stays unrounded)
-        a = a.to(scratch_dtype).to(a.dtype)
     pooled = _pool1d(a, pool_kernel, pool_type)  # [Hq, P]
     scores = pooled.reshape(Hkv, G, P).sum(dim=1)
     mass = mass_h.reshape(Hkv, G, P).sum(dim=1)
@@ -182,7 +177,6 @@ def score_gather_reference(
     pool_type: str,
     square: bool,
     max_seq_len: int | None = None,
-    scratch_dtype: torch.dtype = torch.float32,
 ) -> ScoreOutput:
     """Batched reference with the same contract as ``score_gather``.
 
@@ -202,9 +196,8 @@ def score_gather_reference(
             continue
         keys = gather_keys(kv_cache, page_table[r], L)
         s, m = window_scores_reference(
-            window_queries[r, :w], keys, scale=scale, pool_kernel=pool_kernel, pool_type=pool_type, square=square,
-            scratch_dtype=scratch_dtype,
-        )  # fmt: skip
+            window_queries[r, :w], keys, scale=scale, pool_kernel=pool_kernel, pool_type=pool_type, square=square
+        )
         scores[r, :, :L] = s
         mass[r, :, :L] = m
     return ScoreOutput(scores, mass)

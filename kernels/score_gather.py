@@ -27,11 +27,6 @@ from .reference import ScoreOutput, score_gather_reference
 from .score_gather_configs import LSE_CONFIGS, LSE_SPLIT, WINDOW_SUM_CONFIGS, fit_dot_launch
 from .score_gather_kernels import LN2, LOG2E, lse_partial_kernel, pool_gqa_kernel, window_sum_kernel
 
-# dtypes of the window-sum scratch (score_gather's `scratch_dtype`); fp32 is what serving uses. Not bf16:
-# the sums are probability sums in [0, W], which fp16 holds with 3 more mantissa bits (and Triton's
-# interpreter truncates fp32 -> bf16 where the GPU rounds to nearest, so CPU tests could not check it)
-SCRATCH_DTYPES = (torch.float32, torch.float16)
-
 __all__ = ["score_gather", "ScoreOutput"]
 
 
@@ -186,7 +181,6 @@ def score_gather(
     tiles_per_program: int | None = None,
     validate: bool = False,
     out: ScoreOutput | tuple[torch.Tensor, torch.Tensor] | None = None,
-    scratch_dtype: torch.dtype = torch.float32,
 ) -> ScoreOutput:
     """SnapKV window scores of R requests read from the paged KV cache.
 
@@ -214,21 +208,12 @@ def score_gather(
         validate: check the index preconditions on the host (syncs).
         out: optional preallocated ``(scores, mass)``, each contiguous fp32
             ``[R, Hkv, S]``; every element is overwritten.
-        scratch_dtype: dtype of the per-query-head window sums ``[R, Hq, S]``
-            that the window-sum pass writes and the pooling pass reads (fp32;
-            fp16 halves those bytes, the largest share of score-gather's
-            traffic besides the keys, and rounds each sum before pooling, to
-            11 significant bits, and sums under 6.1e-5 to a multiple of 6e-8:
-            near ties may rank differently, so serving keeps fp32 until
-            kept-token quality is measured with fp16 on both real models).
 
     Returns:
         ``ScoreOutput(scores [R, Hkv, S] fp32, mass [R, Hkv, S] fp32)``; every
         element is written (``-inf`` / ``0`` at ``t >= seq_lens[r]``).
     """
     shp = _check_args(window_queries, kv_cache, page_table, seq_lens, pool_kernel, pool_type, max_seq_len)
-    if scratch_dtype not in SCRATCH_DTYPES:
-        raise ValueError(f"scratch_dtype must be one of {SCRATCH_DTYPES}, got {scratch_dtype}")
     if validate:
         _validate(shp, window_lens, seq_lens, page_table, window_lse)
     dev = window_queries.device
@@ -238,7 +223,6 @@ def score_gather(
         ref = score_gather_reference(
             window_queries, window_lens, kv_cache, page_table, seq_lens,
             scale=scale, pool_kernel=pool_kernel, pool_type=pool_type, square=square, max_seq_len=shp.S,
-            scratch_dtype=scratch_dtype,
         )  # fmt: skip
         scores.copy_(ref.scores)
         mass.copy_(ref.mass)
@@ -262,7 +246,7 @@ def score_gather(
         lse_args = _lse_pass(shp, til, head, scale_log2e, meta, esize, dev)
     else:
         lse_args = _given_lse(window_lse, shp)
-    a = torch.empty((shp.R, shp.Hq, shp.S), dtype=scratch_dtype, device=dev)  # stores round to it; pooling is fp32
+    a = torch.empty((shp.R, shp.Hq, shp.S), dtype=torch.float32, device=dev)
     ws_args = (*head, *lse_args, a, mass, shp.S, scale_log2e)
     _window_sums(shp, til, ws_args, dict(meta, BG=til.BG, SQUARE=bool(square)), esize)
     pool_gqa_kernel[lambda cfg: (triton.cdiv(shp.S, cfg["BT"]), shp.Hkv, shp.R)](
