@@ -295,7 +295,8 @@ same_batch_long() {
   # $1 results folder, $2 work folder, $3 log name, $4 the plugin's budgets (default 1024,1.0), then any
   # more bench.throughput flags: long generation at the same batch (64 x (1k, 1k) in 5 GiB, both sides at
   # 64 running), budgets on one engine
-  (cd "$WORK" && timeout 420 $PY -m bench.throughput --out "$RESULTS/$1" --work "$WORK/$2" \
+  # (RUNNER: a command that runs it, e.g. py-spy's `record ... --`)
+  (cd "$WORK" && timeout 420 ${RUNNER:-} $PY -m bench.throughput --out "$RESULTS/$1" --work "$WORK/$2" \
     --runs stock,plugin --cases long_generation --output-len 1024 --budgets "${4:-1024,1.0}" "${@:5}" \
     --kv-cache-memory-bytes 5368709120 $LIFETIME 2>&1 | tee "$LOGS/$3.log" \
     | grep -E "^\[throughput\]|^\||^- |Error|error" | tail -12)
@@ -327,6 +328,19 @@ stage_tput_paired() {
   # 4 GiB; 4 passes, about 5 minutes)
   same_batch_long same_batch_paired tput tput_same_batch_paired 1024,1.0 --repeats 6 --paired
   overhead_passes overhead_paired tput_overhead_paired --repeats 4 --paired
+}
+stage_stack_profile_paired() {
+  # where each engine's host time goes at the same batch (64 x (1k, 1k) in 5 GiB, the plugin at 1024, 3
+  # passes each, paired): py-spy samples both engine processes from outside, never pausing them
+  # (bench/stack_profile.py). py-spy: its wheel unzipped into $PYSPY_DIR beforehand (no network there)
+  local spy
+  spy=$(ls "${PYSPY_DIR:-/tmp/pyspy}"/*.data/scripts/py-spy 2>/dev/null | head -n 1)
+  [ -n "$spy" ] || { echo "stack_profile_paired: no py-spy in ${PYSPY_DIR:-/tmp/pyspy}"; return 1; }
+  chmod +x "$spy" && mkdir -p "$RESULTS/stack_profile_paired"
+  RUNNER="$spy record --subprocesses --nonblocking -r 1000 -f raw -o $RESULTS/stack_profile_paired/stacks.txt --" \
+    same_batch_long stack_profile_paired tput tput_stack_profile_paired 1024 --repeats 3 --paired
+  (cd "$WORK" && $PY -m bench.stack_profile "$RESULTS/stack_profile_paired/stacks.txt" \
+    --out "$RESULTS/stack_profile_paired/stack_profile.json" > /dev/null && gzip -f "$RESULTS/stack_profile_paired/stacks.txt")
 }
 stage_after_tput_long() {
   # hold this job until job A's first stage (its long-generation or decode-heavy run) is over: the compile-heavy
