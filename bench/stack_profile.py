@@ -29,19 +29,29 @@ from bench.offline import write_json
 PROCESS = re.compile(r'^process (\d+):"?')
 FRAME = re.compile(r"^(?P<function>.+?) \((?P<file>[^():]+)(?::\d+)?\)$")
 BUSY_LOOP = "run_busy_loop"
-# The parts of an engine step named by the functions that run them (vLLM 0.25.1 and the plugin).
+# The parts of an engine step, by the function that runs them and its file (vLLM 0.25.1 and the plugin).
+# py-spy names methods `Class.method`: a phase matches `method` or any `Class.method` in that file.
 PHASES = {
-    "schedule": "schedule (vllm/v1/core/sched/scheduler.py)",
-    "update_from_output": "update_from_output (vllm/v1/core/sched/scheduler.py)",
-    "execute_model": "execute_model (vllm/v1/worker/gpu/model_runner.py)",
-    "sample_tokens": "sample_tokens (vllm/v1/worker/gpu/model_runner.py)",
-    "kvcomp_begin_step": "begin_step (vllm_kvcomp/engine/runtime.py)",
-    "kvcomp_layer_tables": "layer_tables (vllm_kvcomp/engine/runtime.py)",
-    "kvcomp_end_step": "end_step (vllm_kvcomp/engine/runtime.py)",
-    "kvcomp_decode_evictions": "evict (vllm_kvcomp/engine/decode_eviction.py)",
-    "kvcomp_plan_ahead": "plan_ahead (vllm_kvcomp/engine/decode_planning.py)",
-    "kvcomp_scheduler_report": "apply_compression_report (vllm_kvcomp/engine/scheduler.py)",
+    "schedule": ("schedule", "vllm/v1/core/sched/scheduler.py"),
+    "update_from_output": ("update_from_output", "vllm/v1/core/sched/scheduler.py"),
+    "execute_model": ("execute_model", "vllm/v1/worker/gpu/model_runner.py"),
+    "sample_tokens": ("sample_tokens", "vllm/v1/worker/gpu/model_runner.py"),
+    "kvcomp_begin_step": ("begin_step", "vllm_kvcomp/engine/runtime.py"),
+    "kvcomp_layer_tables": ("layer_tables", "vllm_kvcomp/engine/runtime.py"),
+    "kvcomp_end_step": ("end_step", "vllm_kvcomp/engine/runtime.py"),
+    "kvcomp_decode_evictions": ("evict", "vllm_kvcomp/engine/decode_eviction.py"),
+    "kvcomp_plan_ahead": ("plan_ahead", "vllm_kvcomp/engine/decode_planning.py"),
+    "kvcomp_scheduler_report": ("apply_compression_report", "vllm_kvcomp/engine/scheduler.py"),
 }
+
+
+def is_function(key: str, function: str, file: str | None = None) -> bool:
+    """Whether a frame key (`frame_key`) is `function`, or a method of that name, in `file` (any file
+    if None)."""
+    name, _, rest = key.partition(" (")
+    if name != function and not name.endswith("." + function):
+        return False
+    return file is None or rest == file + ")"
 
 
 def frame_key(frame: str) -> str:
@@ -99,24 +109,33 @@ def summarize_process(stacks: list[tuple[list[str], int]], top: int = 60) -> dic
     """Shares of an engine process's busy-loop samples; None if it never ran the busy loop."""
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
+    busy_stacks: list[tuple[set[str], int]] = []
     busy, plugin = 0, False
     for frames, count in stacks:
         keys = [frame_key(frame) for frame in frames]
         plugin = plugin or any("vllm_kvcomp/" in key for key in keys)
-        if not any(key.startswith(BUSY_LOOP + " ") for key in keys):
+        if not any(is_function(key, BUSY_LOOP) for key in keys):
             continue
         busy += count
-        for key in set(keys):
+        busy_stacks.append((set(keys), count))
+        for key in busy_stacks[-1][0]:
             inclusive[key] += count
         if keys:
             own[keys[-1]] += count
     if not busy:
         return None
     share = {key: count / busy for key, count in inclusive.most_common(top)}
+    phases = {}
+    for phase, (function, file) in PHASES.items():
+        # a sample counts once per phase, even where two matching frames are nested (a subclass's
+        # method calling its base's: the plugin's update_from_output calls vLLM's)
+        keys = {key for key in inclusive if is_function(key, function, file)}
+        if keys:
+            phases[phase] = sum(count for frames, count in busy_stacks if keys & frames) / busy
     return {
         "label": "plugin" if plugin else "stock",
         "busy_loop_samples": busy,
-        "phases": {name: inclusive[key] / busy for name, key in PHASES.items() if key in inclusive},
+        "phases": phases,
         "inclusive": share,
         "self": {key: count / busy for key, count in own.most_common(top)},
     }

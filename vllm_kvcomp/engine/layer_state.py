@@ -49,7 +49,10 @@ class LayerPageState:
         if self._pending_resets:
             index = to_device(np.array(sorted(self._pending_resets), dtype=np.int64), self.device)
             for tensor in (self.layouts.compact_pages, self.layouts.entry_offsets, self.layouts.shift_pages):
-                tensor[index] = 0
+                # index_fill_ takes the 0 as a kernel argument; `tensor[index] = 0` made it a CPU tensor
+                # copied to the GPU from pageable memory, a copy that waits for the queued step
+                # (bench/results/lifetime/h200_stack_profile/)
+                tensor.index_fill_(0, index, 0)
             self._pending_resets.clear()
 
     def build(
