@@ -141,11 +141,30 @@ def summarize_process(stacks: list[tuple[list[str], int]], top: int = 60) -> dic
     }
 
 
-def summarize(text: str, top: int = 60) -> dict:
+def callees(stacks: list[tuple[list[str], int]], function: str, file: str | None = None) -> dict[str, int]:
+    """Busy-loop samples under `function` (its outermost frame), by the frame it called (`<self>`: none)."""
+    counts: Counter[str] = Counter()
+    for frames, count in stacks:
+        keys = [frame_key(frame) for frame in frames]
+        if not any(is_function(key, BUSY_LOOP) for key in keys):
+            continue
+        at = next((i for i, key in enumerate(keys) if is_function(key, function, file)), None)
+        if at is not None:
+            counts[keys[at + 1] if at + 1 < len(keys) else "<self>"] += count
+    return dict(counts.most_common())
+
+
+def summarize(text: str, top: int = 60, expand: list[str] = ()) -> dict:
+    """Per engine process: `summarize_process`, plus `callees` of each `function` or `function@file`
+    of `expand`."""
     engines = {}
     for pid, stacks in sorted(parse(text).items()):
         summary = summarize_process(stacks, top)
         if summary is not None:
+            targets = [name.partition("@") for name in expand]
+            summary["callees"] = {
+                name: callees(stacks, fn, file or None) for name, (fn, _, file) in zip(expand, targets)
+            }
             engines[str(pid)] = summary
     return {"engines": engines}
 
@@ -154,9 +173,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.stack_profile", description=__doc__.split("\n")[0])
     parser.add_argument("raw", type=Path, help="py-spy record -f raw output")
     parser.add_argument("--top", type=int, default=60, help="functions listed per engine")
+    parser.add_argument(
+        "--expand", default="", help="comma-separated functions (`name` or `name@file`) whose callees are listed"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    write_json(summarize(args.raw.read_text(errors="replace"), args.top), args.out)
+    expand = [name for name in args.expand.split(",") if name]
+    write_json(summarize(args.raw.read_text(errors="replace"), args.top, expand), args.out)
     return 0
 
 

@@ -59,3 +59,14 @@ def test_frame_keys_drop_lines_and_install_prefixes():
     assert frame_key(BEGIN) == "begin_step (vllm_kvcomp/engine/runtime.py)"
     assert frame_key("<module> (t.py:6)") == "<module> (t.py)"
     assert frame_key("thread (0x7f)") == "thread (0x7f)"
+
+
+def test_callees_split_a_function_by_what_it_called():
+    engines = summarize(RAW, expand=["execute_model@vllm/v1/worker/gpu/model_runner.py", "schedule"])["engines"]
+    plugin = engines["300"]["callees"]
+    assert plugin["execute_model@vllm/v1/worker/gpu/model_runner.py"] == {
+        "<self>": 50,
+        "begin_step (vllm_kvcomp/engine/runtime.py)": 20,
+    }
+    assert plugin["schedule"] == {"<self>": 30}
+    assert engines["200"]["callees"]["execute_model@vllm/v1/worker/gpu/model_runner.py"] == {"<self>": 70}
