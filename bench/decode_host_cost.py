@@ -46,6 +46,11 @@ except ImportError:  # pragma: no cover - older checkouts
 from vllm_kvcomp.engine.layout import cdiv
 from vllm_kvcomp.engine.reeviction import RequestLayout, plan_reeviction
 
+try:  # plans of shapes seen before, moved (2026-12-02); before it every plan was made
+    from vllm_kvcomp.engine.plan_cache import PlanCache
+except ImportError:  # pragma: no cover - older checkouts
+    PlanCache = None  # type: ignore[assignment,misc]
+
 try:  # absent before the compaction rows were vectorised (then that stage is not timed)
     from vllm_kvcomp.engine.executor import compaction_rows
 except ImportError:  # pragma: no cover - older checkouts
@@ -60,6 +65,8 @@ def replay(args) -> dict[str, list[float]]:
     row = list(range(1, cdiv(args.prompt, bs) + 1))
     next_id, seq_len = len(row) + 1, args.prompt
     times: dict[str, list[float]] = defaultdict(list)
+    # as DecodePlanner plans (through its cache, where the checkout has one); --no-plan-cache: every plan made
+    make_plan = PlanCache().plan if PlanCache is not None and args.plan_cache else plan_reeviction
 
     def timed(stage, fn, *a):
         start = time.perf_counter()
@@ -79,7 +86,7 @@ def replay(args) -> dict[str, list[float]]:
             row.append(next_id)
             next_id += 1
         budgets = timed("budgets", decode_budgets, ratios, config, seq_len)
-        plan = timed("plan", plan_reeviction, layout, budgets, seq_len, config.num_sinks, config.num_recent)
+        plan = timed("plan", make_plan, layout, budgets, seq_len, config.num_sinks, config.num_recent)
         if plan is None:
             continue
         if hasattr(plan, "precompute"):  # with the plan, in the step that plans ahead
@@ -199,6 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--evict-every", type=int, default=128)
     parser.add_argument("--requests", type=int, default=64, help="due together: the round the GPU waits for")
     parser.add_argument("--repeats", type=int, default=3, help="lives replayed; the fastest is reported")
+    parser.add_argument(
+        "--no-plan-cache", dest="plan_cache", action="store_false", help="make every plan (as before PlanCache)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     from bench.offline import bench_header, cpu_name, write_json

@@ -24,3 +24,16 @@ def test_a_whole_life_is_replayed_eviction_by_eviction(tmp_path, monkeypatch):
     per_step = result["us_per_step"]
     assert set(per_step) == {f"budget {b}, {r} running" for b, r in (("1.0", 7), ("1.0", 64), ("0.2", 64), ("128", 64))}
     assert all(0 < v < 1e5 for v in per_step.values())
+
+
+def test_the_same_life_with_every_plan_made(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCOMP_COMMIT", "feed123")
+    args = ["--layers", "4", "--prompt", "256", "--output", "512", "--budget", "128", "--evict-every", "64"]
+    results = []
+    for extra in ([], ["--no-plan-cache"]):
+        out = tmp_path / f"cost{len(extra)}.json"
+        assert main([*args, "--requests", "4", "--repeats", "1", *extra, "--out", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    cached, made = results
+    assert cached["evictions"] == made["evictions"] == 512 // 64
+    assert cached["setup"]["plan_cache"] is True and made["setup"]["plan_cache"] is False

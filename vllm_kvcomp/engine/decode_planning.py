@@ -18,7 +18,8 @@ import numpy as np
 
 from vllm_kvcomp.config import CompressionConfig
 from vllm_kvcomp.engine.layout import cdiv
-from vllm_kvcomp.engine.reeviction import ReevictionPlan, RequestLayout, plan_reeviction
+from vllm_kvcomp.engine.plan_cache import PlanCache
+from vllm_kvcomp.engine.reeviction import ReevictionPlan, RequestLayout
 from vllm_kvcomp.engine.requests import DecodeState, TrackedRequest
 from vllm_kvcomp.policies.base import allocate
 
@@ -79,12 +80,15 @@ class DecodePlanner:
     def __init__(self, runtime: CompressionRuntime) -> None:
         self.rt = runtime
         self._cursor = 0  # plan_ahead's place in the stepped requests
+        # Plans of shapes seen before, moved along the row (engine/plan_cache.py): under an integer
+        # budget every eviction after a request's first is one.
+        self.cache = PlanCache()
 
     def plan(self, req: TrackedRequest, seq_len: int) -> ReevictionPlan | None:
         """Its eviction at context `seq_len` from its current layout (None: nothing to free)."""
         config, state = req.config or self.rt.config, decode_state(req)
         budgets = decode_budgets(state.ratios, config, seq_len)
-        return plan_reeviction(state.layout, budgets, seq_len, config.num_sinks, config.num_recent)
+        return self.cache.plan(state.layout, budgets, seq_len, config.num_sinks, config.num_recent)
 
     def plans(self, reqs: list[TrackedRequest]) -> list[ReevictionPlan | None]:
         """The plans of requests due now: made ahead where they still hold, else made now."""
