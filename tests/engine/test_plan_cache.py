@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -115,3 +116,12 @@ def test_with_tail_shares_only_tail_free_arrays():
     moved = with_tail(after, after.tail_block + 5)
     assert moved.entry_array is after.entry_array and moved.entry_offsets is after.entry_offsets
     np.testing.assert_array_equal(moved.shift_pages, after.shift_pages + 5)
+    assert moved == RequestLayout(4, after.compact_pages, after.kept_blocks, after.tail_block + 5, after.homes)
+
+
+def test_with_tail_refuses_a_tail_before_the_kept_rows_or_pages():
+    layout = RequestLayout(4, np.array([3, 1]), 2, 6, np.array([[0, 0], [1, 0], [0, 1], [1, 1]]))
+    assert with_tail(layout, 3).tail_block == 3
+    for tail in (2, 1):  # below c_0 = 3, below K = 2
+        with pytest.raises(ValueError):
+            with_tail(layout, tail)

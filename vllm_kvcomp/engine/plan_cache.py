@@ -18,6 +18,7 @@ the budget grows with S and each plan is made.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import fields
 
 import numpy as np
 
@@ -87,8 +88,16 @@ def moved(plan: ReevictionPlan, before: RequestLayout, seq_len: int) -> Reevicti
 
 
 def with_tail(layout: RequestLayout, tail_block: int) -> RequestLayout:
-    """The same compacted pages with the tail at row `tail_block`; shares the tail-free cached arrays."""
-    out = RequestLayout(layout.block_size, layout.compact_pages, layout.kept_blocks, tail_block, layout.homes)
+    """The same compacted pages with the tail at row `tail_block`; shares the tail-free cached arrays.
+
+    Of `RequestLayout`'s checks only those that involve the tail run again (K <= B, c <= B): the others
+    (homes' shape, bounds and uniqueness) held for `layout` and read nothing that moved. They were half
+    of the time of a moved plan."""
+    if tail_block < layout.kept_blocks or tail_block < int(layout.compact_pages.max(initial=0)):
+        raise ValueError(f"need K ({layout.kept_blocks}) <= B ({tail_block}) and c <= B")
+    out = object.__new__(RequestLayout)  # the fields as __init__ sets them, without __post_init__
+    out.__dict__.update({field.name: getattr(layout, field.name) for field in fields(RequestLayout)})
+    out.__dict__["tail_block"] = tail_block
     _share(layout, out, _LAYOUT_TAIL_FREE)
     return out
 
