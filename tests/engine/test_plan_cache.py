@@ -125,3 +125,21 @@ def test_with_tail_refuses_a_tail_before_the_kept_rows_or_pages():
     for tail in (2, 1):  # below c_0 = 3, below K = 2
         with pytest.raises(ValueError):
             with_tail(layout, tail)
+
+
+def test_the_planner_caches_integer_budgets_only():
+    from types import SimpleNamespace
+
+    from vllm_kvcomp.config import build_config
+    from vllm_kvcomp.engine.decode_planning import DecodePlanner
+    from vllm_kvcomp.engine.requests import DecodeState, TrackedRequest
+
+    for budget, used in (("1024", True), ("0.2", False)):
+        config = build_config(method="uniform", budget=budget, overrides={"evict_every": 128, "metrics_port": None})
+        planner = DecodePlanner(SimpleNamespace(config=config), max_reqs=4)
+        assert planner.cache.size == 8
+        req = TrackedRequest("r", 0, [], 2000, True)
+        req.decode = DecodeState.after_prefill(None, None, 0, 2000, 16, 16)
+        first, again = planner.plan(req, 6000), planner.plan(req, 6000)
+        assert_same_plan(again, first)
+        assert (planner.cache.hits, planner.cache.misses) == ((1, 1) if used else (0, 0))

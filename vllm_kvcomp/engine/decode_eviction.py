@@ -102,7 +102,7 @@ class DecodeEvictor:
         self._stepped = _NO_STEP  # this step's (request ids, contexts), for plan_ahead
         self._stepped_indices = np.zeros(0, dtype=np.int64)  # and their runner indices, for joining
         self._row_writes: list[tuple[TrackedRequest, int, list[int]]] = []
-        self.planner = DecodePlanner(runtime)
+        self.planner = DecodePlanner(runtime, max_reqs)
         config = runtime.config
         if config.evict_every is not None and config.decode_window != config.window:
             runtime.executor.warm_up(config.decode_window)  # the scorer's tiles for W_dec: no compile mid-serving

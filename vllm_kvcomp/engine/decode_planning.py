@@ -19,7 +19,7 @@ import numpy as np
 from vllm_kvcomp.config import CompressionConfig
 from vllm_kvcomp.engine.layout import cdiv
 from vllm_kvcomp.engine.plan_cache import PlanCache
-from vllm_kvcomp.engine.reeviction import ReevictionPlan, RequestLayout
+from vllm_kvcomp.engine.reeviction import ReevictionPlan, RequestLayout, plan_reeviction
 from vllm_kvcomp.engine.requests import DecodeState, TrackedRequest
 from vllm_kvcomp.policies.base import allocate
 
@@ -77,17 +77,21 @@ def decode_state(req: TrackedRequest) -> DecodeState:
 
 
 class DecodePlanner:
-    def __init__(self, runtime: CompressionRuntime) -> None:
+    def __init__(self, runtime: CompressionRuntime, max_reqs: int = 256) -> None:
         self.rt = runtime
         self._cursor = 0  # plan_ahead's place in the stepped requests
         # Plans of shapes seen before, moved along the row (engine/plan_cache.py): under an integer
-        # budget every eviction after a request's first is one.
-        self.cache = PlanCache()
+        # budget every eviction after a request's first is one. A running request has one or two
+        # shapes in use (per-layer ratios differ per request under zigzag), so twice the running
+        # requests are kept: fewer, and requests stepping round-robin would evict each other's.
+        self.cache = PlanCache(size=2 * max_reqs)
 
     def plan(self, req: TrackedRequest, seq_len: int) -> ReevictionPlan | None:
         """Its eviction at context `seq_len` from its current layout (None: nothing to free)."""
         config, state = req.config or self.rt.config, decode_state(req)
         budgets = decode_budgets(state.ratios, config, seq_len)
+        if not config.is_absolute_budget:  # a fraction's budgets grow with the context: no shape repeats
+            return plan_reeviction(state.layout, budgets, seq_len, config.num_sinks, config.num_recent)
         return self.cache.plan(state.layout, budgets, seq_len, config.num_sinks, config.num_recent)
 
     def plans(self, reqs: list[TrackedRequest]) -> list[ReevictionPlan | None]:
