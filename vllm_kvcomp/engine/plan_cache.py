@@ -9,7 +9,7 @@ see `plan_reeviction`'s steps. So a plan made once serves every later eviction o
 moved by the difference of B, and equals what `plan_reeviction` would make (tested).
 
 Under an integer budget every eviction after a request's first has the same shape: the layout an
-eviction leaves is the one it started from with the tail moved on, so 125 of the 128 plans of a
+eviction leaves is the one it started from with the tail moved on, so 126 of the 128 plans of a
 16k-token life are cache hits (bench/decode_host_cost.py). Planning ahead was 18% of the plugin's
 extra host time at the same batch (bench/results/lifetime/h200_stack_profile/). Under a fraction
 the budget grows with S, no shape repeats, and `DecodePlanner` makes each plan without the cache.
