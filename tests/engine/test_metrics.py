@@ -103,3 +103,23 @@ def test_decode_evictions_count_apart_and_feed_the_self_check():
     assert float(lines['vllm_kvcomp_verify_checks_total{result="exact"}']) == 2
     assert float(lines["vllm_kvcomp_verify_attention_rel_err"]) == 0.003
     assert float(lines["vllm_kvcomp_verify_ring_lse_abs_err"]) == 0.004  # a None (inexact ring) leaves it
+
+
+def test_a_round_of_decode_evictions_is_counted_per_layer_once():
+    metrics = CompressionMetrics(build_config(method="uniform", overrides={"metrics_port": None}))
+    check = {"exact": False, "attention_rel_err": 0.5}
+    round_ = [
+        (EvictionRecord("a", [1, 2], 300, [64, 64], phase="decode", evicted_tokens=[128, 120]), 2),
+        (EvictionRecord("b", [3], 300, [64, 64, 64], check, phase="decode", evicted_tokens=[7, 8, 9]), 1),
+        (EvictionRecord("c", [], 300, [64], phase="decode", evicted_tokens=None), 0),
+    ]
+    metrics.record_decode_evictions(round_)
+    metrics.record_decode_evictions([])  # a report without decode evictions: nothing
+    text = generate_latest(metrics.registry).decode()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert float(lines["vllm_kvcomp_decode_evictions_total"]) == 3
+    assert float(lines["vllm_kvcomp_decode_blocks_freed_total"]) == 3
+    per_layer = [float(lines[f'vllm_kvcomp_decode_tokens_evicted_total{{layer="{layer}"}}']) for layer in range(3)]
+    assert per_layer == [135, 128, 9]
+    assert float(lines['vllm_kvcomp_verify_checks_total{result="mismatch"}']) == 1
+    assert float(lines['vllm_kvcomp_verify_decode_checks_total{result="mismatch"}']) == 1

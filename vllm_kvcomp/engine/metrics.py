@@ -82,6 +82,7 @@ def _engine_registry() -> CollectorRegistry:
 class CompressionMetrics:
     def __init__(self, config: CompressionConfig, registry: CollectorRegistry | None = None):
         self.registry = registry or _engine_registry()
+        self._layer_children: dict[int, list] = {}  # id(counter) -> its child per layer (`_per_layer`)
         r = self.registry
         self.info = Gauge(
             "vllm_kvcomp_info",
@@ -210,8 +211,8 @@ class CompressionMetrics:
         self.requests.inc()
         self.blocks_freed.inc(blocks_freed)
         for layer, kept in enumerate(record.kept_tokens):
-            self.kept.labels(str(layer)).inc(kept)
-            self.evicted.labels(str(layer)).inc(record.prompt_len - kept)
+            self._per_layer(self.kept, layer).inc(kept)
+            self._per_layer(self.evicted, layer).inc(record.prompt_len - kept)
         self.prompt_tokens.inc(record.prompt_len)
         self._record_verify(record)
         self.totals["requests"] += 1
@@ -237,11 +238,32 @@ class CompressionMetrics:
             self.verify_ring_error.set(self._max_ring_error)
 
     def record_decode_eviction(self, record, blocks_freed: int) -> None:
-        self.decode_evictions.inc()
-        self.decode_blocks_freed.inc(blocks_freed)
-        for layer, evicted in enumerate(record.evicted_tokens or []):
-            self.decode_evicted.labels(str(layer)).inc(evicted)
-        self._record_verify(record)
+        self.record_decode_evictions([(record, blocks_freed)])
+
+    def record_decode_evictions(self, evictions: Sequence[tuple]) -> None:
+        """(record, blocks freed) of a report's decode evictions: a round holds up to every running
+        request, so the per-layer counters are summed over it and incremented once per layer (a labelled
+        increment per record and layer was about 2 µs, 2 ms per round of 64 at 16 layers)."""
+        if not evictions:
+            return
+        self.decode_evictions.inc(len(evictions))
+        self.decode_blocks_freed.inc(sum(freed for _, freed in evictions))
+        per_layer: list[int] = []
+        for record, _ in evictions:
+            evicted = record.evicted_tokens or []
+            per_layer.extend([0] * (len(evicted) - len(per_layer)))
+            for layer, tokens in enumerate(evicted):
+                per_layer[layer] += tokens
+            self._record_verify(record)
+        for layer, tokens in enumerate(per_layer):
+            self._per_layer(self.decode_evicted, layer).inc(tokens)
+
+    def _per_layer(self, counter: Counter, layer: int):
+        """The counter's child for `layer`, looked up once (`labels()` costs more than the increment)."""
+        children = self._layer_children.setdefault(id(counter), [])
+        while len(children) <= layer:
+            children.append(counter.labels(str(len(children))))
+        return children[layer]
 
     def record_decode_deferred(self, reason: str) -> None:
         self.decode_deferred.labels(reason).inc()

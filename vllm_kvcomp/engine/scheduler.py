@@ -129,9 +129,13 @@ class CompressionSchedulerMixin(Scheduler):
             self.kvcomp_metrics.record_decode_deferred(deferred.reason)
         # A request may be evicted many times (decode-time eviction): each record frees blocks it
         # still holds, wherever they are in its list (`CompressedAttentionManager.evict`).
+        decode = []
         for record in report.evictions:
             freed = self.kvcomp_manager.evict(record.req_id, record.freed_block_ids)
-            self.kvcomp_metrics.record_eviction(record, freed)
+            if record.phase == "decode":  # a round's records are counted together
+                decode.append((record, freed))
+            else:
+                self.kvcomp_metrics.record_eviction(record, freed)
             logger.debug(
                 "vllm-kvcomp: %s %s at %d tokens -> kept %s tokens per layer, %d blocks freed",
                 record.req_id,
@@ -140,6 +144,7 @@ class CompressionSchedulerMixin(Scheduler):
                 record.kept_tokens,
                 freed,
             )
+        self.kvcomp_metrics.record_decode_evictions(decode)
 
 
 class CompressionScheduler(CompressionSchedulerMixin, Scheduler):
