@@ -314,3 +314,24 @@ def test_the_ring_holds_what_plugin_memory_reserves():
     )  # fmt: skip
     assert ring.nbytes == memory.ring_bytes > 0
     assert PluginMemory(**{**memory.__dict__, "ring_slots": 0}).ring_bytes == 0
+
+
+def test_gather_checks_a_whole_round_as_rows_ready_does():
+    """gather() checks every request of a round at once: the ones it names are exactly those
+    rows_ready refuses (untracked, too early, or a row not recorded since the slot was given)."""
+    ring = make_ring()
+    for i, rid in enumerate("abc"):
+        ring.assign(rid, index=i)
+    for step in range(W):  # a and b decode W steps; c only the last one
+        positions = {"a": (0, 30 + step), "b": (1, 50 + step)}
+        if step == W - 1:
+            positions["c"] = (2, 70 + step)
+        ring.plan_step(decode_batch(positions))
+    round_ = [("a", 30 + W), ("b", 50 + W), ("c", 70 + W), ("zz", 90), ("a", 30 + W + 1), ("b", 3)]
+    expected = [rid for rid, pos in round_ if not ring.rows_ready(rid, pos)]
+    assert expected == ["c", "zz", "a", "b"]
+    with pytest.raises(AssertionError) as raised:
+        ring.gather([SimpleNamespace(req_id=rid) for rid, _ in round_], [pos for _, pos in round_])
+    assert str(raised.value).endswith(str(expected))
+    queries, _ = ring.gather([SimpleNamespace(req_id=rid) for rid, _ in round_[:2]], [pos for _, pos in round_[:2]])
+    assert queries.shape[1] == 2

@@ -174,14 +174,18 @@ class DecodeRing:
     def gather(self, reqs: list[TrackedRequest], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Queries [L, R, W, H, D] and LSE [L, R, W, H] (None if not exact) of positions
         `positions[r] - W .. positions[r] - 1` of each request, oldest first."""
-        slots = [self._slot_of_req.get(req.req_id) for req in reqs]
-        missing = [req.req_id for req, pos in zip(reqs, positions) if not self.rows_ready(req.req_id, pos)]
-        assert not missing, f"gather() takes requests whose last {self.window} decode queries are recorded: {missing}"
+        slots = [self._slot_of_req.get(req.req_id, FREE) for req in reqs]
         slot_idx = np.asarray(slots, dtype=np.int64).reshape(-1, 1)
         # The oldest wanted position p - W sits at ring row (p - W) % W == p % W.
         start = np.asarray(positions, dtype=np.int64).reshape(-1, 1)
         ring_rows = (start + np.arange(self.window)) % self.window
+        # `rows_ready` for the whole round at once (a round holds up to every running request)
+        wanted = start - self.window + np.arange(self.window)
+        ready = (slot_idx[:, 0] != FREE) & (start[:, 0] >= self.window)
+        ready &= (self._stored_pos[slot_idx, ring_rows] == wanted).all(axis=1)
+        missing = [req.req_id for req, ok in zip(reqs, ready) if not ok]
+        assert not missing, f"gather() takes requests whose last {self.window} decode queries are recorded: {missing}"
         slot_t, rows_t = to_device(slot_idx, self.device), to_device(ring_rows, self.device)
         queries = self.queries[:, slot_t, rows_t]
-        exact = all(pos - self.window >= self._exact_from[s] for s, pos in zip(slot_idx[:, 0], positions))
+        exact = bool((start[:, 0] - self.window >= self._exact_from[slot_idx[:, 0]]).all())
         return queries, self.lse[:, slot_t, rows_t] if exact else None
