@@ -165,11 +165,15 @@ class DecodeRing:
 
     # ------------------------------------------------------------ readers
     def rows_ready(self, req_id: str, position: int) -> bool:
-        slot = self._slot_of_req.get(req_id)
-        if slot is None or position < self.window:
-            return False
-        wanted = np.arange(position - self.window, position)
-        return bool((self._stored_pos[slot, wanted % self.window] == wanted).all())
+        slot = np.array([self._slot_of_req.get(req_id, FREE)], dtype=np.int64)
+        return bool(self._ready(slot, np.array([position], dtype=np.int64))[0])
+
+    def _ready(self, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """bool [R]: request r (ring slot `slots[r]`, FREE if none) has the queries of positions
+        `positions[r] - W .. positions[r] - 1` recorded. One pass for a whole round."""
+        wanted = positions.reshape(-1, 1) - self.window + np.arange(self.window)
+        ready = (slots != FREE) & (positions >= self.window)
+        return ready & (self._stored_pos[slots.reshape(-1, 1), wanted % self.window] == wanted).all(axis=1)
 
     def gather(self, reqs: list[TrackedRequest], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Queries [L, R, W, H, D] and LSE [L, R, W, H] (None if not exact) of positions
@@ -179,10 +183,7 @@ class DecodeRing:
         # The oldest wanted position p - W sits at ring row (p - W) % W == p % W.
         start = np.asarray(positions, dtype=np.int64).reshape(-1, 1)
         ring_rows = (start + np.arange(self.window)) % self.window
-        # `rows_ready` for the whole round at once (a round holds up to every running request)
-        wanted = start - self.window + np.arange(self.window)
-        ready = (slot_idx[:, 0] != FREE) & (start[:, 0] >= self.window)
-        ready &= (self._stored_pos[slot_idx, ring_rows] == wanted).all(axis=1)
+        ready = self._ready(slot_idx[:, 0], start[:, 0])  # the whole round at once
         missing = [req.req_id for req, ok in zip(reqs, ready) if not ok]
         assert not missing, f"gather() takes requests whose last {self.window} decode queries are recorded: {missing}"
         slot_t, rows_t = to_device(slot_idx, self.device), to_device(ring_rows, self.device)
